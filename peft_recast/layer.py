@@ -1,0 +1,223 @@
+"""RECAST layers: a frozen base weight plus a few coefficients over templates shared with sibling layers."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils.other import transpose
+from torch import nn
+
+from .config import RecastConfig
+
+# Standard deviation of the coefficients when `init_weights=False`: a 10 % move of each weight per unit template.
+RANDOM_INIT_STD = 0.1
+
+
+class RecastGroup:
+    """The modules whose templates are built from one another's pretrained weights (one per adapter and group).
+
+    A plain object, not an ``nn.Module``: it holds references to its member layers without adding entries to the
+    model's ``state_dict`` or module tree.
+    """
+
+    def __init__(self, name: str, members: list[RecastLayer]) -> None:
+        self.name = name
+        self.members = members
+
+    def basis(self) -> list[torch.Tensor]:
+        """The members' pretrained weights ``W_1..W_m`` (untouched by any merge), which span the templates."""
+        return [member.pristine_weight() for member in self.members]
+
+    def __repr__(self) -> str:
+        return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
+
+
+class RecastLayer(BaseTunerLayer):
+    """Per-module RECAST state.
+
+    For adapter ``a`` with coefficients ``theta`` (``K x n``) and group basis ``W_1..W_m`` (the group's pretrained
+    weights), the update is
+
+        delta_W = sum_j (mean_K(theta) @ R)_j W_j,      R = ||W_self||_F * M   (``n x m``, buffer ``recast_mixing``)
+
+    where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`), so that
+    ``delta_W = ||W_self||_F * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
+    """
+
+    adapter_layer_names = ("recast_coefficients",)
+    other_param_names = ("recast_mixing", "recast_group")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.recast_coefficients = nn.ParameterDict({})
+        self.recast_mixing = BufferDict({}, persistent=False)
+        self.recast_group: dict[str, RecastGroup] = {}
+        # The base weight as it was before the first merge; siblings' templates and `unmerge` read it.
+        self._pristine_weight: Optional[torch.Tensor] = None
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if in_features is None or out_features is None:
+            raise TypeError(f"Unsupported layer type {type(self.get_base_layer())}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.kwargs = kwargs
+
+    def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
+        """Create the coefficients of ``adapter_name``; the model attaches its template group after injection."""
+        shape = (config.num_coefficient_sets, config.num_templates)
+        if config.init_weights:
+            coefficients = torch.zeros(shape)
+        else:
+            coefficients = torch.randn(shape) * RANDOM_INIT_STD
+        self.recast_coefficients[adapter_name] = nn.Parameter(coefficients)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def attach_group(self, adapter_name: str, group: RecastGroup, mixing: torch.Tensor) -> None:
+        """Bind ``adapter_name`` to its template group; ``mixing`` is this layer's ``R`` (``n x m``, any float)."""
+        coefficients = self.recast_coefficients[adapter_name]
+        num_templates = mixing.shape[0]
+        if coefficients.shape[1] != num_templates:
+            # fewer templates than requested: the group is smaller than `num_templates` or rank deficient
+            self.recast_coefficients[adapter_name] = nn.Parameter(
+                coefficients.data[:, :num_templates].clone(), requires_grad=coefficients.requires_grad
+            )
+        weight = self.pristine_weight()
+        self.recast_mixing[adapter_name] = mixing.to(device=weight.device, dtype=torch.float32)
+        self.recast_group[adapter_name] = group
+
+    def pristine_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter (detached)."""
+        if self._pristine_weight is not None:
+            return self._pristine_weight
+        return self.get_base_weight()
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """``delta_W`` of ``adapter`` in the base weight's layout and dtype (float32 maths for half on CPU)."""
+        basis = self.recast_group[adapter].basis()
+        dtype, device = basis[0].dtype, basis[0].device
+        compute_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
+        mix = (self.recast_coefficients[adapter].float().mean(0) @ self.recast_mixing[adapter].float()).to(
+            device=device, dtype=compute_dtype
+        )
+        delta = mix[0] * basis[0].to(compute_dtype)
+        for j in range(1, len(basis)):
+            delta = delta + mix[j] * basis[j].to(compute_dtype)
+        return delta.to(dtype)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add the active (or given) adapters' ``delta_W`` to the base weight.
+
+        The pre-merge weight tensor is kept (not copied: the merged weight is a new tensor), so that siblings keep
+        their templates and ``unmerge`` restores the base weight bit for bit.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for adapter in adapter_names:
+            if adapter not in self.recast_coefficients:
+                continue
+            weight = self.get_base_weight()
+            merged = weight + self.get_delta_weight(adapter)
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+            if self._pristine_weight is None:
+                self._pristine_weight = weight
+            self.set_base_weight(merged)
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Restore the base weight as it was before the first merge."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        current = self.get_base_weight()
+        self.set_base_weight(self._pristine_weight.to(current.device))
+        self._pristine_weight = None
+        self.merged_adapters.clear()
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        adapter_names = kwargs.get("adapter_names")
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+
+class Linear(nn.Module, RecastLayer):
+    """RECAST around ``torch.nn.Linear`` or transformers' ``Conv1D`` (weight stored ``(in, out)``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: RecastConfig,
+        fan_in_fan_out: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        RecastLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's computation with ``weight`` (stored layout) in place of its own: one matmul."""
+        x = self._cast_input_dtype(x, weight.dtype)
+        return F.linear(x, transpose(weight, self.fan_in_fan_out), self.get_base_layer().bias)
+
+    def _adapted_weight(self, adapters: list[str]) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        for adapter in adapters:
+            weight = weight + self.get_delta_weight(adapter)
+        return weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        previous_dtype = x.dtype
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            result = self.base_layer(x, *args, **kwargs)
+        elif adapter_names is not None:
+            result = self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        elif self.merged:
+            result = self.base_layer(x, *args, **kwargs)
+        else:
+            adapters = [name for name in self.active_adapters if name in self.recast_coefficients]
+            if adapters:
+                result = self._linear(x, self._adapted_weight(adapters))
+            else:
+                result = self.base_layer(x, *args, **kwargs)
+        return result.to(previous_dtype)
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Each sample goes through its own adapter (``"__base__"``: none); one matmul per distinct adapter."""
+        result = None
+        for name in dict.fromkeys(adapter_names):
+            rows = [i for i, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
+            if name in self.recast_coefficients:
+                out = self._linear(x[rows], self._adapted_weight([name]))
+            else:
+                out = self.base_layer(x[rows], *args, **kwargs)
+            if result is None:
+                result = out.new_empty((len(adapter_names), *out.shape[1:]))
+            result[rows] = out.to(result.dtype)
+        return result
+
+    def __repr__(self) -> str:
+        return "recast." + super().__repr__()
