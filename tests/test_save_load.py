@@ -1,0 +1,136 @@
+"""Adapter files: coefficients only, reload in a fresh process, fingerprint checks."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import BertConfig, BertForSequenceClassification
+
+from peft_recast import RecastConfig, recast_summary
+from peft_recast.layer import RecastLayer
+
+from .tiny_models import MODEL_BUILDERS, model_output, tiny_bert
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trained(model_kind: str, seed: int = 0):
+    model = get_peft_model(MODEL_BUILDERS[model_kind](seed=seed), RecastConfig(init_weights=False))
+    return model
+
+
+def test_file_holds_only_coefficients(tmp_path, model_kind):
+    model = _trained(model_kind)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert tensors and all(key.endswith(".recast_coefficients") for key in tensors)
+    assert sum(t.numel() for t in tensors.values()) == recast_summary(model).coefficients
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "RECAST" and config["base_fingerprint"]
+    assert (tmp_path / "adapter_model.safetensors").stat().st_size == recast_summary(model).adapter_bytes
+
+
+def test_reload_in_a_fresh_process(tmp_path, model_kind, input_ids):
+    model = _trained(model_kind)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.save({"input_ids": input_ids, "output": model_output(model, input_ids)}, tmp_path / "expected.pt")
+    script = textwrap.dedent(
+        f"""
+        import torch
+        import peft_recast
+        from peft import PeftModel
+        from tests.tiny_models import MODEL_BUILDERS, model_output
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        model = PeftModel.from_pretrained(MODEL_BUILDERS[{model_kind!r}](), {str(tmp_path / "adapter")!r})
+        assert type(model.peft_config["default"]).__name__ == "RecastConfig"
+        torch.testing.assert_close(model_output(model, expected["input_ids"]), expected["output"])
+        print("RELOADED OK")
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
+    assert "RELOADED OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_several_adapters_save_and_load(tmp_path, input_ids):
+    model = get_peft_model(tiny_bert(), RecastConfig(init_weights=False))
+    model.add_adapter("task_b", RecastConfig(init_weights=False, target_modules=["key"]))
+    outputs = {}
+    for name in ("default", "task_b"):
+        model.set_adapter(name)
+        outputs[name] = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "task_b" / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    loaded.load_adapter(tmp_path / "task_b", adapter_name="task_b")
+    for name, expected in outputs.items():
+        loaded.set_adapter(name)
+        torch.testing.assert_close(model_output(loaded, input_ids), expected)
+
+
+def test_low_cpu_mem_usage_load(tmp_path, input_ids):
+    model = _trained("bert")
+    expected = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(model_output(loaded, input_ids), expected)
+
+
+def test_wrong_base_model_is_refused_and_left_clean(tmp_path):
+    _trained("bert", seed=0).save_pretrained(tmp_path)
+    other = tiny_bert(seed=1)
+    with pytest.raises(ValueError, match="does not belong to this base model: group 'encoder.layer.0-1"):
+        PeftModel.from_pretrained(other, tmp_path)
+    assert not any(isinstance(m, RecastLayer) for m in other.modules())
+
+    with pytest.raises(ValueError, match="not in this model"):
+        PeftModel.from_pretrained(tiny_bert(layers=2), tmp_path)
+
+
+def test_merged_base_model_is_refused(tmp_path):
+    model = _trained("bert")
+    model.save_pretrained(tmp_path)
+    merged = model.merge_and_unload()
+    with pytest.raises(ValueError, match="does not belong to this base model"):
+        PeftModel.from_pretrained(merged, tmp_path)
+
+
+def test_second_adapter_from_other_base_is_refused_without_side_effects(tmp_path, input_ids):
+    _trained("bert", seed=1).save_pretrained(tmp_path)
+    model = _trained("bert", seed=0)
+    before = model_output(model, input_ids)
+    with pytest.raises(ValueError, match="does not belong"):
+        model.load_adapter(tmp_path, adapter_name="other")
+    assert "other" not in model.peft_config
+    assert all("other" not in layer.recast_coefficients for layer in model.modules() if isinstance(layer, RecastLayer))
+    assert torch.equal(model_output(model, input_ids), before)
+
+
+def test_classifier_head_is_saved_with_the_coefficients(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    base = BertForSequenceClassification(config).eval()
+    model = get_peft_model(base, RecastConfig(task_type="SEQ_CLS", init_weights=False))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("classifier" in n for n in trainable)
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["default"].weight.add_(1.0)
+    ids = torch.randint(1, 100, (2, 5))
+    expected = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path)
+    summary = recast_summary(model)
+    assert summary.other_trainable == 32 * 3 + 3
+    assert summary.coefficient_bytes < summary.adapter_bytes
+    torch.manual_seed(0)
+    fresh = BertForSequenceClassification(config).eval()
+    loaded = PeftModel.from_pretrained(fresh, tmp_path)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
