@@ -25,6 +25,12 @@ from .mimicry import fingerprint_mismatch, fit_group, reconstruction_error
 
 # Show a progress bar for mimicry once the targeted weights exceed this many elements (~a 100M-parameter model).
 PROGRESS_MIN_NUMEL = 100_000_000
+# Default target modules per transformers model type: LoRA's attention query/value choice, plus ViT (module names
+# of transformers 5).
+TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "vit": ["q_proj", "v_proj"],
+}
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
@@ -97,7 +103,7 @@ class RecastModel(BaseTuner):
 
     prefix: str = "recast_"
     tuner_layer_cls = RecastLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    target_module_mapping = TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING
 
     def _create_and_replace(
         self,

@@ -265,3 +265,30 @@ def test_half_precision_base_stays_finite_and_close(input_ids):
         torch.testing.assert_close(out, reference, atol=0.1, rtol=0.1)
         model.merge_adapter()
         model.unmerge_adapter()
+
+
+def test_default_targets_for_roberta_and_vit():
+    from transformers import RobertaConfig, RobertaModel, ViTConfig, ViTModel
+
+    roberta = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         intermediate_size=64, max_position_embeddings=40)).eval()
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             image_size=8, patch_size=4)).eval()
+    pixels = torch.randn(2, 3, 8, 8)
+    reference = vit(pixel_values=pixels).last_hidden_state
+    for base, expected in ((roberta, {"query", "value"}), (vit, {"q_proj", "v_proj"})):
+        model = get_peft_model(base, RecastConfig())
+        names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, RecastLayer)}
+        assert names == expected
+    assert torch.equal(model(pixel_values=pixels).last_hidden_state, reference)
+
+
+def test_large_models_show_a_mimicry_progress_bar(monkeypatch, capsys):
+    from peft_recast import model as recast_model
+
+    monkeypatch.setattr(recast_model, "PROGRESS_MIN_NUMEL", 0)
+    get_peft_model(tiny_bert(), RecastConfig())
+    assert "RECAST mimicry" in capsys.readouterr().err
+    monkeypatch.setattr(recast_model, "PROGRESS_MIN_NUMEL", 10**9)
+    get_peft_model(tiny_bert(), RecastConfig())
+    assert "RECAST mimicry" not in capsys.readouterr().err

@@ -95,6 +95,14 @@ def test_wrong_base_model_is_refused_and_left_clean(tmp_path):
         PeftModel.from_pretrained(tiny_bert(layers=2), tmp_path)
 
 
+def test_adapter_loads_onto_a_half_precision_copy_of_its_base(tmp_path, input_ids):
+    model = _trained("bert")
+    expected = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert().to(torch.bfloat16), tmp_path)
+    torch.testing.assert_close(model_output(loaded, input_ids).float(), expected, atol=0.1, rtol=0.1)
+
+
 def test_merged_base_model_is_refused(tmp_path):
     model = _trained("bert")
     model.save_pretrained(tmp_path)
