@@ -478,8 +478,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
 def _add_common(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:
     from .data import TASKS
 
-    parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=list(tasks),
-                        help=f"task(s) to run (default: {' '.join(tasks)})")
+    parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=list(tasks), metavar="TASK",
+                        help=f"task(s) to run, from {', '.join(TASKS)} (default: {' '.join(tasks)})")
     parser.add_argument("--max-train", type=int, default=None,
                         help="use only the first N training examples of each task (default: all, at most 2,000)")
     parser.add_argument("--max-eval", type=int, default=None,
@@ -491,13 +491,16 @@ def _add_common(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per text (default: per task, 64 for sms/trec6/tweets/amazon, 128 for bbc)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: the cores not kept busy by other processes, by load average)")
+                        help="CPU threads for torch (default: the cores that the load average says are free)")
     parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
                         help=f"peak AdamW learning rate of the classifier head (default: {DEFAULT_HEAD_LR:g})")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-recast", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="peft-recast",
+        description="RECAST for PEFT: linear probe vs RECAST on real text tasks (demo), learning-rate sweep (sweep).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
