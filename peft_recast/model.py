@@ -13,7 +13,11 @@ from typing import Any, Iterator, Optional
 import safetensors.torch
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, get_peft_model_state_dict
+from peft.utils import (
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    AuxiliaryTrainingWrapper,
+    get_peft_model_state_dict,
+)
 from peft.utils.other import _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
@@ -206,7 +210,8 @@ class RecastModel(BaseTuner):
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
-        """Route ``adapter_names`` (one per sample, ``"__base__"`` for none) to every RECAST layer."""
+        """Route ``adapter_names`` (one per sample, ``"__base__"`` for none) to every RECAST layer and to the
+        ``modules_to_save`` / trainable-token wrappers; repeat them per beam for beam search (encoder excepted)."""
         adapter_names = kwargs.pop("adapter_names", None)
         if adapter_names is None:
             yield
@@ -218,13 +223,37 @@ class RecastModel(BaseTuner):
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
-        handles = [layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in layers]
+        original_adapter_names = list(adapter_names)
+        num_beams = kwargs.get("num_beams", None)
+        uses_beam_search = isinstance(num_beams, int) and num_beams > 1
+        if uses_beam_search:
+            # generate() repeats every input num_beams times (the encoder of an encoder-decoder model excepted)
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        wrapped = (RecastLayer, AuxiliaryTrainingWrapper)  # + modules_to_save / trainable tokens
+        handles = []
+        for module in self.modules():
+            if isinstance(module, wrapped):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        encoder = _get_encoder(self.model)
+        if uses_beam_search and encoder is not None:
+            for module in encoder.modules():
+                if isinstance(module, wrapped):
+                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=original_adapter_names)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
+    """The encoder of an encoder-decoder model, else ``None`` (transformers 5 returns the model itself)."""
+    if not hasattr(model, "get_encoder"):
+        return None
+    encoder = model.get_encoder()
+    return None if encoder is model else encoder
 
 
 @dataclass

@@ -55,3 +55,34 @@ def test_generate_with_mixed_adapters():
         model.set_adapter(adapter)
         alone = model.generate(input_ids=prompt[row : row + 1], max_new_tokens=4, do_sample=False)
         assert torch.equal(mixed[row], alone[0])
+
+
+def test_mixed_batch_routes_each_task_head():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, num_labels=3)
+    model = get_peft_model(BertForSequenceClassification(config), RecastConfig(task_type="SEQ_CLS", init_weights=False))
+    model.add_adapter("other", RecastConfig(task_type="SEQ_CLS", init_weights=False))
+    with torch.no_grad():
+        model.base_model.model.classifier.modules_to_save["other"].weight.add_(1.0)
+    model.eval()
+    ids = torch.randint(1, 100, (2, 5), generator=torch.Generator().manual_seed(0))
+    mixed = model(input_ids=ids, adapter_names=["default", "other"]).logits
+    for row, adapter in enumerate(["default", "other"]):
+        model.set_adapter(adapter)
+        torch.testing.assert_close(mixed[row], model(input_ids=ids).logits[row])
+
+
+def test_beam_search_with_mixed_adapters():
+    model = get_peft_model(MODEL_BUILDERS["llama"](), RecastConfig(init_weights=False))
+    model.add_adapter("other", RecastConfig(init_weights=False))
+    model.eval()
+    prompt = torch.randint(1, 100, (2, 4), generator=torch.Generator().manual_seed(0))
+    mixed = model.generate(input_ids=prompt, adapter_names=["default", "other"], max_new_tokens=3, num_beams=2,
+                           do_sample=False)
+    for row, adapter in enumerate(["default", "other"]):
+        model.set_adapter(adapter)
+        alone = model.generate(input_ids=prompt[row : row + 1], max_new_tokens=3, num_beams=2, do_sample=False)
+        assert torch.equal(mixed[row], alone[0])
