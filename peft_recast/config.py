@@ -19,10 +19,10 @@ class RecastConfig(PeftConfig):
     ``T_1..T_n`` (unit Frobenius norm) fitted to the group's pretrained weights by closed-form Neural Mimicry,
     and each module ``l`` trains ``K x n`` coefficients ``theta_l`` (``K`` = ``num_coefficient_sets``):
 
-        W_l = W_l^pre + ||W_l^pre||_F * sum_k mean_K(theta_l)[k] * T_k          (shapes: (out, in))
+        W_l = W_l^pre + s * ||W_l^pre||_F * sum_k mean_K(theta_l)[k] * T_k      (shapes: (out, in); s = coefficient_scale)
 
-    ``theta = 0`` is the pretrained model, so a coefficient is "the fraction of the layer's norm moved along one
-    template", and ordinary AdamW learning rates apply. The templates are rebuilt from the base weights when an
+    ``theta = 0`` is the pretrained model. With AdamW a step moves ``theta`` by about the learning rate whatever the
+    gradient's size, so ``s`` sets which learning rates work: the default puts the best one near 1e-2. The templates are rebuilt from the base weights when an
     adapter is loaded; ``base_fingerprint`` (filled in when the adapter is created) makes loading onto another base
     model fail loudly.
 
@@ -45,6 +45,8 @@ class RecastConfig(PeftConfig):
             of the group's weights.
         num_coefficient_sets: Coefficient sets per module (the paper's ``K``); the layer uses their mean, so
             ``K > 1`` changes parameter count and initial point only.
+        coefficient_scale: ``s`` above: a unit coefficient moves the layer's weight by ``s`` times its own
+            Frobenius norm along a template. Stored with the adapter, so files keep their meaning.
         base_fingerprint: Singular values of every group's stacked pretrained weights, written when the adapter
             is created and checked when it is loaded. Leave it ``None``.
     """
@@ -77,6 +79,9 @@ class RecastConfig(PeftConfig):
     )
     num_templates: int = field(default=2, metadata={"help": "Templates per group."})
     num_coefficient_sets: int = field(default=1, metadata={"help": "Coefficient sets per module (their mean is used)."})
+    coefficient_scale: float = field(
+        default=10.0, metadata={"help": "A unit coefficient moves the weight by this many times its norm."}
+    )
     base_fingerprint: Optional[dict[str, list[float]]] = field(
         default=None, metadata={"help": "Filled in by RECAST: singular values of each group's pretrained weights."}
     )
@@ -101,6 +106,10 @@ class RecastConfig(PeftConfig):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if isinstance(self.coefficient_scale, bool) or not isinstance(self.coefficient_scale, (int, float)) or not (
+            0 < self.coefficient_scale < float("inf")
+        ):
+            raise ValueError(f"`coefficient_scale` must be a positive finite number, got {self.coefficient_scale!r}.")
 
     @property
     def group_size(self) -> Optional[int]:

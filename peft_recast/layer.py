@@ -14,8 +14,9 @@ from torch import nn
 
 from .config import RecastConfig
 
-# Standard deviation of the coefficients when `init_weights=False`: a 10 % move of each weight per unit template.
-RANDOM_INIT_STD = 0.1
+# Standard deviation of the coefficients when `init_weights=False` (a 10 % move of each weight per template at the
+# default coefficient_scale of 10).
+RANDOM_INIT_STD = 0.01
 
 
 class RecastGroup:
@@ -43,10 +44,10 @@ class RecastLayer(BaseTunerLayer):
     For adapter ``a`` with coefficients ``theta`` (``K x n``) and group basis ``W_1..W_m`` (the group's pretrained
     weights), the update is
 
-        delta_W = sum_j (mean_K(theta) @ R)_j W_j,      R = ||W_self||_F * M   (``n x m``, buffer ``recast_mixing``)
+        delta_W = sum_j (mean_K(theta) @ R)_j W_j,      R = s ||W_self||_F * M   (``n x m``, buffer ``recast_mixing``)
 
-    where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`), so that
-    ``delta_W = ||W_self||_F * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
+    where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`) and ``s`` is
+    ``coefficient_scale``, so that ``delta_W = s ||W_self||_F * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
     """
 
     adapter_layer_names = ("recast_coefficients",)

@@ -184,7 +184,7 @@ class RecastModel(BaseTuner):
             fit = fit_group(weights, config.num_templates)
             group = RecastGroup(name, members)
             for member, norm in zip(members, fit.member_norms):
-                member.attach_group(adapter_name, group, fit.mixing * norm)
+                member.attach_group(adapter_name, group, fit.mixing * (norm * config.coefficient_scale))
             fingerprint[name] = fit.fingerprint()
         if config.base_fingerprint is not None:
             problem = fingerprint_mismatch(config.base_fingerprint, fingerprint)

@@ -29,6 +29,8 @@ def test_lists_become_sets_like_other_peft_configs():
         ({"num_coefficient_sets": -1}, "`num_coefficient_sets` must be a positive integer"),
         ({"layers_per_group": 1.5}, "`layers_per_group` must be a positive integer"),
         ({"num_groups": True}, "`num_groups` must be a positive integer"),
+        ({"coefficient_scale": 0}, "`coefficient_scale` must be a positive finite number"),
+        ({"coefficient_scale": float("nan")}, "`coefficient_scale` must be a positive finite number"),
         ({"layers_pattern": "layer"}, "`layers_to_transform` must also be specified"),
         ({"bias": "lora_only"}, "`bias` must be"),
     ],

@@ -205,3 +205,18 @@ def test_cli_rejects_bad_arguments():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             cli.resolve_device("cuda")
     assert os.path.basename(cli.build_parser().prog) == "peft-recast"
+
+
+def test_thread_governor_counts_only_other_processes():
+    governor = cli.ThreadGovernor(max_threads=4)
+    governor.cores = 4
+    governor.last = (0.0, 0.0, 0, 0)
+    # 1 s of wall time on 4 cores: 400 jiffies, 100 idle -> 3 cores busy, 1 of them this process
+    assert governor.other_busy_cores((1.0, 1.0, 400, 100)) == pytest.approx(2.0)
+    assert governor.other_busy_cores((1.0, 0.0, 400, 400)) == pytest.approx(0.0)
+    assert governor.other_busy_cores((0.0, 0.0, 0, 0)) is None
+    threads = torch.get_num_threads()
+    try:
+        assert 1 <= governor.update(force=True) <= 4
+    finally:
+        torch.set_num_threads(threads)

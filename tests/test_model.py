@@ -206,14 +206,17 @@ def test_coefficient_sets_act_through_their_mean(input_ids):
     assert recast_summary(two_sets).coefficients == 2 * recast_summary(one_set).coefficients
 
 
-def test_coefficient_means_fraction_of_weight_norm():
-    model = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query"], num_templates=2))
+@pytest.mark.parametrize("scale", [None, 1.0, 3.0])
+def test_coefficient_means_scaled_fraction_of_weight_norm(scale):
+    extra = {} if scale is None else {"coefficient_scale": scale}
+    model = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query"], num_templates=2, **extra))
     layer = _recast_layers(model)[0]
     with torch.no_grad():
         layer.recast_coefficients["default"].copy_(torch.tensor([[0.03, -0.04]]))
     delta = layer.get_delta_weight("default")
     ratio = (delta.norm() / layer.get_base_layer().weight.norm()).item()
-    assert ratio == pytest.approx(0.05, rel=1e-4)  # templates are orthonormal: |delta| = |W| * |theta|
+    # templates are orthonormal: |delta| = s * |W| * |theta|, s = 10 by default
+    assert ratio == pytest.approx(0.05 * (10.0 if scale is None else scale), rel=1e-4)
 
 
 def test_conv1d_is_handled_with_fan_in_fan_out(input_ids):
