@@ -571,6 +571,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="coefficient learning rates to try")
     sweep.add_argument("--output", default=None, help="write the results to this JSON file")
     sweep.set_defaults(lr=DEFAULT_COEFFICIENT_LR)
+
+    from . import bench
+
+    bench_parser = commands.add_parser(
+        "bench", help="RECAST against PEFT's tuners, task after task on one model: accuracy, numbers, costs",
+        description=(bench.__doc__ or "").split("\n\n")[0],
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.add_argument("--device", default="auto", help="cpu, cuda (or cuda:N) or auto")
+    bench_parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: follows "
+                              "the cores that other processes leave free)")
     return parser
 
 
@@ -604,6 +615,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "sweep":
             run_sweep(args)
             return 0
+        if args.command == "bench":
+            from . import bench
+
+            return bench.main(args)
     finally:
         _governor = None
         torch.set_num_threads(threads_before)

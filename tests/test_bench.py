@@ -1,0 +1,110 @@
+"""`peft-recast bench`: the protocol's bookkeeping, the cost measurements, and a short end-to-end run that resumes."""
+
+import argparse
+import json
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from peft_recast import bench
+
+
+def test_run_key_names_a_safe_adapter_and_changes_with_protocol_and_config():
+    key = bench.run_key("recast", "trec6", 1e-2, 0, {"epochs": 4})
+    assert key.startswith("recast_trec6_lr0_01_seed0_") and key.replace("_", "").isalnum()
+    assert key == bench.run_key("recast", "trec6", 1e-2, 0, {"epochs": 4})
+    assert key != bench.run_key("recast", "trec6", 1e-2, 0, {"epochs": 3})
+    assert key.split("_")[-1] != bench.run_key("recast-216", "trec6", 1e-2, 0, {"epochs": 4}).split("_")[-1]
+
+
+def test_best_lr_is_chosen_on_validation_never_test(tmp_path):
+    settings = bench.BenchSettings(tasks=["trec6"], methods=["recast"], seeds=[0, 1])
+    results = bench.Results(str(tmp_path / "results.json"))
+    protocol = settings.protocol()
+    for lr, validation, test in [(3e-3, 0.80, 0.99), (1e-2, 0.85, 0.70), (3e-2, 0.85, 0.60)]:
+        key = bench.run_key("recast", "trec6", lr, 0, protocol)
+        results.add(dict(key=key, validation_accuracy=validation, test_accuracy=test))
+    chosen = bench._best_lr(bench.METHODS["recast"], "trec6", settings, results, protocol)
+    assert chosen == 1e-2  # best validation; the tie goes to the smaller rate; test accuracy plays no part
+    assert bench._lrs_to_run(bench.METHODS["recast"], "trec6", 1, settings, results, protocol) == [1e-2]
+    reloaded = bench.Results(str(tmp_path / "results.json"))
+    assert reloaded.runs == results.runs
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+def test_training_memory_counts_activations_gradients_and_optimizer_state():
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(10, 8)
+            self.layer = nn.Linear(8, 8)
+
+        def forward(self, input_ids, attention_mask):
+            return argparse.Namespace(last_hidden_state=self.layer(self.embed(input_ids)))
+
+    model = Encoder()
+    model.embed.requires_grad_(False)
+    head = nn.Linear(8, 2)
+    params = list(model.layer.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    batch = {"input_ids": torch.randint(0, 10, (4, 5)), "attention_mask": torch.ones(4, 5, dtype=torch.long)}
+    measured = bench.training_memory(model, head, batch, optimizer)
+    numbers = sum(p.numel() for p in params)
+    # gradients + two AdamW moments (+ step counters) + at least the linear layer's saved input (4 x 5 x 8 floats)
+    assert measured >= 3 * 4 * numbers + 4 * 5 * 8 * 4
+    assert measured < 3 * 4 * numbers + 64 * 4 * 5 * 8 * 4
+
+
+def _args(**overrides) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args([])
+    for name, value in overrides.items():
+        setattr(args, name, value)
+    return args
+
+
+def test_quick_settings_and_overrides():
+    settings = bench.settings_from_args(_args(quick=True))
+    assert settings.tasks == list(bench.QUICK_TASKS) and settings.methods == list(bench.QUICK_METHODS)
+    assert settings.seeds == [0] and not settings.sweep and settings.max_train == 500
+    settings = bench.settings_from_args(_args(quick=True, task=["bbc"], max_train=10))
+    assert settings.tasks == ["bbc"] and settings.max_train == 10
+    with pytest.raises(SystemExit, match="Unknown task"):
+        bench.settings_from_args(_args(task=["imdb"]))
+
+
+def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatch, capsys):
+    args = _args(quick=True, method=["probe", "recast", "lora-r8"], max_train=32, max_eval=32, epochs=1,
+                 cost_repeats=1, output_dir=str(tmp_path))
+    assert bench.main(args) == 0
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        saved = json.load(handle)
+    assert len(saved["runs"]) == 3 * 2  # 3 methods x 2 tasks, one seed, no sweep
+    recast = [run for run in saved["runs"].values() if run["method"] == "recast"]
+    assert {run["trainable"] for run in recast} == {24}
+    assert all(0 < run["adapter_bytes"] < 4096 for run in recast)
+    assert all(run["trainable"] == 73_728 for run in saved["runs"].values() if run["method"] == "lora-r8")
+    for chain in saved["forgetting"].values():
+        for task in chain.values():
+            assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+            assert task["accuracy_after_last_task"] == task["accuracy_after_training"]
+    costs = saved["costs"]
+    assert costs["lora-r8"]["step_ratio"] == pytest.approx(1.0)
+    assert costs["recast"]["trainable"] == 24 and costs["recast"]["training_memory_bytes"] > 0
+    assert costs["recast"]["mixed_batch_throughput_ratio"] > 0
+    table = (tmp_path / bench.TABLE_FILE).read_text()
+    assert "RECAST default" in table and "LoRA r=8" in table
+    assert (tmp_path / bench.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
+
+    # resume: nothing is trained again, adapters come back from disk, and the table is the same
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(bench, "train_run", no_training)
+    monkeypatch.setattr(bench, "_probe_run", no_training)
+    assert bench.main(_args(**{**vars(args), "no_costs": True})) == 0
+    assert (tmp_path / bench.TABLE_FILE).read_text() == table  # costs are kept from the first run
