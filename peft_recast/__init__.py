@@ -4,6 +4,8 @@
 and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 """
 
+__version__ = "0.1.0"  # before the imports: config.py reads it (saved as `recast_version`)
+
 from .config import RecastConfig
 from .model import RecastModel, RecastSummary, recast_summary
 from .registration import RECAST, register
@@ -11,4 +13,3 @@ from .registration import RECAST, register
 register()
 
 __all__ = ["RECAST", "RecastConfig", "RecastModel", "RecastSummary", "recast_summary"]
-__version__ = "0.1.0"

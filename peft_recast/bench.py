@@ -37,6 +37,7 @@ from .files import atomic_write
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_parameters.png"
+LR_PLOT_FILE = "accuracy_vs_learning_rate.png"
 # The reference every cost ratio is taken against.
 REFERENCE_METHOD = "lora-r8"
 
@@ -80,21 +81,33 @@ def _peft(class_name: str, **kwargs) -> Callable[[], object]:
 
 
 QV = ["query", "value"]
-ALL_LINEAR = ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"]
+# Trainable numbers of the RECAST rungs on MiniLM-L6; FourierFT gets the same count (n_frequency per q/v module).
+LADDER_SIZES = (24, 72, 144, 216, 432, 648)
+# The default RECAST and LoRA r=8 sweep the whole range PEFT users try, for the learning-rate plot.
+WIDE_RECAST_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+WIDE_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 METHODS: dict[str, Method] = {
     method.name: method
     for method in [
         Method("probe", "linear probe (head only)", "probe", (), 0.0),
-        Method("recast", "RECAST default (q,v; 2 layers/group, 2 templates)", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
+        Method("recast", "RECAST default (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS, 1e-2,
                _recast()),
         Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
                _recast(target_modules="all-linear", layers_per_group=6, num_templates=2)),
         Method("recast-216", "RECAST all linear; 6 layers/group, 6 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
                _recast(target_modules="all-linear", layers_per_group=6, num_templates=6)),
-        Method("fourierft-24", "FourierFT, 2 frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
-               _peft("FourierFTConfig", n_frequency=2, target_modules=QV)),
-        Method("fourierft-216", "FourierFT, 18 frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
-               _peft("FourierFTConfig", n_frequency=18, target_modules=QV)),
+        Method("recast-144", "RECAST q,v; 2 layers/group, 2 templates, per head (6 blocks)", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(coefficient_blocks=6)),
+        Method("recast-432", "RECAST all linear; 2 layers/group, 2 templates, 6 blocks", "peft", (3e-3, 1e-2, 3e-2),
+               1e-2, _recast(target_modules="all-linear", coefficient_blocks=6)),
+        Method("recast-648", "RECAST all linear; 6 layers/group, one bank per shape, 24 templates", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(target_modules="all-linear", layers_per_group=6, num_templates=24,
+                                                  share_across_module_types=True)),
+        *[
+            Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
+                   _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
+            for size in LADDER_SIZES
+        ],
         Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
                _peft("LNTuningConfig", target_modules=["LayerNorm"])),
         Method("ia3", "IA3 (key, value, output.dense)", "peft", (1e-3, 3e-3, 1e-2), 3e-3, _peft("IA3Config")),
@@ -104,12 +117,14 @@ METHODS: dict[str, Method] = {
                _peft("VBLoRAConfig", r=4, num_vectors=90, vector_length=64, target_modules=QV)),
         Method("lora-r1", "LoRA r=1, q,v", "peft", (3e-4, 1e-3, 3e-3), 1e-3,
                _peft("LoraConfig", r=1, lora_alpha=2, target_modules=QV)),
-        Method("lora-r8", "LoRA r=8, q,v", "peft", (3e-4, 1e-3, 3e-3), 1e-3,
+        Method("lora-r8", "LoRA r=8, q,v", "peft", WIDE_LORA_LRS, 1e-3,
                _peft("LoraConfig", r=8, lora_alpha=16, target_modules=QV)),
         Method("full", "full fine-tuning", "full", (1e-5, 3e-5, 1e-4), 3e-5),
     ]
 }
 QUICK_METHODS = ("probe", "recast", "fourierft-24", "lora-r8")
+LADDER_METHODS = ("probe", *[f"recast-{size}" if size != 24 else "recast" for size in LADDER_SIZES],
+                  *[f"fourierft-{size}" for size in LADDER_SIZES], "lora-r8")
 ALL_TASKS = ("trec6", "sms", "bbc", "tweets", "amazon")
 QUICK_TASKS = ("trec6", "sms")
 
@@ -366,7 +381,7 @@ def _adapter_bytes(path: str) -> int:
 
 
 def _save_run(encoder: nn.Module, head: nn.Module, method: Method, path: str) -> int:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     os.makedirs(path, exist_ok=True)
     if method.kind == "peft":
@@ -379,7 +394,8 @@ def _save_run(encoder: nn.Module, head: nn.Module, method: Method, path: str) ->
             os.rmdir(nested)
     elif method.kind == "full":
         encoder.save_pretrained(path)
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, os.path.join(path, "head.safetensors"))
+    with atomic_write(os.path.join(path, "head.safetensors"), "wb") as handle:
+        handle.write(save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}))
     return _adapter_bytes(path) if method.kind != "probe" else 0
 
 
@@ -744,6 +760,46 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     plt.close(figure)
 
 
+def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str, dict[float, float]]:
+    """Per method: mean validation accuracy (%) over the tasks at each swept rate (first seed)."""
+    protocol = settings.protocol()
+    curves = {}
+    for name in settings.methods:
+        method = METHODS[name]
+        points = {}
+        for lr in method.lrs:
+            records = [results.runs.get(run_key(name, task, lr, settings.seeds[0], protocol)) for task in settings.tasks]
+            if all(records):
+                points[lr] = statistics.mean(100 * r["validation_accuracy"] for r in records)
+        if len(points) > 1:
+            curves[name] = points
+    return curves
+
+
+def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> None:
+    """Validation accuracy against the adapter's peak AdamW learning rate (log scale), one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, points in curves.items():
+        rates = sorted(points)
+        axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name,
+                  linestyle="-" if name.startswith("recast") else "--")
+    axis.set_xscale("log")
+    axis.set_xlabel("peak AdamW learning rate of the adapter (head: fixed)")
+    axis.set_ylabel("mean validation accuracy over tasks (%)")
+    axis.set_title("Learning-rate sensitivity, all-MiniLM-L6-v2 (seed 0)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
 def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
     """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``."""
     from .cli import resolve_device
@@ -765,6 +821,14 @@ def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
     with atomic_write(os.path.join(settings.output_dir, TABLE_FILE)) as handle:
         handle.write(table + "\n")
     plot_accuracy(rows, os.path.join(settings.output_dir, PLOT_FILE))
+    curves = learning_rate_curves(settings, results)
+    if curves:
+        plot_learning_rates(curves, os.path.join(settings.output_dir, LR_PLOT_FILE))
+        rates = sorted({lr for points in curves.values() for lr in points})
+        print("\nMean validation accuracy (%) per learning rate (seed " + str(settings.seeds[0]) + "):")
+        print(f"{'method':<16}" + "".join(f"{lr:>9g}" for lr in rates))
+        for name, points in curves.items():
+            print(f"{name:<16}" + "".join(f"{points[lr]:>9.1f}" if lr in points else f"{'':>9}" for lr in rates))
     changed = [f"{key}:{task}" for key, report in forgetting.items() for task, r in report.items()
                if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
     print(f"\nTest accuracy (%), mean ± spread over {len(settings.seeds)} seed(s); learning rates chosen on validation"
@@ -785,6 +849,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a few minutes: tasks {' '.join(QUICK_TASKS)}, methods {' '.join(QUICK_METHODS)}, one "
                         "seed, each method at its default learning rate, 500 training examples")
+    parser.add_argument("--ladder", action="store_true",
+                        help="the budget ladder: probe, every RECAST rung, FourierFT at each rung's count, LoRA r=8")
     parser.add_argument("--task", nargs="+", default=None, metavar="TASK",
                         help=f"tasks, in the order they arrive (default: {' '.join(ALL_TASKS)})")
     parser.add_argument("--method", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
@@ -808,6 +874,8 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         settings.tasks, settings.methods, settings.seeds = list(QUICK_TASKS), list(QUICK_METHODS), [0]
         settings.sweep, settings.max_train = False, 500
         settings.output_dir = os.path.join("runs", "bench-quick")
+    if args.ladder:
+        settings.methods = list(LADDER_METHODS)
     for name, value in (("tasks", args.task), ("methods", args.method), ("seeds", args.seeds),
                         ("max_train", args.max_train), ("max_eval", args.max_eval), ("output_dir", args.output_dir)):
         if value is not None:

@@ -24,6 +24,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .files import atomic_write
+
 BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Peak learning rate of the coefficients (at the default coefficient_scale of 10), chosen with
 # `peft-recast sweep --task trec6 sms` (validation accuracy, %, 2,000 train examples, 4 epochs, seed 0; measured at
@@ -441,7 +443,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         # save, reload onto a fresh base model (different head init), compare predictions
         adapter_dir = os.path.join(args.output_dir, task)
         model.save_pretrained(adapter_dir, save_embedding_layers=False)  # no Hub look-up
-        with open(os.path.join(adapter_dir, "task.json"), "w") as handle:
+        with atomic_write(os.path.join(adapter_dir, "task.json")) as handle:
             json.dump(dict(task=task, classes=train.features["label"].names, max_length=settings.max_length,
                            base_model=BASE_MODEL_ID, pooling="mean"), handle, indent=2)
         summary = recast_summary(model)
@@ -471,7 +473,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         settings=asdict(_settings(args, args.task[0])) | dict(tasks=list(args.task), max_train=args.max_train,
                                                             max_eval=args.max_eval, device=str(device)),
     )
-    with open(os.path.join(args.output_dir, "demo_results.json"), "w") as handle:
+    with atomic_write(os.path.join(args.output_dir, "demo_results.json")) as handle:
         json.dump(results, handle, indent=2)
     return results
 
@@ -518,7 +520,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         print(f"{task:<8} {100 * task_results['probe']:>6.1f} "
               + " ".join(f"{100 * acc:>9.1f}" for acc in task_results["recast"].values()))
     if args.output:
-        with open(args.output, "w") as handle:
+        with atomic_write(args.output) as handle:
             json.dump(dict(results=results, settings=vars(args)), handle, indent=2, default=str)
     return results
 
@@ -572,6 +574,14 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--output", default=None, help="write the results to this JSON file")
     sweep.set_defaults(lr=DEFAULT_COEFFICIENT_LR)
 
+    from .fidelity import add_mimicry_commands
+
+    add_mimicry_commands(commands)  # mimic, fidelity
+
+    from .training import add_commands as add_trainer_commands
+
+    add_trainer_commands(commands)  # train, eval, inspect
+
     from . import bench
 
     bench_parser = commands.add_parser(
@@ -587,6 +597,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("mimic", "fidelity"):
+        from .fidelity import run_mimicry_command
+
+        return run_mimicry_command(args)
+    if args.command in ("train", "eval", "inspect"):
+        from .training import run_command
+
+        return run_command(args)
     for name in ("epochs", "batch_size", "max_train", "max_eval", "max_length", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:

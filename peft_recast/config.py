@@ -3,11 +3,74 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
+from . import __version__
 from .registration import RECAST
+
+# The paper's variants (official code, appledora/RECAST_ICLR25 models/RECAST-*.py: FACTORS = 6, TEMPLATES = 2,
+# num_cf = 2; ResNet-34: banks over the blocks after the first of each stage, n = blocks - 1, num_cf = 2).
+RECAST_PRESETS: dict[str, dict[str, Any]] = {
+    "attention": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
+    "mlp": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
+    "attention+mlp": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
+    "conv": {"num_groups": 1, "num_templates": 64, "num_coefficient_sets": 2},
+}
+# Per model type: (regex of the attention projections, names fused into one weight, regex of the MLP layers).
+PRESET_TARGETS: dict[str, tuple[str, Optional[list[str]], str]] = {
+    "vit": (r".*\.attention\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"], r".*\.mlp\.(fc1|fc2)"),
+    "bert": (
+        r".*\.attention\.self\.(query|key|value)",
+        ["query", "key", "value"],
+        r".*\.layer\.\d+\.(intermediate|output)\.dense",
+    ),
+    "llama": (
+        r".*\.self_attn\.(q_proj|k_proj|v_proj)",
+        ["q_proj", "k_proj", "v_proj"],
+        r".*\.mlp\.(gate_proj|up_proj|down_proj)",
+    ),
+    "gpt2": (r".*\.attn\.c_attn", None, r".*\.mlp\.(c_fc|c_proj)"),
+}
+PRESET_TARGETS["roberta"] = PRESET_TARGETS["bert"]
+PRESET_TARGETS["mistral"] = PRESET_TARGETS["qwen2"] = PRESET_TARGETS["llama"]
+
+
+def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """The config fields ``preset`` fills in for a transformers model (``model_config``: its config as a dict).
+
+    ``"conv"`` (transformers' ResNet names): every conv of the blocks after the first of each stage
+    (``layers_pattern="layers"``, ``layers_to_transform = 1 .. max(depths) - 1``); one group per stage and conv
+    position, since the layer index of a group is read after ``layers_pattern``.
+    """
+    model_type = model_config.get("model_type")
+    if preset == "conv":
+        depths = model_config.get("depths")
+        if not depths:
+            raise ValueError(
+                "The RECAST preset 'conv' reads the blocks per stage from the model config's `depths` (transformers "
+                "ResNet); for other models pass `target_modules`, `layers_pattern` and `layers_to_transform`."
+            )
+        # a stage of b blocks has b - 1 modules per conv position, hence at most b - 1 templates (the paper's n)
+        return {
+            "target_modules": {"convolution"},
+            "layers_pattern": "layers",
+            "layers_to_transform": list(range(1, max(depths))),
+            "num_templates": min(model_config.get("num_templates", 64), max(depths) - 1),
+        }
+    if model_type not in PRESET_TARGETS:
+        raise ValueError(
+            f"The RECAST preset {preset!r} has no target modules for model type {model_type!r} (known: "
+            f"{sorted(PRESET_TARGETS)}); pass `target_modules` (and `fused_modules`) yourself."
+        )
+    attention, fused, mlp = PRESET_TARGETS[model_type]
+    if preset == "attention":
+        return {"target_modules": attention, "fused_modules": fused}
+    if preset == "mlp":
+        return {"target_modules": mlp}
+    return {"target_modules": f"(?:{attention})|(?:{mlp})", "fused_modules": fused}
 
 
 @dataclass
@@ -19,7 +82,7 @@ class RecastConfig(PeftConfig):
     ``T_1..T_n`` (unit Frobenius norm) fitted to the group's pretrained weights by closed-form Neural Mimicry,
     and each module ``l`` trains ``K x n`` coefficients ``theta_l`` (``K`` = ``num_coefficient_sets``):
 
-        W_l = W_l^pre + s * ||W_l^pre||_F * sum_k mean_K(theta_l)[k] * T_k      (shapes: (out, in); s = coefficient_scale)
+        W_l = W_l^pre + s ||W_l^pre||_F / sqrt(n) * sum_k mean_K(theta_l)[k] T_k   (shapes: (out, in); s = coefficient_scale)
 
     ``theta = 0`` is the pretrained model. With AdamW a step moves ``theta`` by about the learning rate whatever the
     gradient's size, so ``s`` sets which learning rates work: the default puts the best one near 1e-2. The templates are rebuilt from the base weights when an
@@ -45,10 +108,29 @@ class RecastConfig(PeftConfig):
             of the group's weights.
         num_coefficient_sets: Coefficient sets per module (the paper's ``K``); the layer uses their mean, so
             ``K > 1`` changes parameter count and initial point only.
-        coefficient_scale: ``s`` above: a unit coefficient moves the layer's weight by ``s`` times its own
-            Frobenius norm along a template. Stored with the adapter, so files keep their meaning.
+        coefficient_blocks: ``B``: cut each module's output rows (``out`` of ``(out, in)``) into ``B`` equal blocks
+            (e.g. one per attention head), each with its own ``K x n`` coefficients: ``delta_W`` rows of block ``b``
+            use ``theta[:, :, b]``. ``K x n x B`` numbers per module; ``B`` must divide ``out``.
+        share_across_module_types: ``True``: all target modules of a group of layers that have the same weight shape
+            (e.g. query, key, value and attention output) share one bank, so each module mixes templates built from
+            all of them; ``False``: one bank per module type.
+        coefficient_scale: ``s`` above: moving all ``n`` coefficients of a layer by ``c`` moves its weight by
+            ``c s`` times its own Frobenius norm, whatever ``n`` is. Stored with the adapter, so files keep their meaning.
         base_fingerprint: Singular values of every group's stacked pretrained weights, written when the adapter
             is created and checked when it is loaded. Leave it ``None``.
+        recast_version: Version of ``peft_recast`` that wrote the config (filled in automatically). Loading a config
+            written by a newer version raises ``ValueError``, since its fields may mean something this version
+            cannot honour.
+        fused_modules: Target names whose modules in one layer form one weight, as the paper's fused ``qkv``:
+            their weights are concatenated (flattened) per layer, share templates and one ``K x n`` coefficient
+            tensor (e.g. ``["query", "key", "value"]``).
+        template_bank: Path or Hub id of a template bank written by :func:`peft_recast.bank.save_template_bank`
+            (gradient Neural Mimicry, as in the paper). ``None``: closed-form templates rebuilt from the base.
+        weight_form: ``"residual"`` (default): ``W_l = W_pre + update``, exactly the base model at init.
+            ``"replace"``: the paper's ``W_l = sum_k mean_K(alpha_l)_k T_k`` with ``alpha`` starting at the mimicked
+            coefficients (equal to the base model only as far as the mimicry is exact).
+        preset: The paper variant this config was made from (:meth:`from_preset`); target modules are resolved
+            per model type at injection when ``target_modules`` is ``None``.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -82,19 +164,68 @@ class RecastConfig(PeftConfig):
     coefficient_scale: float = field(
         default=10.0, metadata={"help": "A unit coefficient moves the weight by this many times its norm."}
     )
+    coefficient_blocks: int = field(
+        default=1, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
+    )
+    share_across_module_types: bool = field(
+        default=False, metadata={"help": "One bank for all target modules of a layer group with the same shape."}
+    )
     base_fingerprint: Optional[dict[str, list[float]]] = field(
         default=None, metadata={"help": "Filled in by RECAST: singular values of each group's pretrained weights."}
     )
+    recast_version: Optional[str] = field(
+        default=None, metadata={"help": "peft_recast version that wrote this config; leave empty to auto-fill."}
+    )
+    fused_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Target names (e.g. query, key, value) whose modules in one layer act as one fused weight."},
+    )
+    template_bank: Optional[str] = field(
+        default=None,
+        metadata={"help": "Path or Hub id of a template bank from gradient mimicry (None: closed-form templates)."},
+    )
+    weight_form: Literal["residual", "replace"] = field(
+        default="residual",
+        metadata={"help": "'residual': W_pre + update (identity at init). 'replace': the paper's sum_k alpha_k T_k."},
+    )
+    preset: Optional[str] = field(
+        default=None, metadata={"help": "Paper variant whose target modules are resolved per model type."}
+    )
+
+    @classmethod
+    def from_preset(cls, preset: str, **kwargs: Any) -> "RecastConfig":
+        """A config for one of the paper's variants (see :data:`RECAST_PRESETS`), with ``kwargs`` overriding it.
+
+        ``"attention"``, ``"mlp"`` and ``"attention+mlp"`` follow the official ViT code (``G = 6`` groups, ``n = 2``
+        templates, ``K = 2`` coefficient sets; q/k/v fused as the paper's single ``qkv`` weight); ``"conv"`` follows
+        its ResNet-34 (one bank per stage and conv position over the blocks after the first, ``n`` = blocks - 1,
+        ``K = 2``). Target modules are filled in per model type when the adapter is injected. Passing
+        ``layers_per_group`` replaces the preset's ``num_groups``.
+        """
+        if preset not in RECAST_PRESETS:
+            raise ValueError(f"Unknown RECAST preset {preset!r}; choose one of {sorted(RECAST_PRESETS)}.")
+        values = dict(RECAST_PRESETS[preset])
+        if "layers_per_group" in kwargs:
+            values.pop("num_groups", None)
+        values.update(kwargs)
+        return cls(preset=preset, **values)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = RECAST
+        self._check_recast_version()  # first: a newer config may hold values this version rejects or misreads
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+        if indices is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+            raise ValueError(
+                f"`layers_to_transform` must be a layer index or a list of layer indices (integers >= 0, counted "
+                f"from the first layer), got {self.layers_to_transform!r}."
+            )
         if self.bias not in ("none", "all", "recast_only"):
             raise ValueError(f"`bias` must be 'none', 'all' or 'recast_only', got {self.bias!r}.")
         if self.layers_per_group is not None and self.num_groups is not None:
@@ -102,14 +233,39 @@ class RecastConfig(PeftConfig):
                 f"Set either `layers_per_group` ({self.layers_per_group}) or `num_groups` ({self.num_groups}), "
                 "not both: they are two ways to say how layers are grouped into template banks."
             )
-        for name in ("layers_per_group", "num_groups", "num_templates", "num_coefficient_sets"):
+        for name in ("layers_per_group", "num_groups", "num_templates", "num_coefficient_sets", "coefficient_blocks"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.preset is not None and self.preset not in RECAST_PRESETS:
+            raise ValueError(f"Unknown RECAST preset {self.preset!r}; choose one of {sorted(RECAST_PRESETS)}.")
+        if self.weight_form not in ("residual", "replace"):
+            raise ValueError(f"`weight_form` must be 'residual' or 'replace', got {self.weight_form!r}.")
+        if self.fused_modules is not None:
+            self.fused_modules = list(self.fused_modules)
         if isinstance(self.coefficient_scale, bool) or not isinstance(self.coefficient_scale, (int, float)) or not (
             0 < self.coefficient_scale < float("inf")
         ):
             raise ValueError(f"`coefficient_scale` must be a positive finite number, got {self.coefficient_scale!r}.")
+
+    def _check_recast_version(self) -> None:
+        """Fill in ``recast_version``, or refuse a config written by a newer ``peft_recast``."""
+        if self.recast_version is None:
+            self.recast_version = __version__
+            return
+        try:
+            newer = Version(str(self.recast_version)) > Version(__version__)
+        except InvalidVersion as error:
+            raise ValueError(
+                f"`recast_version` must be a version string such as {__version__!r}, got {self.recast_version!r}; "
+                "the adapter_config.json is damaged (remove the field to load it as written by this version)."
+            ) from error
+        if newer:
+            raise ValueError(
+                f"This RECAST adapter config was written by peft_recast {self.recast_version}, but peft_recast "
+                f"{__version__} is installed, which may not understand it. Upgrade with "
+                f"`pip install -U 'peft-recast>={self.recast_version}'`."
+            )
 
     @property
     def group_size(self) -> Optional[int]:

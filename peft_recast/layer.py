@@ -14,9 +14,9 @@ from torch import nn
 
 from .config import RecastConfig
 
-# Standard deviation of the coefficients when `init_weights=False` (a 10 % move of each weight per template at the
-# default coefficient_scale of 10).
-RANDOM_INIT_STD = 0.01
+# Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
+# default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
+RANDOM_INIT_STD = 0.02
 
 
 class RecastGroup:
@@ -44,20 +44,24 @@ class RecastLayer(BaseTunerLayer):
     For adapter ``a`` with coefficients ``theta`` (``K x n``) and group basis ``W_1..W_m`` (the group's pretrained
     weights), the update is
 
-        delta_W = sum_j (mean_K(theta) @ R)_j W_j,      R = s ||W_self||_F * M   (``n x m``, buffer ``recast_mixing``)
+        delta_W = sum_j (mean_K(theta) @ R)_j W_j,   R = s ||W_self||_F / sqrt(n) * M   (``n x m``, ``recast_mixing``)
 
     where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`) and ``s`` is
-    ``coefficient_scale``, so that ``delta_W = s ||W_self||_F * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
+    ``coefficient_scale``, so that ``delta_W = s ||W_self||_F / sqrt(n) * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
     """
 
     adapter_layer_names = ("recast_coefficients",)
-    other_param_names = ("recast_mixing", "recast_group")
+    other_param_names = ("recast_mixing", "recast_group", "recast_replace", "recast_tie")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.recast_coefficients = nn.ParameterDict({})
         self.recast_mixing = BufferDict({}, persistent=False)
         self.recast_group: dict[str, RecastGroup] = {}
+        # adapters in the paper's replacement form (delta_W = sum_k alpha_k T_k - W_pre)
+        self.recast_replace: dict[str, bool] = {}
+        # fused modules (config.fused_modules): the layer whose coefficient tensor this one shares
+        self.recast_tie: dict[str, RecastLayer] = {}
         # The base weight as it was before the first merge; siblings' templates and `unmerge` read it.
         self._pristine_weight: Optional[torch.Tensor] = None
         self._disable_adapters = False
@@ -70,8 +74,16 @@ class RecastLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
-        """Create the coefficients of ``adapter_name``; the model attaches its template group after injection."""
-        shape = (config.num_coefficient_sets, config.num_templates)
+        """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B`` coefficient blocks);
+        the model attaches its template group after injection."""
+        blocks = config.coefficient_blocks
+        if self.out_features % blocks:
+            raise ValueError(
+                f"`coefficient_blocks`={blocks} must divide the output features of every target module, but "
+                f"{type(self.get_base_layer()).__name__} has {self.out_features}. Choose a divisor (for attention "
+                "projections, the number of heads) or leave out the modules it does not divide."
+            )
+        shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
         if config.init_weights:
             coefficients = torch.zeros(shape)
         else:
@@ -80,18 +92,45 @@ class RecastLayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def attach_group(self, adapter_name: str, group: RecastGroup, mixing: torch.Tensor) -> None:
-        """Bind ``adapter_name`` to its template group; ``mixing`` is this layer's ``R`` (``n x m``, any float)."""
+    def attach_group(
+        self,
+        adapter_name: str,
+        group: RecastGroup,
+        mixing: torch.Tensor,
+        initial: Optional[torch.Tensor] = None,
+        replace: bool = False,
+    ) -> None:
+        """Bind ``adapter_name`` to its template group; ``mixing`` is this layer's ``R`` (``n x m``, any float).
+
+        ``initial`` (``K x n``) is added to the coefficients (the mimicked ``alpha_0`` of the replacement form);
+        ``replace=True`` makes ``delta_W = sum_j (mean_K(theta) @ R)_j B_j - W_pre`` (``B`` = the group's basis).
+        """
         coefficients = self.recast_coefficients[adapter_name]
         num_templates = mixing.shape[0]
-        if coefficients.shape[1] != num_templates:
+        if coefficients.shape[1] != num_templates or initial is not None:
             # fewer templates than requested: the group is smaller than `num_templates` or rank deficient
-            self.recast_coefficients[adapter_name] = nn.Parameter(
-                coefficients.data[:, :num_templates].clone(), requires_grad=coefficients.requires_grad
-            )
+            values = coefficients.data[:, :num_templates].clone()
+            if initial is not None:
+                values = values + initial.to(values).view(*initial.shape, *[1] * (values.dim() - initial.dim()))
+            self.recast_coefficients[adapter_name] = nn.Parameter(values, requires_grad=coefficients.requires_grad)
+        if replace:
+            self.recast_replace[adapter_name] = True
         weight = self.pristine_weight()
         self.recast_mixing[adapter_name] = mixing.to(device=weight.device, dtype=torch.float32)
         self.recast_group[adapter_name] = group
+
+    def tie_coefficients(self, adapter_name: str, owner: RecastLayer) -> None:
+        """Share ``owner``'s coefficient tensor (one fused weight, e.g. q/k/v as the paper's ``qkv``)."""
+        self.recast_tie[adapter_name] = owner
+        parameter = owner.recast_coefficients[adapter_name]
+        self.recast_coefficients[adapter_name] = parameter
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
+        owner = self.recast_tie.get(adapter_name)
+        if owner is not None and adapter_name in owner.recast_coefficients:
+            # loading with `assign=True` (low_cpu_mem_usage) gives every member its own tensor: share the owner's again
+            self.recast_coefficients[adapter_name] = owner.recast_coefficients[adapter_name]
 
     def pristine_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (detached)."""
@@ -104,13 +143,34 @@ class RecastLayer(BaseTunerLayer):
         basis = self.recast_group[adapter].basis()
         dtype, device = basis[0].dtype, basis[0].device
         compute_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
-        mix = (self.recast_coefficients[adapter].float().mean(0) @ self.recast_mixing[adapter].float()).to(
+        owner = self.recast_tie.get(adapter, self)
+        theta = owner.recast_coefficients[adapter].float().mean(0)  # (n) or (n, B)
+        # (m) or (m, B): the weight of each basis member W_j (per block of output rows)
+        mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float()).to(
             device=device, dtype=compute_dtype
         )
-        delta = mix[0] * basis[0].to(compute_dtype)
+        delta = self._scale_rows(basis[0].to(compute_dtype), mix[0])
         for j in range(1, len(basis)):
-            delta = delta + mix[j] * basis[j].to(compute_dtype)
+            delta = delta + self._scale_rows(basis[j].to(compute_dtype), mix[j])
+        if self.recast_replace.get(adapter, False):
+            delta = delta - self.pristine_weight().to(compute_dtype)
         return delta.to(dtype)
+
+    def _scale_rows(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+        """``factor * weight``; a ``(B,)`` factor scales each of ``B`` equal blocks of output rows by its own value
+        (the output axis is 0, or 1 for ``fan_in_fan_out`` weights stored ``(in, out)``)."""
+        if factor.dim() == 0:
+            return factor * weight
+        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0
+        blocks = weight.unflatten(axis, (factor.numel(), -1))
+        shape = [1] * blocks.dim()
+        shape[axis] = factor.numel()
+        return (blocks * factor.view(shape)).flatten(axis, axis + 1)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """RECAST is additive (``W + delta_W``), so ``peft.convert_to_lora`` can factor ``get_delta_weight`` by SVD;
+        PEFT 0.21 does this for 2-d weights only (``Linear``, ``Conv1D``), not for convolution kernels."""
+        return self.get_base_layer().weight.ndim == 2
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the active (or given) adapters' ``delta_W`` to the base weight.
@@ -222,3 +282,19 @@ class Linear(nn.Module, RecastLayer):
 
     def __repr__(self) -> str:
         return "recast." + super().__repr__()
+
+
+class Conv2d(Linear):
+    """RECAST around ``torch.nn.Conv2d`` (weight ``(out, in / groups, kh, kw)``, templates of the same shape).
+
+    Forward, mixed batches, merging and saving are :class:`Linear`'s; only the base computation differs: one
+    ``conv2d`` with the adapted weight and the base layer's stride, padding, dilation, groups and bias.
+    """
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RecastConfig, **kwargs: Any) -> None:
+        super().__init__(base_layer, adapter_name, config, fan_in_fan_out=False, **kwargs)
+
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base_layer = self.get_base_layer()
+        x = self._cast_input_dtype(x, weight.dtype)
+        return base_layer._conv_forward(x, weight, base_layer.bias)

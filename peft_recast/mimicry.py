@@ -27,7 +27,11 @@ RANK_RTOL = 1e-6
 # to bfloat16 moves its group singular values by up to 8.6e-5 relative (float16: 6e-6); merging a RECAST adapter or
 # fine-tuning moves them by the size of the change (1e-2 and more for a trained adapter).
 FINGERPRINT_RTOL = 1e-3
-_GRAM_CHUNK = 1 << 22  # elements per member processed at once: bounds float64 transients to m * 32 MiB
+# Elements per member processed at once (float64 transients of m * 256 KiB). Small blocks stay in cache and below
+# glibc's mmap threshold, so they are reused rather than left resident: with 1 << 22, every adapter loaded onto a
+# bfloat16 Llama-1B kept ~26 MB of freed heap resident (RSS +2.5 GB for 100 adapters), and the Gram matrix of a
+# 2048 x 5632 pair took 250 ms instead of 35-45 ms (benchmarks/scale.py, 1 thread).
+_GRAM_CHUNK = 1 << 15
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ def test_quick_settings_and_overrides():
     assert settings.seeds == [0] and not settings.sweep and settings.max_train == 500
     settings = bench.settings_from_args(_args(quick=True, task=["bbc"], max_train=10))
     assert settings.tasks == ["bbc"] and settings.max_train == 10
+    settings = bench.settings_from_args(_args(ladder=True))
+    assert settings.methods == list(bench.LADDER_METHODS) and settings.sweep and settings.seeds == [0, 1, 2]
+    assert {bench.METHODS[m].kind for m in settings.methods} == {"probe", "peft"}
     with pytest.raises(SystemExit, match="Unknown task"):
         bench.settings_from_args(_args(task=["imdb"]))
 
@@ -108,3 +111,14 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
     monkeypatch.setattr(bench, "_probe_run", no_training)
     assert bench.main(_args(**{**vars(args), "no_costs": True})) == 0
     assert (tmp_path / bench.TABLE_FILE).read_text() == table  # costs are kept from the first run
+
+
+def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
+    import peft
+
+    from peft_recast.cli import load_encoder
+
+    for size in bench.LADDER_SIZES:
+        for name in (f"recast-{size}" if size != 24 else "recast", f"fourierft-{size}"):
+            model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
+            assert model.get_nb_trainable_parameters()[0] == size, name

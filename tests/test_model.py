@@ -215,8 +215,8 @@ def test_coefficient_means_scaled_fraction_of_weight_norm(scale):
         layer.recast_coefficients["default"].copy_(torch.tensor([[0.03, -0.04]]))
     delta = layer.get_delta_weight("default")
     ratio = (delta.norm() / layer.get_base_layer().weight.norm()).item()
-    # templates are orthonormal: |delta| = s * |W| * |theta|, s = 10 by default
-    assert ratio == pytest.approx(0.05 * (10.0 if scale is None else scale), rel=1e-4)
+    # templates are orthonormal: |delta| = s * |W| * |theta| / sqrt(n), s = 10 by default, n = 2
+    assert ratio == pytest.approx(0.05 * (10.0 if scale is None else scale) / 2**0.5, rel=1e-4)
 
 
 def test_conv1d_is_handled_with_fan_in_fan_out(input_ids):

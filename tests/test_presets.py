@@ -1,0 +1,106 @@
+"""The paper's variants as presets: targets per model type, G / n / K, fused q/k/v, the paper's coefficient counts."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import ViTConfig, ViTModel
+
+from peft_recast import RecastConfig, recast_summary
+from peft_recast.config import RECAST_PRESETS
+from peft_recast.layer import RecastLayer
+
+from .tiny_models import model_output, tiny_bert, tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def vit_small() -> ViTModel:
+    """ViT-S/16 as in the paper (hidden 384, 12 layers, 6 heads, MLP 1536), random weights from a config."""
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
+    return ViTModel(config, add_pooling_layer=False).eval()
+
+
+# The paper counts K x n coefficients per templated module (official code: num_cf = 2 sets of TEMPLATES = 2 scalars
+# per layer and bank; shared/research/recast-paper.md §1.5). RECAST-Att templates the fused qkv weight, one module
+# per layer: 12 x 2 x 2 = 48 ("fewer than 50"); RECAST-MLP templates fc1 and fc2: 12 x 2 x 2 x 2 = 96; both: 144.
+@pytest.mark.parametrize("preset, expected", [("attention", 48), ("mlp", 96), ("attention+mlp", 144)])
+def test_vit_small_presets_count_coefficients_as_the_paper(vit_small, preset, expected):
+    model = get_peft_model(vit_small, RecastConfig.from_preset(preset))
+    try:
+        trainable, _ = model.get_nb_trainable_parameters()
+        assert trainable == expected
+        assert recast_summary(model).coefficients == expected
+        config = model.peft_config["default"]
+        assert (config.num_groups, config.num_templates, config.num_coefficient_sets) == (6, 2, 2)
+        groups = recast_summary(model).groups
+        assert all(group.modules == 2 and group.templates == 2 for group in groups)  # 12 layers / G = 6
+    finally:
+        model.unload()
+
+
+def test_attention_preset_fuses_qkv_into_one_coefficient_tensor(vit_small):
+    model = get_peft_model(vit_small, RecastConfig.from_preset("attention"))
+    try:
+        attention = model.base_model.model.layers[3].attention
+        q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
+        assert q.recast_coefficients["default"] is k.recast_coefficients["default"] is v.recast_coefficients["default"]
+        assert q.recast_coefficients["default"].shape == (2, 2)
+        assert not isinstance(attention.o_proj, RecastLayer)  # the paper leaves the output projection alone
+        assert model.peft_config["default"].fused_modules == ["q_proj", "k_proj", "v_proj"]
+        assert "layers.2-3.attention.q_proj+k_proj+v_proj" in model.peft_config["default"].base_fingerprint
+    finally:
+        model.unload()
+
+
+def test_fused_adapter_trains_saves_and_reloads_with_the_tie(tmp_path, input_ids):
+    config = RecastConfig.from_preset("attention", layers_per_group=2, init_weights=False)
+    model = get_peft_model(tiny_bert(), config)
+    assert model.get_nb_trainable_parameters()[0] == 4 * 2 * 2  # 4 layers, K = 2, n = 2
+    query = model.base_model.model.encoder.layer[0].attention.self.query
+    key = model.base_model.model.encoder.layer[0].attention.self.key
+    before = key.get_delta_weight("default").clone()
+    with torch.no_grad():
+        query.recast_coefficients["default"].add_(0.01)  # one tensor drives all three roles
+    assert not torch.equal(key.get_delta_weight("default"), before)
+    expected = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert all(name.endswith(".recast_coefficients") for name in tensors)
+    for low_cpu_mem_usage in (False, True):
+        reloaded = PeftModel.from_pretrained(
+            tiny_bert(), tmp_path, is_trainable=True, low_cpu_mem_usage=low_cpu_mem_usage
+        )
+        torch.testing.assert_close(model_output(reloaded, input_ids), expected)
+        assert reloaded.get_nb_trainable_parameters()[0] == 16
+        layer = reloaded.base_model.model.encoder.layer[2].attention.self
+        assert layer.query.recast_coefficients["default"] is layer.value.recast_coefficients["default"]
+
+
+def test_preset_targets_follow_the_model_type():
+    bert = get_peft_model(tiny_bert(), RecastConfig.from_preset("mlp", layers_per_group=2))
+    targets = {key.split(".", 3)[-1] for key in bert.targeted_module_names}  # "encoder.layer.0.output.dense"
+    assert targets == {"intermediate.dense", "output.dense"}  # not attention.output.dense
+    gpt2 = get_peft_model(tiny_gpt2(), RecastConfig.from_preset("attention", layers_per_group=2))
+    assert all(name.endswith("attn.c_attn") for name in gpt2.targeted_module_names)  # GPT-2's qkv is fused already
+    assert gpt2.get_nb_trainable_parameters()[0] == 4 * 2 * 2
+
+
+def test_from_preset_overrides_and_errors():
+    config = RecastConfig.from_preset("attention", layers_per_group=3, num_coefficient_sets=1)
+    assert (config.num_groups, config.layers_per_group, config.num_coefficient_sets) == (None, 3, 1)
+    assert config.preset == "attention" and RECAST_PRESETS["attention"]["num_groups"] == 6
+    with pytest.raises(ValueError, match="Unknown RECAST preset 'qkv'"):
+        RecastConfig.from_preset("qkv")
+    with pytest.raises(ValueError, match="Unknown RECAST preset"):
+        RecastConfig(preset="everything")
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no target modules for model type"):
+        get_peft_model(model, RecastConfig.from_preset("attention"))
+
+
+def test_preset_survives_the_config_round_trip(tmp_path):
+    config = RecastConfig.from_preset("attention+mlp", layers_per_group=2)
+    config.save_pretrained(tmp_path)
+    loaded = RecastConfig.from_pretrained(tmp_path)
+    assert (loaded.preset, loaded.num_coefficient_sets, loaded.layers_per_group) == ("attention+mlp", 2, 2)

@@ -1,0 +1,223 @@
+"""Property-based tests: RECAST's invariants over random stacks, layer types, group sizes, templates and coefficients.
+
+Every example builds a small stack of blocks (``blocks.{i}.proj``: ``d_model -> d_hidden``, ``blocks.{i}.back``:
+``d_hidden -> d_model``, each a ``torch.nn.Linear`` or a transformers ``Conv1D``) and a random ``RecastConfig``.
+Hypothesis runs derandomized (the same examples on every run) with few examples, so the file stays fast and CI stays
+deterministic.
+"""
+
+import copy
+import tempfile
+import warnings
+from dataclasses import dataclass
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import PeftModel, get_peft_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_recast import RecastConfig
+from peft_recast.layer import RecastLayer
+
+PROPERTY_SETTINGS = settings(
+    max_examples=30,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One random example: the stack's shape and layer types, the RECAST config and a seed for the coefficients."""
+
+    layers: int
+    d_model: int
+    d_hidden: int
+    proj_type: str
+    back_type: str
+    targets: tuple[str, ...]
+    grouping: tuple[str, int]
+    num_templates: int
+    num_coefficient_sets: int
+    seed: int
+
+    def config(self, **overrides) -> RecastConfig:
+        kwargs = dict(
+            target_modules=list(self.targets),
+            num_templates=self.num_templates,
+            num_coefficient_sets=self.num_coefficient_sets,
+            **{self.grouping[0]: self.grouping[1]},
+        )
+        kwargs.update(overrides)
+        return RecastConfig(**kwargs)
+
+
+def _layer(kind: str, fan_in: int, fan_out: int) -> nn.Module:
+    return nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
+
+
+class Block(nn.Module):
+    def __init__(self, case: Case):
+        super().__init__()
+        self.proj = _layer(case.proj_type, case.d_model, case.d_hidden)
+        self.back = _layer(case.back_type, case.d_hidden, case.d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.back(torch.tanh(self.proj(x)))
+
+
+class Stack(nn.Module):
+    """``layers`` residual blocks with seeded weights of scale ``1/sqrt(fan_in)``."""
+
+    def __init__(self, case: Case):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(case) for _ in range(case.layers))
+        generator = torch.Generator().manual_seed(case.seed)
+        with torch.no_grad():
+            for parameter in self.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) / max(parameter.shape) ** 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+cases = st.builds(
+    Case,
+    layers=st.integers(1, 5),
+    d_model=st.integers(2, 7),
+    d_hidden=st.integers(2, 7),
+    proj_type=st.sampled_from(["linear", "conv1d"]),
+    back_type=st.sampled_from(["linear", "conv1d"]),
+    targets=st.sampled_from([("proj",), ("back",), ("proj", "back")]),
+    grouping=st.one_of(
+        st.tuples(st.just("layers_per_group"), st.integers(1, 4)), st.tuples(st.just("num_groups"), st.integers(1, 3))
+    ),
+    num_templates=st.integers(1, 4),
+    num_coefficient_sets=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+
+
+def _inputs(case: Case, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, case.d_model, generator=torch.Generator().manual_seed(case.seed + 1))
+
+
+def _recast(base: nn.Module, config: RecastConfig) -> PeftModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fan_in_fan_out notes for Conv1D, num_templates capped for small groups
+        return get_peft_model(base, config)
+
+
+def _randomize(model: nn.Module, adapter: str, seed: int, std: float = 0.02) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, RecastLayer) and adapter in module.recast_coefficients:
+                coefficients = module.recast_coefficients[adapter]
+                coefficients.copy_(torch.randn(coefficients.shape, generator=generator) * std)
+
+
+def _targeted_weights(model: nn.Module) -> list[torch.Tensor]:
+    return [m.get_base_layer().weight.detach().clone() for m in model.modules() if isinstance(m, RecastLayer)]
+
+
+@PROPERTY_SETTINGS
+@given(case=cases)
+def test_identity_at_init(case):
+    base = Stack(case)
+    x = _inputs(case)
+    reference = base(x)
+    model = _recast(base, case.config())
+    assert torch.equal(model(x), reference)
+
+
+@PROPERTY_SETTINGS
+@given(case=cases)
+def test_merge_unmerge_round_trip(case):
+    base = Stack(case)
+    x = _inputs(case)
+    reference = base(x)
+    model = _recast(base, case.config())
+    before = _targeted_weights(model)
+    _randomize(model, "default", case.seed)
+    adapted = model(x)
+    assert not torch.allclose(adapted, reference)
+    model.merge_adapter()
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    assert all(torch.equal(a, b) for a, b in zip(_targeted_weights(model), before))
+    assert torch.equal(model(x), adapted)
+    merged = copy.deepcopy(model).merge_and_unload()
+    assert not any(isinstance(m, RecastLayer) for m in merged.modules())
+    torch.testing.assert_close(merged(x), adapted, atol=1e-5, rtol=1e-5)
+
+
+@PROPERTY_SETTINGS
+@given(case=cases)
+def test_save_load_equality(case):
+    x = _inputs(case)
+    model = _recast(Stack(case), case.config())
+    _randomize(model, "default", case.seed)
+    expected = model(x)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_pretrained(directory)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = PeftModel.from_pretrained(Stack(case), directory)
+    saved = dict(model.named_parameters())
+    for name, parameter in loaded.named_parameters():
+        if "recast_coefficients" in name:
+            assert torch.equal(parameter, saved[name])
+    torch.testing.assert_close(loaded(x), expected, atol=1e-6, rtol=1e-6)
+
+
+@PROPERTY_SETTINGS
+@given(case=cases, other_templates=st.integers(1, 3), other_sets=st.integers(1, 2))
+def test_mixed_batch_equals_each_adapter_alone(case, other_templates, other_sets):
+    x = _inputs(case, batch=5)
+    model = _recast(Stack(case), case.config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.add_adapter("other", case.config(num_templates=other_templates, num_coefficient_sets=other_sets))
+    _randomize(model, "default", case.seed)
+    _randomize(model, "other", case.seed + 7)
+    model.eval()
+    alone = {}
+    for name in ("default", "other"):
+        model.set_adapter(name)
+        alone[name] = model(x)
+    with model.disable_adapter():
+        alone["__base__"] = model(x)
+    names = ["other", "__base__", "default", "other", "default"]
+    mixed = model(x, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-6, rtol=1e-6)
+
+
+@PROPERTY_SETTINGS
+@given(case=cases, dtype=st.sampled_from([torch.float16, torch.bfloat16]))
+def test_half_precision_base_is_finite_and_close_to_float32(case, dtype):
+    x = _inputs(case)
+    model = _recast(Stack(case), case.config())
+    _randomize(model, "default", case.seed)
+    expected = model(x)
+    half = _recast(Stack(case).to(dtype), case.config())
+    coefficients = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, parameter in half.named_parameters():
+            if "recast_coefficients" in name:
+                parameter.copy_(coefficients[name])
+    out = half(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tolerance = 2e-2 if dtype == torch.float16 else 8e-2
+    error = (out.float() - expected).abs().max()
+    assert error <= tolerance * expected.abs().max() + tolerance, f"{dtype}: max error {error:.3g}"
+    half.merge_adapter(safe_merge=True)
+    merged = half(x.to(dtype))
+    assert torch.isfinite(merged).all()
+    assert (merged.float() - expected).abs().max() <= tolerance * expected.abs().max() + tolerance
