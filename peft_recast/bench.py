@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .config import RECAST_LADDER
 from .files import atomic_write
 
 RESULTS_FILE = "results.json"
@@ -90,19 +91,18 @@ METHODS: dict[str, Method] = {
     method.name: method
     for method in [
         Method("probe", "linear probe (head only)", "probe", (), 0.0),
-        Method("recast", "RECAST default (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS, 1e-2,
-               _recast()),
+        Method("recast", "RECAST default = ladder-24 (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS,
+               1e-2, _recast(**RECAST_LADDER["ladder-24"])),
         Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
                _recast(target_modules="all-linear", layers_per_group=6, num_templates=2)),
-        Method("recast-216", "RECAST all linear; 6 layers/group, 6 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
-               _recast(target_modules="all-linear", layers_per_group=6, num_templates=6)),
-        Method("recast-144", "RECAST q,v; 2 layers/group, 2 templates, per head (6 blocks)", "peft",
-               (3e-3, 1e-2, 3e-2), 1e-2, _recast(coefficient_blocks=6)),
+        Method("recast-216", "RECAST ladder-216 (all linear; 6 layers/group, 6 templates)", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"])),
+        Method("recast-144", "RECAST ladder-144 (q,v; 2 layers/group, 2 templates, 6 row blocks)", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-144"])),
         Method("recast-432", "RECAST all linear; 2 layers/group, 2 templates, 6 blocks", "peft", (3e-3, 1e-2, 3e-2),
                1e-2, _recast(target_modules="all-linear", coefficient_blocks=6)),
-        Method("recast-648", "RECAST all linear; 6 layers/group, one bank per shape, 24 templates", "peft",
-               (3e-3, 1e-2, 3e-2), 1e-2, _recast(target_modules="all-linear", layers_per_group=6, num_templates=24,
-                                                  share_across_module_types=True)),
+        Method("recast-648", "RECAST ladder-648 (all linear; 6 layers/group, one bank per shape, 24 templates)",
+               "peft", (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-648"])),
         *[
             Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
                    _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
@@ -734,8 +734,8 @@ def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(rows: list[dict], path: str) -> None:
-    """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
+def plot_accuracy(rows: list[dict], path: str, ylabel: str = "mean test accuracy over tasks (%)") -> None:
+    """Mean accuracy against trainable numbers (log scale), one point per method (head not counted)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -751,7 +751,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
         axis.annotate(row["method"], (x, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("trainable numbers per task (head excluded; probe plotted at 1)")
-    axis.set_ylabel("mean test accuracy over tasks (%)")
+    axis.set_ylabel(ylabel)
     axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
     axis.grid(True, which="both", alpha=0.3)
     figure.tight_layout()

@@ -19,6 +19,21 @@ RECAST_PRESETS: dict[str, dict[str, Any]] = {
     "attention+mlp": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
     "conv": {"num_groups": 1, "num_templates": 64, "num_coefficient_sets": 2},
 }
+# The budget ladder: RECAST settings from ~24 to ~650 trained numbers (counts for a 6-layer, 384-wide BERT such as
+# MiniLM-L6; measured in docs/benchmarks.md). Model-independent: targets are PEFT's defaults (query/value) or all linear
+# layers, so `from_preset` fills in nothing per model type for them.
+RECAST_LADDER: dict[str, dict[str, Any]] = {
+    "ladder-24": {},  # the default: query/value, 2 layers per group, 2 templates
+    "ladder-144": {"coefficient_blocks": 6},  # the default with 6 blocks of output rows (MiniLM: one per head)
+    "ladder-216": {"target_modules": "all-linear", "layers_per_group": 6, "num_templates": 6},
+    "ladder-648": {
+        "target_modules": "all-linear",
+        "layers_per_group": 6,
+        "num_templates": 24,
+        "share_across_module_types": True,
+    },
+}
+RECAST_PRESETS.update(RECAST_LADDER)
 # Per model type: (regex of the attention projections, names fused into one weight, regex of the MLP layers).
 PRESET_TARGETS: dict[str, tuple[str, Optional[list[str]], str]] = {
     "vit": (r".*\.attention\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"], r".*\.mlp\.(fc1|fc2)"),
@@ -45,6 +60,8 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
     (``layers_pattern="layers"``, ``layers_to_transform = 1 .. max(depths) - 1``); one group per stage and conv
     position, since the layer index of a group is read after ``layers_pattern``.
     """
+    if preset in RECAST_LADDER:
+        return {}
     model_type = model_config.get("model_type")
     if preset == "conv":
         depths = model_config.get("depths")

@@ -122,3 +122,18 @@ def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
         for name in (f"recast-{size}" if size != 24 else "recast", f"fourierft-{size}"):
             model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
             assert model.get_nb_trainable_parameters()[0] == size, name
+
+
+def test_ladder_presets_are_the_benchmarked_rungs():
+    import peft
+
+    from peft_recast import RecastConfig
+    from peft_recast.cli import load_encoder
+    from peft_recast.config import RECAST_LADDER
+
+    for name, fields in RECAST_LADDER.items():
+        size = int(name.split("-")[1])
+        method = bench.METHODS["recast" if size == 24 else f"recast-{size}"]
+        assert {k: v for k, v in method.config().to_dict().items() if k in fields} == fields
+        model = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset(name))
+        assert model.get_nb_trainable_parameters()[0] == size, name
