@@ -26,6 +26,9 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = None) -
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     descriptor, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp creates the file 0600; give it the mode open() would
     try:
         with os.fdopen(descriptor, mode, encoding=encoding if "b" not in mode else None) as handle:
             yield handle

@@ -102,3 +102,11 @@ def test_refuses_read_modes(tmp_path):
         with atomic_write(tmp_path / "x", "r"):
             pass
     assert os.listdir(tmp_path) == []
+
+
+def test_atomic_write_gives_the_file_the_mode_open_would(tmp_path):
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    with atomic_write(tmp_path / "atomic.txt") as handle:
+        handle.write("x")
+    assert (tmp_path / "atomic.txt").stat().st_mode == plain.stat().st_mode
