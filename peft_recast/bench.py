@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .cli import TaskData, load_task_data, mean_pool
 from .config import RECAST_LADDER
 from .files import atomic_write
 
@@ -195,12 +196,6 @@ class Results:
 # model pieces
 
 
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states where ``attention_mask`` is 1: ``(batch, tokens, hidden) -> (batch, hidden)``."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-
-
 def sentence_logits(encoder: nn.Module, head: nn.Module, batch: dict, **kwargs) -> torch.Tensor:
     hidden = encoder(**batch, **kwargs).last_hidden_state
     return head(mean_pool(hidden, batch["attention_mask"]))
@@ -217,37 +212,6 @@ def new_head(hidden: int, num_classes: int, seed: int, device: torch.device) -> 
 
 def trainable_numbers(encoder: nn.Module) -> int:
     return sum(p.numel() for p in encoder.parameters() if p.requires_grad)
-
-
-@dataclass
-class TaskData:
-    name: str
-    classes: list[str]
-    train: object  # Batches
-    validation: object
-    test: object
-    train_labels: torch.Tensor
-    validation_labels: torch.Tensor
-    test_labels: torch.Tensor
-
-
-def load_task_data(task: str, settings: BenchSettings, tokenizer, device: torch.device) -> TaskData:
-    from .cli import Batches, _limit
-    from .data import TASKS, load_task
-
-    data = load_task(task, max_train=settings.max_train)
-    splits = {name: data[name] if name == "train" else _limit(data[name], settings.max_eval) for name in data}
-    length = TASKS[task].max_length
-    return TaskData(
-        name=task,
-        classes=data["train"].features["label"].names,
-        train=Batches(tokenizer, splits["train"]["text"], length, device),
-        validation=Batches(tokenizer, splits["validation"]["text"], length, device),
-        test=Batches(tokenizer, splits["test"]["text"], length, device),
-        train_labels=torch.tensor(list(splits["train"]["label"]), device=device),
-        validation_labels=torch.tensor(list(splits["validation"]["label"])),
-        test_labels=torch.tensor(list(splits["test"]["label"])),
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -416,7 +380,8 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
     from .cli import load_tokenizer
 
     tokenizer = load_tokenizer()
-    datasets = {task: load_task_data(task, settings, tokenizer, device) for task in settings.tasks}
+    datasets = {task: load_task_data(task, tokenizer, device, settings.max_train, settings.max_eval)
+                for task in settings.tasks}
     protocol = settings.protocol()
     forgetting = {}
     plan = []

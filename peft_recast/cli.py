@@ -82,6 +82,12 @@ def load_encoder(device: torch.device) -> nn.Module:
     return encoder.to(device)
 
 
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Average of the token states where ``attention_mask`` is 1: ``(batch, tokens, hidden) -> (batch, hidden)``."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+
+
 class SentenceClassifier(nn.Module):
     """A sentence encoder, mean pooling over the tokens, and a linear ``classifier``.
 
@@ -103,8 +109,7 @@ class SentenceClassifier(nn.Module):
         hidden = self.encoder(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return mean_pool(hidden, attention_mask)
 
     def forward(
         self,
@@ -363,6 +368,47 @@ def _limit(dataset, count: Optional[int]):
     return dataset if count is None or count >= len(dataset) else dataset.select(range(count))
 
 
+@dataclass
+class TaskData:
+    """A task's splits as :class:`Batches` with their label tensors (training labels on ``device``)."""
+
+    name: str
+    classes: list[str]
+    train: Batches
+    validation: Batches
+    test: Batches
+    train_labels: torch.Tensor
+    validation_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_task_data(
+    task: str,
+    tokenizer,
+    device: torch.device,
+    max_train: Optional[int] = None,
+    max_eval: Optional[int] = None,
+    max_length: Optional[int] = None,
+) -> TaskData:
+    """Load ``task`` (:func:`peft_recast.data.load_task`): the first ``max_train`` training and ``max_eval``
+    validation / test examples, cut to ``max_length`` tokens (default: the task's own)."""
+    from .data import TASKS, load_task
+
+    data = load_task(task, max_train=max_train)
+    splits = {name: data[name] if name == "train" else _limit(data[name], max_eval) for name in data}
+    length = max_length or TASKS[task].max_length
+    return TaskData(
+        name=task,
+        classes=data["train"].features["label"].names,
+        train=Batches(tokenizer, splits["train"]["text"], length, device),
+        validation=Batches(tokenizer, splits["validation"]["text"], length, device),
+        test=Batches(tokenizer, splits["test"]["text"], length, device),
+        train_labels=torch.tensor(list(splits["train"]["label"]), device=device),
+        validation_labels=torch.tensor(list(splits["validation"]["label"])),
+        test_labels=torch.tensor(list(splits["test"]["label"])),
+    )
+
+
 def _settings(args: argparse.Namespace, task: str, lr: Optional[float] = None) -> Settings:
     from .data import TASKS
 
@@ -392,7 +438,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     from peft import PeftModel
 
     from . import recast_summary
-    from .data import load_task
 
     device = resolve_device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
@@ -401,15 +446,12 @@ def run_demo(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     for task in args.task:
         settings = _settings(args, task)
-        data = load_task(task, max_train=args.max_train)
-        train, test = data["train"], _limit(data["test"], args.max_eval)
-        num_classes = train.features["label"].num_classes
-        train_labels = torch.tensor(list(train["label"]), device=device)
-        test_labels = torch.tensor(list(test["label"]))
-        train_batches = Batches(tokenizer, train["text"], settings.max_length, device)
-        test_batches = Batches(tokenizer, test["text"], settings.max_length, device)
+        data = load_task_data(task, tokenizer, device, args.max_train, args.max_eval, settings.max_length)
+        num_classes = len(data.classes)
+        train_labels, test_labels = data.train_labels, data.test_labels
+        train_batches, test_batches = data.train, data.test
         print(
-            f"\n== {task}: {len(train)} train / {len(test)} test examples, {num_classes} classes, "
+            f"\n== {task}: {len(train_batches)} train / {len(test_batches)} test examples, {num_classes} classes, "
             f"{settings.epochs} epochs, max {settings.max_length} tokens, device {device}",
             flush=True,
         )
@@ -445,7 +487,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         adapter_dir = os.path.join(args.output_dir, task)
         model.save_pretrained(adapter_dir, save_embedding_layers=False)  # no Hub look-up
         with atomic_write(os.path.join(adapter_dir, "task.json")) as handle:
-            json.dump(dict(task=task, classes=train.features["label"].names, max_length=settings.max_length,
+            json.dump(dict(task=task, classes=data.classes, max_length=settings.max_length,
                            base_model=BASE_MODEL_ID, pooling="mean"), handle, indent=2)
         summary = recast_summary(model)
         summaries[task] = str(summary)
@@ -481,20 +523,15 @@ def run_demo(args: argparse.Namespace) -> dict:
 
 def run_sweep(args: argparse.Namespace) -> dict:
     """Validation accuracy of the linear probe and of RECAST at each coefficient learning rate."""
-    from .data import load_task
-
     device = resolve_device(args.device)
     tokenizer = load_tokenizer()
     results = {}
     for task in args.task:
         settings = _settings(args, task)
-        data = load_task(task, max_train=args.max_train)
-        train, validation = data["train"], _limit(data["validation"], args.max_eval)
-        num_classes = train.features["label"].num_classes
-        train_labels = torch.tensor(list(train["label"]), device=device)
-        val_labels = torch.tensor(list(validation["label"]))
-        train_batches = Batches(tokenizer, train["text"], settings.max_length, device)
-        val_batches = Batches(tokenizer, validation["text"], settings.max_length, device)
+        data = load_task_data(task, tokenizer, device, args.max_train, args.max_eval, settings.max_length)
+        num_classes = len(data.classes)
+        train_labels, val_labels = data.train_labels, data.validation_labels
+        train_batches, val_batches = data.train, data.validation
         classifier = new_classifier(num_classes, device, settings.seed)
         train_features = embed_texts(classifier, train_batches, settings.batch_size, f"{task}: embed train")
         val_features = embed_texts(classifier, val_batches, settings.batch_size, f"{task}: embed validation")
