@@ -19,7 +19,7 @@ from peft import PeftModel, convert_to_lora, get_peft_model, set_peft_model_stat
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft_recast import RecastConfig
-from peft_recast.cli import Batches, load_encoder, load_tokenizer, new_classifier, predict_logits
+from peft_recast.sentence_classifier import Batches, load_encoder, load_tokenizer, new_classifier, predict_logits
 from peft_recast.layer import RecastLayer
 
 RANKS = (1, 4, 16, 64, 192, 384)

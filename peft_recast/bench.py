@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .cli import TaskData, load_task_data, mean_pool
 from .config import RECAST_LADDER
 from .files import atomic_write
+from .sentence_classifier import TaskData, load_task_data, mean_pool
 
 RESULTS_FILE = "results.json"
 TABLE_FILE = "table.md"
@@ -225,7 +225,7 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     AdamW without weight decay, one-cycle schedule, gradients clipped to norm 1 per group; the encoder stays in eval
     mode (no dropout) so that every method sees the features the linear probe sees. Returns the seconds per step.
     """
-    from .cli import Settings, _step, _tick, batch_order, make_optimizer
+    from .sentence_classifier import Settings, batch_order, make_optimizer, optimizer_step, tick
 
     adapter = [p for p in encoder.parameters() if p.requires_grad]
     head_params = list(head.parameters())
@@ -238,10 +238,10 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     started = time.perf_counter()
     progress = tqdm(order, desc=desc, unit="step", leave=False)
     for indices in progress:
-        _tick()
+        tick()
         logits = sentence_logits(encoder, head, data.train(indices))
         loss = nn.functional.cross_entropy(logits, data.train_labels[torch.tensor(indices, device=logits.device)])
-        _step(loss, optimizer, scheduler, [params for params, _ in groups], run_settings.clip)
+        optimizer_step(loss, optimizer, scheduler, [params for params, _ in groups], run_settings.clip)
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     return (time.perf_counter() - started) / max(len(order), 1)
 
@@ -249,11 +249,11 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
 @torch.no_grad()
 def predictions(encoder: nn.Module, head: nn.Module, batches, batch_size: int, desc: str) -> torch.Tensor:
     """Arg-max class of every text, in the original order (CPU tensor)."""
-    from .cli import _by_batch
+    from .sentence_classifier import by_batch
 
     encoder.eval()
     head.eval()
-    return _by_batch(lambda batch: sentence_logits(encoder, head, batch), batches, batch_size, desc).argmax(-1).cpu()
+    return by_batch(lambda batch: sentence_logits(encoder, head, batch), batches, batch_size, desc).argmax(-1).cpu()
 
 
 def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
@@ -263,7 +263,7 @@ def _accuracy(predicted: torch.Tensor, labels: torch.Tensor) -> float:
 def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, settings: BenchSettings,
                cache: dict) -> float:
     """The head alone on cached embeddings (same batches, optimiser and schedule as every other method)."""
-    from .cli import Settings, embed_texts, train_probe
+    from .sentence_classifier import Settings, embed_texts, train_probe
 
     class Embedder(nn.Module):
         def __init__(self) -> None:
@@ -294,7 +294,7 @@ class MethodModel:
         self.heads: dict[str, nn.Module] = {}
 
     def _base(self) -> nn.Module:
-        from .cli import load_encoder
+        from .sentence_classifier import load_encoder
 
         return load_encoder(self.device)
 
@@ -377,7 +377,7 @@ def _prediction_digest(predicted: torch.Tensor) -> str:
 
 def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -> dict:
     """The accuracy part: every method, task after task; returns the forgetting check per (method, seed)."""
-    from .cli import load_tokenizer
+    from .sentence_classifier import load_tokenizer
 
     tokenizer = load_tokenizer()
     datasets = {task: load_task_data(task, tokenizer, device, settings.max_train, settings.max_eval)
@@ -404,8 +404,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 if key in results.runs and os.path.isdir(run_dir):
                     continue
                 encoder = model.new_adapter(key)
-                head = new_head(encoder.config.hidden_size if hasattr(encoder, "config") else 384, len(data.classes),
-                                seed, device)
+                head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
                 if method.kind == "probe":
                     seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = None
@@ -463,13 +462,16 @@ def _check_forgetting(model: MethodModel, method: Method, seed: int, chosen: dic
     """After the last task: every task's adapter (at its chosen rate) on the one model that learned them all, and
     again loaded from its saved files onto a fresh base model; both must give the predictions taken right after the
     task was trained."""
+    from .sentence_classifier import load_encoder_config
+
     fresh = MethodModel(method, device)
+    hidden = load_encoder_config().hidden_size
     report = {}
     for task, lr in chosen.items():
         key = run_key(method.name, task, lr, seed, protocol)
         record, data = results.runs[key], datasets[task]
         run_dir = os.path.join(settings.output_dir, "runs", key)
-        head = _load_head(run_dir, 384, len(data.classes), device)
+        head = _load_head(run_dir, hidden, len(data.classes), device)
         if method.kind == "peft" and model.encoder is not None and key in model.encoder.peft_config:
             shared = model.activate(key)
         else:  # trained in an earlier (resumed) process, or full fine-tuning: load it next to the others
@@ -562,7 +564,7 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     All methods are built first and timed in rotating order, ``cost_repeats`` rounds, so that every ratio compares
     steps taken under the same machine load; each figure is the median over rounds.
     """
-    from .cli import load_encoder, load_tokenizer
+    from .sentence_classifier import load_encoder, load_tokenizer
 
     batch = cost_batch(load_tokenizer(), settings, device)
     labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
@@ -573,11 +575,11 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     for name in tqdm(names, desc="costs: build", leave=False):
         model = MethodModel(METHODS[name], device)
         models[name] = model.new_adapter("cost")
-        heads[name] = new_head(384, 2, 0, device)
+        heads[name] = new_head(models[name].config.hidden_size, 2, 0, device)
         params = [p for p in models[name].parameters() if p.requires_grad] + list(heads[name].parameters())
         optimizers[name] = torch.optim.AdamW(params, lr=1e-9)
     base = load_encoder(device)
-    base_head = new_head(384, 2, 0, device)
+    base_head = new_head(base.config.hidden_size, 2, 0, device)
 
     memory = {name: training_memory(models[name], heads[name], batch, optimizers[name]) for name in names}
     steps: dict[str, list[float]] = {name: [] for name in names}
@@ -631,7 +633,7 @@ def measure_mixed_batches(settings: BenchSettings, device: torch.device, batch: 
             encoder = model.new_adapter(f"task{i}")
         encoder.eval()  # PEFT refuses adapter_names in training mode
         adapter_names = [f"task{i % count}" for i in range(len(batch["input_ids"]))]
-        head = new_head(384, 2, 0, device)
+        head = new_head(encoder.config.hidden_size, 2, 0, device)
         try:
             with torch.no_grad():
                 sentence_logits(encoder, head, batch, adapter_names=adapter_names)
@@ -767,7 +769,7 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
 
 def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
     """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``."""
-    from .cli import resolve_device
+    from .sentence_classifier import resolve_device
 
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown:

@@ -283,7 +283,7 @@ def _settings_from_args(args: Any):
 def _load_model(args: Any) -> tuple[nn.Module, str]:
     from transformers import AutoModel
 
-    from .cli import minilm_path
+    from .sentence_classifier import minilm_path
 
     path = args.model or minilm_path()
     return AutoModel.from_pretrained(path).eval(), path

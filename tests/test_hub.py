@@ -138,3 +138,49 @@ def test_model_card_refuses_other_methods():
     model = get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"]))
     with pytest.raises(TypeError, match="not a RecastConfig"):
         hub.recast_model_card(model)
+
+
+def test_later_plain_push_keeps_the_recast_card(local_hub):
+    """After ``hub.push_to_hub`` put a RECAST card on the repository, an update pushed with plain
+    ``model.push_to_hub`` (more training, same repo) keeps that card and replaces the coefficients."""
+    model = _trained_classifier()
+    hub.push_to_hub(model, ADAPTER_ID)
+    with torch.no_grad():
+        model.base_model.model.bert.encoder.layer[0].attention.self.query.recast_coefficients["default"].add_(0.25)
+    expected = model(input_ids=_ids()).logits
+    model.push_to_hub(ADAPTER_ID)
+
+    repo = local_hub.repo_dir(ADAPTER_ID)
+    latest = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    card = (latest / "README.md").read_text()
+    assert "# RECAST adapter for someone/tiny-bert-classifier" in card and "**16 RECAST coefficients**" in card
+    loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE_ID), ADAPTER_ID)
+    torch.testing.assert_close(loaded.eval()(input_ids=_ids()).logits, expected)
+
+
+def test_plain_first_push_gets_the_generic_card_for_lora_too(local_hub):
+    """Why ``hub.push_to_hub`` exists: on a new repository, plain ``PeftModel.push_to_hub`` writes transformers'
+    generic card (``library_name: transformers``) for every PEFT method, LoRA included, not the card PEFT's
+    ``save_pretrained`` writes. If this starts failing, upstream changed and README's Hub section must follow."""
+    from peft import LoraConfig
+
+    tiny_bert().push_to_hub("someone/tiny-bert")
+    from transformers import AutoModel
+
+    for name, config in (("lora", LoraConfig(target_modules=["query"])), ("recast", RecastConfig())):
+        model = get_peft_model(AutoModel.from_pretrained("someone/tiny-bert"), config)
+        model.push_to_hub(f"someone/tiny-bert-{name}")
+        repo = local_hub.repo_dir(f"someone/tiny-bert-{name}")
+        card = (repo / "snapshots" / (repo / "refs" / "main").read_text() / "README.md").read_text()
+        assert "library_name: transformers" in card and "RECAST" not in card
+
+
+def test_model_card_saved_to_a_folder(tmp_path):
+    """``recast_model_card(model).save(...)`` for a folder uploaded by hand: valid card metadata, same text."""
+    from huggingface_hub import ModelCard
+
+    model = get_peft_model(tiny_bert(), RecastConfig())
+    hub.recast_model_card(model).save(tmp_path / "README.md")
+    card = ModelCard.load(tmp_path / "README.md")
+    assert card.data.library_name == "peft" and "recast" in card.data.tags
+    assert "**16 RECAST coefficients** in 4 template groups" in card.text
