@@ -685,16 +685,18 @@ def _ratio(value: Optional[float]) -> str:
 
 def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
     """Markdown: accuracy per task (mean +- spread over seeds) and mean, numbers, bytes, and the cost ratios."""
-    header = ["method", "trainable numbers", "adapter bytes", *tasks, "mean", "step time vs LoRA r=8",
+    header = ["method", "trainable numbers", "adapter bytes", *tasks, "mean", "seeds", "step time vs LoRA r=8",
               "train memory vs LoRA r=8", "latency unmerged / merged vs base", "mixed-batch throughput"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cost = costs.get(row["method"], {})
-        accuracies = [f"{row['tasks'][t]['mean']:.1f} ± {row['tasks'][t]['spread']:.1f}" for t in tasks]
+        accuracies = [f"{row['tasks'][t]['mean']:.1f}" + (f" ± {row['tasks'][t]['spread']:.1f}"
+                                                          if row["tasks"][t]["seeds"] > 1 else "") for t in tasks]
         latency = (f"{_ratio(cost.get('unmerged_latency_ratio'))} / {_ratio(cost.get('merged_latency_ratio'))}"
                    if cost else "")
         lines.append("| " + " | ".join([
             row["label"], f"{row['trainable']:,}", f"{row['adapter_bytes']:,}", *accuracies, f"{row['mean']:.1f}",
+            str(min(v["seeds"] for v in row["tasks"].values())),
             _ratio(cost.get("step_ratio")) if cost else "", _ratio(cost.get("memory_ratio")) if cost else "",
             latency, _ratio(cost.get("mixed_batch_throughput_ratio")) if cost else "",
         ]) + " |")
@@ -767,8 +769,11 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     plt.close(figure)
 
 
-def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
-    """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``."""
+def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -> dict:
+    """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``.
+
+    ``train=False`` only reports: the table and plots from the runs already in ``results.json`` (for instance runs
+    merged from several machines), skipping methods that lack a task."""
     from .sentence_classifier import resolve_device
 
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -778,10 +783,10 @@ def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
     os.makedirs(settings.output_dir, exist_ok=True)
     results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
     started = time.perf_counter()
-    forgetting = run_tasks(settings, results, device)
-    if costs:
-        results.costs = measure_costs(settings, device)
-    results.forgetting = forgetting
+    forgetting = run_tasks(settings, results, device) if train else {}
+    if costs and train:
+        results.costs.update(measure_costs(settings, device))
+    results.forgetting.update(forgetting)  # other methods' entries (earlier runs of a subset) stay
     results.save()
     rows = summarise(settings, results)
     table = format_table(rows, results.costs, settings.tasks)
@@ -796,12 +801,16 @@ def run_bench(settings: BenchSettings, costs: bool = True) -> dict:
         print(f"{'method':<16}" + "".join(f"{lr:>9g}" for lr in rates))
         for name, points in curves.items():
             print(f"{name:<16}" + "".join(f"{points[lr]:>9.1f}" if lr in points else f"{'':>9}" for lr in rates))
-    changed = [f"{key}:{task}" for key, report in forgetting.items() for task, r in report.items()
-               if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
-    print(f"\nTest accuracy (%), mean ± spread over {len(settings.seeds)} seed(s); learning rates chosen on validation"
+    def changed_in(chains: dict) -> list[str]:
+        return [f"{key}:{task}" for key, report in chains.items() for task, r in report.items()
+                if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
+
+    changed, changed_ever = changed_in(forgetting), changed_in(results.forgetting)
+    print(f"\nTest accuracy (%), mean ± spread over the seeds run; learning rates chosen on validation"
           f"{'' if settings.sweep else ' (no sweep: each method at its default rate)'}:\n{table}")
-    print(f"\nForgetting: {len(forgetting)} method x seed chains, every earlier task re-tested after the last one "
-          f"and after reloading from disk: {'no prediction changed' if not changed else 'CHANGED: ' + ', '.join(changed)}")
+    print(f"\nForgetting: {len(results.forgetting)} method x seed chains, every earlier task re-tested after the last "
+          f"one and after reloading from disk: "
+          f"{'no prediction changed' if not changed_ever else 'CHANGED: ' + ', '.join(changed_ever)}")
     print(f"Results in {settings.output_dir}/ ({RESULTS_FILE}, {TABLE_FILE}, {PLOT_FILE}); "
           f"{time.perf_counter() - started:.0f} s")
     return dict(rows=rows, costs=results.costs, forgetting=forgetting, changed=changed)
@@ -829,6 +838,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval", type=int, default=None, help="validation and test examples per task (default: all)")
     parser.add_argument("--epochs", type=int, default=4, help="(default: 4)")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timing rounds of the cost measurements (default: 5)")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: write the table and plots from the runs already in the output dir")
     parser.add_argument("--output-dir", default=None, help="results, adapters, table and plot (default: runs/bench, "
                         "runs/bench-quick with --quick); a rerun resumes from what is there")
 
@@ -857,5 +868,5 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(args: argparse.Namespace) -> int:
     """``peft-recast bench``; exit status 1 if any task's predictions changed after later tasks or a reload."""
-    report = run_bench(settings_from_args(args), costs=not args.no_costs)
+    report = run_bench(settings_from_args(args), costs=not args.no_costs, train=not args.report)
     return 1 if report["changed"] else 0

@@ -112,6 +112,20 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
     assert bench.main(_args(**{**vars(args), "no_costs": True})) == 0
     assert (tmp_path / bench.TABLE_FILE).read_text() == table  # costs are kept from the first run
 
+    # a later run of a subset keeps the other methods' forgetting checks and costs
+    assert bench.main(_args(**{**vars(args), "method": ["probe"], "no_costs": True})) == 0
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        after_subset = json.load(handle)
+    assert after_subset["forgetting"].keys() == saved["forgetting"].keys()
+    assert after_subset["costs"] == saved["costs"]
+
+    # --report trains and re-tests nothing (merged results from elsewhere), and writes the same table
+    monkeypatch.setattr(bench, "_check_forgetting", no_training)
+    (tmp_path / bench.TABLE_FILE).unlink()
+    assert bench.main(_args(**{**vars(args), "report": True})) == 0
+    assert (tmp_path / bench.TABLE_FILE).read_text() == table
+    assert "Forgetting: 3 method x seed chains" in capsys.readouterr().out
+
 
 def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
     import peft
