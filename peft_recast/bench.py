@@ -158,6 +158,13 @@ class BenchSettings:
                     max_eval=self.max_eval)
 
 
+def _canonical(value: object) -> object:
+    """JSON form of what ``json`` cannot write: sets sorted (their order changes with ``PYTHONHASHSEED``), else str."""
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
+    return str(value)
+
+
 def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str:
     """A run's identity, also its adapter name and folder: ``recast_trec6_lr0_01_seed0_<digest>``.
 
@@ -165,7 +172,7 @@ def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str
     """
     config = METHODS[method].config()
     described = config.to_dict() if config is not None else None
-    digest = hashlib.sha1(json.dumps([protocol, described], sort_keys=True, default=str).encode()).hexdigest()[:8]
+    digest = hashlib.sha1(json.dumps([protocol, described], sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{method}_{task}_lr{lr:g}_seed{seed}_{digest}")
 
 

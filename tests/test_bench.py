@@ -3,6 +3,8 @@
 import argparse
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -151,3 +153,13 @@ def test_ladder_presets_are_the_benchmarked_rungs():
         assert {k: v for k, v in method.config().to_dict().items() if k in fields} == fields
         model = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset(name))
         assert model.get_nb_trainable_parameters()[0] == size, name
+
+
+def test_run_key_is_the_same_in_every_process():
+    """PEFT stores ``target_modules`` as a set, whose order changes with ``PYTHONHASHSEED``; a resumed benchmark in a
+    new process must still find its runs."""
+    code = ("from peft_recast import bench; p = bench.BenchSettings().protocol(); "
+            "print(*[bench.run_key(m, 'trec6', 1e-3, 0, p) for m in ('lora-r8', 'vblora', 'fourierft-144', 'recast')])")
+    keys = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
+                           capture_output=True, text=True, check=True).stdout for seed in range(6)}
+    assert len(keys) == 1
