@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from typing import Any
@@ -63,7 +64,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     matchers = {name: _group_matcher(name) for name in groups}
     coefficients, others = 0, {}
     for key, shape in sorted(shapes.items()):
-        numel = _numel(shape)
+        numel = math.prod(shape)
         if not key.endswith(".recast_coefficients"):
             others[key] = shape
             continue
@@ -99,7 +100,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_adapter`'s result."""
-    other = sum(_numel(shape) for shape in info["other_parameters"].values())
+    other = sum(math.prod(shape) for shape in info["other_parameters"].values())
     lines = [
         f"RECAST adapter in {info['path']}",
         f"base model: {info['base_model']}   task type: {info['task_type']}   saved with PEFT {info['peft_version']}",
@@ -118,10 +119,3 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["task"]:
         lines.append(f"task.json: {json.dumps(info['task'])}")
     return "\n".join(lines)
-
-
-def _numel(shape: list[int]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total

@@ -370,11 +370,14 @@ def _save_run(encoder: nn.Module, head: nn.Module, method: Method, path: str) ->
     return _adapter_bytes(path) if method.kind != "probe" else 0
 
 
-def _load_head(path: str, hidden: int, num_classes: int, device: torch.device) -> nn.Linear:
+def _load_head(path: str, device: torch.device) -> nn.Linear:
+    """The head saved by :func:`_save_run`, its size read from the file."""
     from safetensors.torch import load_file
 
+    state = load_file(os.path.join(path, "head.safetensors"), device=str(device))
+    num_classes, hidden = state["weight"].shape
     head = nn.Linear(hidden, num_classes).to(device)
-    head.load_state_dict(load_file(os.path.join(path, "head.safetensors"), device=str(device)))
+    head.load_state_dict(state)
     return head
 
 
@@ -469,16 +472,13 @@ def _check_forgetting(model: MethodModel, method: Method, seed: int, chosen: dic
     """After the last task: every task's adapter (at its chosen rate) on the one model that learned them all, and
     again loaded from its saved files onto a fresh base model; both must give the predictions taken right after the
     task was trained."""
-    from .sentence_classifier import load_encoder_config
-
     fresh = MethodModel(method, device)
-    hidden = load_encoder_config().hidden_size
     report = {}
     for task, lr in chosen.items():
         key = run_key(method.name, task, lr, seed, protocol)
         record, data = results.runs[key], datasets[task]
         run_dir = os.path.join(settings.output_dir, "runs", key)
-        head = _load_head(run_dir, hidden, len(data.classes), device)
+        head = _load_head(run_dir, device)
         if method.kind == "peft" and model.encoder is not None and key in model.encoder.peft_config:
             shared = model.activate(key)
         else:  # trained in an earlier (resumed) process, or full fine-tuning: load it next to the others
@@ -710,14 +710,28 @@ def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def plot_accuracy(rows: list[dict], path: str, ylabel: str = "mean test accuracy over tasks (%)") -> None:
-    """Mean accuracy against trainable numbers (log scale), one point per method (head not counted)."""
+def _new_figure():
+    """A figure and its axes for a PNG written by :func:`_save_figure` (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save_figure(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
+def plot_accuracy(rows: list[dict], path: str) -> None:
+    """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
+    figure, axis = _new_figure()
     for row in rows:
         x = max(row["trainable"], 1)
         spread = statistics.mean(v["spread"] for v in row["tasks"].values())
@@ -727,13 +741,10 @@ def plot_accuracy(rows: list[dict], path: str, ylabel: str = "mean test accuracy
         axis.annotate(row["method"], (x, row["mean"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
     axis.set_xscale("log")
     axis.set_xlabel("trainable numbers per task (head excluded; probe plotted at 1)")
-    axis.set_ylabel(ylabel)
+    axis.set_ylabel("mean test accuracy over tasks (%)")
     axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
     axis.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str, dict[float, float]]:
@@ -754,12 +765,7 @@ def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str,
 
 def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> None:
     """Validation accuracy against the adapter's peak AdamW learning rate (log scale), one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = _new_figure()
     for name, points in curves.items():
         rates = sorted(points)
         axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name,
@@ -770,10 +776,13 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     axis.set_title("Learning-rate sensitivity, all-MiniLM-L6-v2 (seed 0)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    with atomic_write(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=120)
-    plt.close(figure)
+    _save_figure(figure, path)
+
+
+def _changed_predictions(chains: dict) -> list[str]:
+    """``"<method>/seed<s>:<task>"`` for every task whose predictions changed after later tasks or a reload."""
+    return [f"{key}:{task}" for key, report in chains.items() for task, r in report.items()
+            if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
 
 
 def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -> dict:
@@ -808,11 +817,7 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -
         print(f"{'method':<16}" + "".join(f"{lr:>9g}" for lr in rates))
         for name, points in curves.items():
             print(f"{name:<16}" + "".join(f"{points[lr]:>9.1f}" if lr in points else f"{'':>9}" for lr in rates))
-    def changed_in(chains: dict) -> list[str]:
-        return [f"{key}:{task}" for key, report in chains.items() for task, r in report.items()
-                if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
-
-    changed, changed_ever = changed_in(forgetting), changed_in(results.forgetting)
+    changed, changed_ever = _changed_predictions(forgetting), _changed_predictions(results.forgetting)
     print(f"\nTest accuracy (%), mean ± spread over the seeds run; learning rates chosen on validation"
           f"{'' if settings.sweep else ' (no sweep: each method at its default rate)'}:\n{table}")
     print(f"\nForgetting: {len(results.forgetting)} method x seed chains, every earlier task re-tested after the last "

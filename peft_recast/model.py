@@ -239,12 +239,13 @@ def _flat_cat(weights: list[torch.Tensor]) -> torch.Tensor:
 
 
 def fuse_groups(
-    groups: list[tuple[str, list[RecastLayer]]], keys: dict[int, str], config: RecastConfig
+    groups: list[tuple[str, list[RecastLayer]]], layers: dict[str, RecastLayer], config: RecastConfig
 ) -> list[tuple[str, list[list[tuple[str, RecastLayer]]]]]:
     """Turn groups into groups of *units*: a unit is one module, or (``config.fused_modules``) the modules of one
     layer that act as one weight, e.g. ``query``/``key``/``value`` as the paper's ``qkv``; the groups of the fused
-    roles (same layers) merge into one named ``...query+key+value``. ``keys`` maps ``id(layer)`` to its module key.
+    roles (same layers) merge into one named ``...query+key+value``. ``layers``: the groups' modules by key.
     """
+    keys = {id(layer): key for key, layer in layers.items()}
     fused = list(config.fused_modules or [])
     units: dict[str, dict[str, list[RecastLayer]]] = {}
     for name, members in groups:
@@ -345,7 +346,7 @@ class RecastModel(BaseTuner):
         _warn_if_templates_exceed_groups(adapter_name, config, groups)
         numel = sum(layer.get_base_layer().weight.numel() for layer in layers.values())
         try:
-            units_per_group = fuse_groups(groups, {id(layer): key for key, layer in layers.items()}, config)
+            units_per_group = fuse_groups(groups, layers, config)
             bank = load_template_bank(config.template_bank) if config.template_bank is not None else None
         except ValueError:
             self._remove_adapter_layers(model, adapter_name, layers)
@@ -443,13 +444,8 @@ class RecastModel(BaseTuner):
         self, model: nn.Module, adapter_name: str
     ) -> list[tuple[str, list[list[tuple[str, RecastLayer]]]]]:
         """The template groups of ``adapter_name``: per group its units (one ``(key, layer)`` per fused role)."""
-        layers = {
-            key: module
-            for key, module in model.named_modules()
-            if isinstance(module, RecastLayer) and adapter_name in module.recast_coefficients
-        }
-        groups = plan_groups(layers, self.peft_config[adapter_name])
-        return fuse_groups(groups, {id(layer): key for key, layer in layers.items()}, self.peft_config[adapter_name])
+        layers, config = adapter_layers(model, adapter_name), self.peft_config[adapter_name]
+        return fuse_groups(plan_groups(layers, config), layers, config)
 
     @staticmethod
     def _check_target_module_exists(peft_config: RecastConfig, key: str) -> Union[bool, re.Match, None]:

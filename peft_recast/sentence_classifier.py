@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 if TYPE_CHECKING:
     from datasets import Dataset
     from peft import PeftModel
-    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
 BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 # Peak learning rate of the coefficients (default coefficient_scale s = 10, n = 2 templates), chosen with
@@ -55,13 +55,6 @@ def load_tokenizer() -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(minilm_path())
-
-
-def load_encoder_config() -> PretrainedConfig:
-    """The encoder's ``transformers`` config (``hidden_size`` etc.), without loading its weights."""
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(minilm_path())
 
 
 def load_encoder(device: torch.device) -> nn.Module:
@@ -121,11 +114,13 @@ class SentenceClassifier(nn.Module):
         return self.classifier(self.embed(input_ids, attention_mask, token_type_ids))
 
 
-def new_classifier(num_classes: int, device: torch.device, seed: int) -> SentenceClassifier:
+def new_classifier(
+    num_classes: int, device: torch.device, seed: int, classifier_class: type[SentenceClassifier] = SentenceClassifier
+) -> SentenceClassifier:
     """A fresh encoder with a classifier head initialised from ``seed`` (the same head for every method)."""
     encoder = load_encoder(device)
     torch.manual_seed(seed)
-    return SentenceClassifier(encoder, num_classes)
+    return classifier_class(encoder, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

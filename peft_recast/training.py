@@ -31,9 +31,11 @@ from .sentence_classifier import (
     Batches,
     SentenceClassifier,
     accuracy,
-    load_encoder,
+    first_examples,
     load_tokenizer,
+    new_classifier,
     predict_logits,
+    recast_model,
 )
 
 if TYPE_CHECKING:
@@ -66,14 +68,7 @@ class SentenceClassifierWithLoss(SentenceClassifier):
 
 def recast_classifier(num_classes: int, seed: int = 0, device: str = "cpu") -> PeftModel:
     """MiniLM + a head seeded with ``seed``, wrapped with the default RECAST adapter (the head is trained and saved)."""
-    import peft
-
-    from . import RecastConfig
-
-    encoder = load_encoder(torch.device(device))
-    torch.manual_seed(seed)
-    classifier = SentenceClassifierWithLoss(encoder, num_classes)
-    return peft.get_peft_model(classifier, RecastConfig(modules_to_save=["classifier"]))
+    return recast_model(new_classifier(num_classes, torch.device(device), seed, SentenceClassifierWithLoss))
 
 
 def tokenize_split(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
@@ -129,12 +124,11 @@ def train_task(
     classes = splits["train"].features["label"].names
     max_length = max_length or TASKS[task].max_length
     tokenizer = load_tokenizer()
-    data = {}
-    for split in ("train", "validation", "test"):
-        dataset = splits[split]
-        if split != "train" and max_eval is not None and max_eval < len(dataset):
-            dataset = dataset.select(range(max_eval))
-        data[split] = tokenize_split(dataset, tokenizer, max_length)
+    data = {
+        split: tokenize_split(splits[split] if split == "train" else first_examples(splits[split], max_eval), tokenizer,
+                              max_length)
+        for split in ("train", "validation", "test")
+    }
     model = recast_classifier(len(classes), seed=seed)
     args = TrainingArguments(
         output_dir=output_dir,
@@ -207,7 +201,6 @@ def evaluate_adapter(
     from peft import PeftModel
 
     from .data import load_task
-    from .sentence_classifier import new_classifier
 
     task_file = os.path.join(adapter_dir, TASK_FILE)
     if not os.path.exists(task_file):
@@ -218,9 +211,7 @@ def evaluate_adapter(
     with open(task_file) as handle:
         info = json.load(handle)
     task = task or info["task"]
-    dataset = load_task(task)[split]
-    if max_eval is not None and max_eval < len(dataset):
-        dataset = dataset.select(range(max_eval))
+    dataset = first_examples(load_task(task)[split], max_eval)
     num_classes = len(info["classes"])
     if dataset.features["label"].num_classes != num_classes:
         raise ValueError(

@@ -126,23 +126,25 @@ def _targeted_weights(model: nn.Module) -> list[torch.Tensor]:
     return [m.get_base_layer().weight.detach().clone() for m in model.modules() if isinstance(m, RecastLayer)]
 
 
-@PROPERTY_SETTINGS
-@given(case=cases)
-def test_identity_at_init(case):
+def _model_and_reference(case) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """RECAST on a fresh stack, an input batch, and the bare stack's output for it (taken before injection)."""
     base = Stack(case)
     x = _inputs(case)
     reference = base(x)
-    model = _recast(base, case.config())
+    return _recast(base, case.config()), x, reference
+
+
+@PROPERTY_SETTINGS
+@given(case=cases)
+def test_identity_at_init(case):
+    model, x, reference = _model_and_reference(case)
     assert torch.equal(model(x), reference)
 
 
 @PROPERTY_SETTINGS
 @given(case=cases)
 def test_merge_unmerge_round_trip(case):
-    base = Stack(case)
-    x = _inputs(case)
-    reference = base(x)
-    model = _recast(base, case.config())
+    model, x, reference = _model_and_reference(case)
     before = _targeted_weights(model)
     _randomize(model, "default", case.seed)
     adapted = model(x)
