@@ -13,7 +13,9 @@ Protocol (the paper's task-incremental setting, on all-MiniLM-L6-v2 with mean po
   bare base model, and the throughput of a batch that mixes all tasks against a single-task batch.
 
 Every finished run is appended to ``results.json`` in the output directory (written atomically), and its adapter and
-head are saved next to it; a rerun skips what is there and reloads saved adapters, so long benchmarks resume.
+head are saved next to it; a rerun skips every recorded run and reloads saved adapters, so long benchmarks resume. Each
+method x seed chain's forgetting check is saved as soon as it is done. Records merged from another machine (without
+their adapter files) are not trained again; the forgetting check covers the runs whose files are here.
 """
 
 from __future__ import annotations
@@ -83,8 +85,9 @@ def _peft(class_name: str, **kwargs) -> Callable[[], object]:
 
 
 QV = ["query", "value"]
+QKVO = ["query", "key", "value", "attention.output.dense"]
 # Trainable numbers of the RECAST rungs on MiniLM-L6; FourierFT gets the same count (n_frequency per q/v module).
-LADDER_SIZES = (24, 72, 144, 216, 432, 648)
+LADDER_SIZES = (24, 48, 72, 144, 216, 288, 432, 648, 864)
 # The default RECAST and LoRA r=8 sweep the whole range PEFT users try, for the learning-rate plot.
 WIDE_RECAST_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
 WIDE_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
@@ -104,6 +107,19 @@ METHODS: dict[str, Method] = {
                1e-2, _recast(target_modules="all-linear", coefficient_blocks=6)),
         Method("recast-648", "RECAST ladder-648 (all linear; 6 layers/group, one bank per shape, 24 templates)",
                "peft", (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-648"])),
+        # candidates for the ladder (issue 9): attention heads as row blocks, larger banks, q,k,v,o
+        Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", (1e-2, 3e-2),
+               1e-2, _recast(num_templates=1, coefficient_blocks=2)),
+        Method("recast-48", "RECAST q,v; 2 layers/group, 2 templates, 2 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(coefficient_blocks=2)),
+        Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO)),
+        Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO, coefficient_blocks=6)),
+        Method("recast-432-qv", "RECAST q,v; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(layers_per_group=6, num_templates=6, coefficient_blocks=6)),
+        Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO, layers_per_group=6, num_templates=6, coefficient_blocks=6)),
         *[
             Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
                    _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
@@ -189,6 +205,20 @@ class Results:
             with open(path) as handle:
                 data = json.load(handle)
             self.runs, self.costs, self.forgetting = data.get("runs", {}), data.get("costs", {}), data.get("forgetting", {})
+
+    def merge(self, path: str) -> int:
+        """Add the runs, costs and forgetting checks of another ``results.json`` (e.g. a shard run on another machine
+        or process); its entries replace same-named ones here. Returns the number of runs read."""
+        with open(path) as handle:
+            data = json.load(handle)
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
+            raise ValueError(f"{path} is not a benchmark results file (no 'runs' object); pass a results.json written "
+                             "by `peft-recast bench`.")
+        self.runs.update(data["runs"])
+        self.costs.update(data.get("costs", {}))
+        self.forgetting.update(data.get("forgetting", {}))
+        self.save()
+        return len(data["runs"])
 
     def add(self, record: dict) -> None:
         self.runs[record["key"]] = record
@@ -410,9 +440,9 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
             lrs = _lrs_to_run(method, task, seed, settings, results, protocol)
             for lr in lrs:
                 key = run_key(method.name, task, lr, seed, protocol)
-                run_dir = os.path.join(settings.output_dir, "runs", key)
-                if key in results.runs and os.path.isdir(run_dir):
+                if key in results.runs:  # finished here, or merged from another machine's results.json
                     continue
+                run_dir = os.path.join(settings.output_dir, "runs", key)
                 encoder = model.new_adapter(key)
                 head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
                 if method.kind == "probe":
@@ -437,9 +467,11 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 if method.kind == "full":
                     del encoder
             chosen[task] = _best_lr(method, task, settings, results, protocol)
-        forgetting[(method.name, seed)] = _check_forgetting(model, method, seed, chosen, datasets, settings, results,
-                                                            protocol, device)
-    return {f"{m}/seed{s}": v for (m, s), v in forgetting.items()}
+        report = _check_forgetting(model, method, seed, chosen, datasets, settings, results, protocol, device)
+        if report:  # saved at once: a benchmark stopped later keeps the chains it finished
+            forgetting[f"{method.name}/seed{seed}"] = results.forgetting[f"{method.name}/seed{seed}"] = report
+            results.save()
+    return forgetting
 
 
 def _lrs_to_run(method: Method, task: str, seed: int, settings: BenchSettings, results: Results,
@@ -471,13 +503,15 @@ def _check_forgetting(model: MethodModel, method: Method, seed: int, chosen: dic
                       settings: BenchSettings, results: Results, protocol: dict, device: torch.device) -> dict:
     """After the last task: every task's adapter (at its chosen rate) on the one model that learned them all, and
     again loaded from its saved files onto a fresh base model; both must give the predictions taken right after the
-    task was trained."""
+    task was trained. Runs whose files are not here (merged from another machine's ``results.json``) are left out."""
     fresh = MethodModel(method, device)
     report = {}
     for task, lr in chosen.items():
         key = run_key(method.name, task, lr, seed, protocol)
         record, data = results.runs[key], datasets[task]
         run_dir = os.path.join(settings.output_dir, "runs", key)
+        if not os.path.isdir(run_dir):
+            continue
         head = _load_head(run_dir, device)
         if method.kind == "peft" and model.encoder is not None and key in model.encoder.peft_config:
             shared = model.activate(key)
@@ -765,10 +799,12 @@ def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str,
 
 def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> None:
     """Validation accuracy against the adapter's peak AdamW learning rate (log scale), one line per method."""
+    import matplotlib.pyplot as plt
+
     figure, axis = _new_figure()
-    for name, points in curves.items():
+    for index, (name, points) in enumerate(curves.items()):
         rates = sorted(points)
-        axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name,
+        axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name, color=plt.cm.tab20(index % 20),
                   linestyle="-" if name.startswith("recast") else "--")
     axis.set_xscale("log")
     axis.set_xlabel("peak AdamW learning rate of the adapter (head: fixed)")
@@ -799,11 +835,10 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -
     os.makedirs(settings.output_dir, exist_ok=True)
     results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
     started = time.perf_counter()
-    forgetting = run_tasks(settings, results, device) if train else {}
+    forgetting = run_tasks(settings, results, device) if train else {}  # saved chain by chain; other entries stay
     if costs and train:
         results.costs.update(measure_costs(settings, device))
-    results.forgetting.update(forgetting)  # other methods' entries (earlier runs of a subset) stay
-    results.save()
+        results.save()
     rows = summarise(settings, results)
     table = format_table(rows, results.costs, settings.tasks)
     with atomic_write(os.path.join(settings.output_dir, TABLE_FILE)) as handle:
@@ -852,6 +887,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cost-repeats", type=int, default=5, help="timing rounds of the cost measurements (default: 5)")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the table and plots from the runs already in the output dir")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="first add these results.json files (runs of --method subsets in parallel processes or on "
+                        "other machines) to the output dir's results; with --report, nothing is trained")
     parser.add_argument("--output-dir", default=None, help="results, adapters, table and plot (default: runs/bench, "
                         "runs/bench-quick with --quick); a rerun resumes from what is there")
 
@@ -880,5 +918,11 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(args: argparse.Namespace) -> int:
     """``peft-recast bench``; exit status 1 if any task's predictions changed after later tasks or a reload."""
-    report = run_bench(settings_from_args(args), costs=not args.no_costs, train=not args.report)
+    settings = settings_from_args(args)
+    if args.merge:
+        os.makedirs(settings.output_dir, exist_ok=True)
+        results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
+        for path in args.merge:
+            print(f"merged {results.merge(path)} runs from {path}")
+    report = run_bench(settings, costs=not args.no_costs, train=not args.report)
     return 1 if report["changed"] else 0

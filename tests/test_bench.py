@@ -163,3 +163,46 @@ def test_run_key_is_the_same_in_every_process():
     keys = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in range(6)}
     assert len(keys) == 1
+
+
+def test_merged_records_are_not_retrained_and_chains_are_saved_as_they_finish(tmp_path, monkeypatch):
+    """Results merged from another machine (a GPU run whose adapters stayed there) are kept as they are; a benchmark
+    stopped in its second chain keeps the first chain's forgetting check."""
+    args = _args(quick=True, method=["recast", "lora-r8"], task=["trec6"], max_train=32, max_eval=32, epochs=1,
+                 no_costs=True, output_dir=str(tmp_path / "elsewhere"))
+    check_forgetting = bench._check_forgetting
+
+    def stopped_in_second_chain(model, method, *rest):
+        if method.name == "lora-r8":
+            raise KeyboardInterrupt
+        return check_forgetting(model, method, *rest)
+
+    monkeypatch.setattr(bench, "_check_forgetting", stopped_in_second_chain)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(args)
+    with open(tmp_path / "elsewhere" / bench.RESULTS_FILE) as handle:
+        stopped = json.load(handle)
+    assert list(stopped["forgetting"]) == ["recast/seed0"] and len(stopped["runs"]) == 2
+    monkeypatch.setattr(bench, "_check_forgetting", check_forgetting)
+
+    # the records alone (--merge), without the runs/ folder, in a new output dir: nothing is trained or re-tested
+    def no_training(*args, **kwargs):
+        raise AssertionError("a merged run was trained again")
+
+    monkeypatch.setattr(bench, "train_run", no_training)
+    merged = tmp_path / "merged"
+    assert bench.main(_args(**{**vars(args), "output_dir": str(merged),
+                               "merge": [str(tmp_path / "elsewhere" / bench.RESULTS_FILE)]})) == 0
+    with open(merged / bench.RESULTS_FILE) as handle:
+        after = json.load(handle)
+    assert after["runs"] == stopped["runs"] and after["forgetting"] == stopped["forgetting"]
+    assert "LoRA r=8" in (merged / bench.TABLE_FILE).read_text()
+
+
+def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
+    other = tmp_path / "adapter_config.json"
+    other.write_text(json.dumps({"peft_type": "RECAST"}))
+    results = bench.Results(str(tmp_path / bench.RESULTS_FILE))
+    with pytest.raises(ValueError, match="not a benchmark results file"):
+        results.merge(str(other))
+    assert results.runs == {} and not (tmp_path / bench.RESULTS_FILE).exists()
