@@ -824,8 +824,9 @@ def _changed_predictions(chains: dict) -> list[str]:
 def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -> dict:
     """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``.
 
-    ``train=False`` only reports: the table and plots from the runs already in ``results.json`` (for instance runs
-    merged from several machines), skipping methods that lack a task."""
+    ``train=False`` trains nothing: the table and plots come from the runs already in ``results.json`` (for instance
+    runs merged from several machines), skipping methods that lack a task. ``costs`` measures the costs (also without
+    training: ``--costs-only``)."""
     from .sentence_classifier import resolve_device
 
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -836,7 +837,7 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -
     results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
     started = time.perf_counter()
     forgetting = run_tasks(settings, results, device) if train else {}  # saved chain by chain; other entries stay
-    if costs and train:
+    if costs:
         results.costs.update(measure_costs(settings, device))
         results.save()
     rows = summarise(settings, results)
@@ -885,6 +886,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-eval", type=int, default=None, help="validation and test examples per task (default: all)")
     parser.add_argument("--epochs", type=int, default=4, help="(default: 4)")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timing rounds of the cost measurements (default: 5)")
+    parser.add_argument("--costs-only", action="store_true",
+                        help="train nothing: measure the costs alone (on a GPU, after parallel runs, so that no other "
+                        "process shares the timings), then write the table and plots")
     parser.add_argument("--report", action="store_true",
                         help="train nothing: write the table and plots from the runs already in the output dir")
     parser.add_argument("--merge", nargs="+", default=None, metavar="RESULTS_JSON",
@@ -924,5 +928,6 @@ def main(args: argparse.Namespace) -> int:
         results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
         for path in args.merge:
             print(f"merged {results.merge(path)} runs from {path}")
-    report = run_bench(settings, costs=not args.no_costs, train=not args.report)
+    train = not (args.report or args.costs_only)
+    report = run_bench(settings, costs=args.costs_only or (train and not args.no_costs), train=train)
     return 1 if report["changed"] else 0

@@ -206,3 +206,18 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
     with pytest.raises(ValueError, match="not a benchmark results file"):
         results.merge(str(other))
     assert results.runs == {} and not (tmp_path / bench.RESULTS_FILE).exists()
+
+
+def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("--costs-only trained a run")
+
+    monkeypatch.setattr(bench, "train_run", no_training)
+    monkeypatch.setattr(bench, "_probe_run", no_training)
+    args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=1, costs_only=True, output_dir=str(tmp_path))
+    assert bench.main(args) == 0
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        saved = json.load(handle)
+    assert saved["runs"] == {} and saved["forgetting"] == {}
+    assert saved["costs"]["lora-r8"]["step_ratio"] == pytest.approx(1.0)
+    assert saved["costs"]["recast"]["trainable"] == 24 and saved["costs"]["recast"]["step_seconds"] > 0
