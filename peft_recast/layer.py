@@ -38,6 +38,39 @@ class RecastGroup:
         return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
 
 
+class BasisCombination(torch.autograd.Function):
+    """``delta = sum_j mix[j, b] W_j`` on the output rows of block ``b``, as one batched product (instead of ``2 m``
+    element-wise kernels), keeping nothing for backward but references to the frozen basis.
+
+    Shapes: ``mix`` ``(m, B)``; each basis weight ``W_j`` has the weight's shape, whose dimension ``axis`` (the output
+    rows) is cut into ``B`` equal blocks; the result has the weight's shape and ``dtype``. Backward:
+    ``d mix[j, b] = <grad restricted to block b, W_j restricted to block b>``.
+    """
+
+    @staticmethod
+    def _blocks(weights: torch.Tensor, axis: int, num_blocks: int) -> torch.Tensor:
+        """``(m, *shape)`` -> ``(m, B, R)``: the output rows moved first and cut into ``B`` equal blocks."""
+        return weights.movedim(1 + axis, 1).reshape(weights.shape[0], num_blocks, -1)
+
+    @staticmethod
+    def forward(ctx, mix: torch.Tensor, axis: int, dtype: torch.dtype, *basis: torch.Tensor) -> torch.Tensor:
+        ctx.axis, ctx.num_blocks = axis, mix.shape[1]
+        ctx.save_for_backward(*basis)
+        stacked = BasisCombination._blocks(torch.stack(basis).to(dtype), axis, mix.shape[1])
+        moved_shape = list(basis[0].shape)
+        moved_shape.insert(0, moved_shape.pop(axis))
+        return torch.einsum("mb,mbr->br", mix, stacked).reshape(moved_shape).movedim(0, axis)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+        basis = ctx.saved_tensors
+        mix_grad = None
+        if ctx.needs_input_grad[0]:
+            stacked = BasisCombination._blocks(torch.stack(basis).to(grad.dtype), ctx.axis, ctx.num_blocks)
+            mix_grad = torch.einsum("br,mbr->mb", grad.movedim(ctx.axis, 0).reshape(ctx.num_blocks, -1), stacked)
+        return (mix_grad, None, None, *[None] * len(basis))
+
+
 class RecastLayer(BaseTunerLayer):
     """Per-module RECAST state.
 
@@ -149,23 +182,11 @@ class RecastLayer(BaseTunerLayer):
         mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float()).to(
             device=device, dtype=compute_dtype
         )
-        delta = self._scale_rows(basis[0].to(compute_dtype), mix[0])
-        for j in range(1, len(basis)):
-            delta = delta + self._scale_rows(basis[j].to(compute_dtype), mix[j])
+        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0  # the output rows' axis of the stored weight
+        delta = BasisCombination.apply(mix.reshape(len(basis), -1), axis, compute_dtype, *basis)
         if self.recast_replace.get(adapter, False):
             delta = delta - self.pristine_weight().to(compute_dtype)
         return delta.to(dtype)
-
-    def _scale_rows(self, weight: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-        """``factor * weight``; a ``(B,)`` factor scales each of ``B`` equal blocks of output rows by its own value
-        (the output axis is 0, or 1 for ``fan_in_fan_out`` weights stored ``(in, out)``)."""
-        if factor.dim() == 0:
-            return factor * weight
-        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0
-        blocks = weight.unflatten(axis, (factor.numel(), -1))
-        shape = [1] * blocks.dim()
-        shape[axis] = factor.numel()
-        return (blocks * factor.view(shape)).flatten(axis, axis + 1)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RECAST is additive (``W + delta_W``), so ``peft.convert_to_lora`` can factor ``get_delta_weight`` by SVD;

@@ -295,3 +295,22 @@ def test_large_models_show_a_mimicry_progress_bar(monkeypatch, capsys):
     monkeypatch.setattr(recast_model, "PROGRESS_MIN_NUMEL", 10**9)
     get_peft_model(tiny_bert(), RecastConfig())
     assert "RECAST mimicry" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape, axis, blocks", [((6, 4), 0, 1), ((6, 4), 0, 3), ((4, 6), 1, 2), ((6, 2, 3, 3), 0, 2)])
+def test_basis_combination_is_the_blockwise_weighted_sum_with_its_exact_gradient(shape, axis, blocks):
+    """``delta = sum_j mix[j, b] W_j`` on block ``b`` of the output rows (axis 1 for ``fan_in_fan_out``, conv kernels
+    included), in one product; its backward is checked against finite differences."""
+    from peft_recast.layer import BasisCombination
+
+    generator = torch.Generator().manual_seed(0)
+    basis = [torch.randn(shape, dtype=torch.double, generator=generator) for _ in range(3)]
+    mix = torch.randn(3, blocks, dtype=torch.double, generator=generator, requires_grad=True)
+    expected = sum(
+        torch.cat([mix[j, b] * rows for b, rows in enumerate(basis[j].chunk(blocks, dim=axis))], dim=axis)
+        for j in range(3)
+    )
+    combined = BasisCombination.apply(mix, axis, torch.double, *basis)
+    assert combined.shape == shape
+    torch.testing.assert_close(combined, expected)
+    assert torch.autograd.gradcheck(lambda m: BasisCombination.apply(m, axis, torch.double, *basis), (mix,))
