@@ -110,8 +110,8 @@ METHODS: dict[str, Method] = {
         # candidates for the ladder (issue 9): attention heads as row blocks, larger banks, q,k,v,o
         Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", (1e-2, 3e-2),
                1e-2, _recast(num_templates=1, coefficient_blocks=2)),
-        Method("recast-48", "RECAST q,v; 2 layers/group, 2 templates, 2 row blocks", "peft", (1e-2, 3e-2), 1e-2,
-               _recast(coefficient_blocks=2)),
+        Method("recast-48", "RECAST ladder-48 (q,v; 2 layers/group, 2 templates, 2 row blocks)", "peft", (1e-2, 3e-2),
+               1e-2, _recast(**RECAST_LADDER["ladder-48"])),
         Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", (1e-2, 3e-2), 1e-2,
                _recast(target_modules=QKVO)),
         Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,

@@ -24,6 +24,7 @@ RECAST_PRESETS: dict[str, dict[str, Any]] = {
 # layers, so `from_preset` fills in nothing per model type for them.
 RECAST_LADDER: dict[str, dict[str, Any]] = {
     "ladder-24": {},  # the default: query/value, 2 layers per group, 2 templates
+    "ladder-48": {"coefficient_blocks": 2},  # the default with 2 blocks of output rows: the best measured under 50
     "ladder-144": {"coefficient_blocks": 6},  # the default with 6 blocks of output rows (MiniLM: one per head)
     "ladder-216": {"target_modules": "all-linear", "layers_per_group": 6, "num_templates": 6},
     "ladder-648": {
