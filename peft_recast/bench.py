@@ -821,12 +821,12 @@ def _changed_predictions(chains: dict) -> list[str]:
             if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]
 
 
-def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -> dict:
+def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, merge: Sequence[str] = ()) -> dict:
     """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``.
 
     ``train=False`` trains nothing: the table and plots come from the runs already in ``results.json`` (for instance
     runs merged from several machines), skipping methods that lack a task. ``costs`` measures the costs (also without
-    training: ``--costs-only``)."""
+    training: ``--costs-only``). ``merge``: ``results.json`` files added to the output dir's results first."""
     from .sentence_classifier import resolve_device
 
     unknown = [m for m in settings.methods if m not in METHODS]
@@ -835,6 +835,8 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True) -
     device = resolve_device(settings.device)
     os.makedirs(settings.output_dir, exist_ok=True)
     results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
+    for path in merge:
+        print(f"merged {results.merge(path)} runs from {path}")
     started = time.perf_counter()
     forgetting = run_tasks(settings, results, device) if train else {}  # saved chain by chain; other entries stay
     if costs:
@@ -922,12 +924,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
 
 def main(args: argparse.Namespace) -> int:
     """``peft-recast bench``; exit status 1 if any task's predictions changed after later tasks or a reload."""
-    settings = settings_from_args(args)
-    if args.merge:
-        os.makedirs(settings.output_dir, exist_ok=True)
-        results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
-        for path in args.merge:
-            print(f"merged {results.merge(path)} runs from {path}")
     train = not (args.report or args.costs_only)
-    report = run_bench(settings, costs=args.costs_only or (train and not args.no_costs), train=train)
+    report = run_bench(settings_from_args(args), costs=args.costs_only or (train and not args.no_costs), train=train,
+                       merge=args.merge or ())
     return 1 if report["changed"] else 0
