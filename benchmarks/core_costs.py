@@ -48,18 +48,19 @@ def main() -> None:
     ids = torch.randint(1000, 20000, (batch, length), device=args.device)
 
     print(f"MiniLM-L6, {sum(p.numel() for p in base.parameters()):,} parameters, device {args.device}")
-    print(f"{'config':<34} {'coef':>5} {'file B':>7} {'mimicry ms':>10} {'extra mem B':>11}")
+    print(f"{'config':<40} {'coef':>5} {'file B':>7} {'mimicry ms':>10} {'extra mem B':>11}")
     configs = {
-        "default (query,value; 2/group, 2 tpl)": peft_recast.RecastConfig(),
-        "all-linear (2/group, 2 tpl)": peft_recast.RecastConfig(target_modules="all-linear"),
-        "all-linear (6/group, 6 tpl)": peft_recast.RecastConfig(target_modules="all-linear", layers_per_group=6, num_templates=6),
+        "default (q,v; 2/group, 2 tpl, 2 blk)": peft_recast.RecastConfig(),
+        "ladder-24 (q,v; 2/group, 2 tpl)": peft_recast.RecastConfig.from_preset("ladder-24"),
+        "all-linear (2/group, 2 tpl)": peft_recast.RecastConfig(target_modules="all-linear", coefficient_blocks=1),
+        "ladder-216 (all-linear; 6/group, 6 tpl)": peft_recast.RecastConfig.from_preset("ladder-216"),
     }
     for label, config in configs.items():
         seconds = _median_seconds(lambda: get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), repeats)
         model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
         summary = peft_recast.recast_summary(model)
         extra = _tensor_bytes(model) - base_bytes
-        print(f"{label:<34} {summary.coefficients:>5} {summary.adapter_bytes:>7} {seconds * 1e3:>10.1f} {extra:>11}")
+        print(f"{label:<40} {summary.coefficients:>5} {summary.adapter_bytes:>7} {seconds * 1e3:>10.1f} {extra:>11}")
 
     def training_step(model: torch.nn.Module):
         model.train()

@@ -55,7 +55,9 @@ class Method:
     """A way to adapt the encoder: ``config()`` builds a fresh PEFT config (``None``: head only or full fine-tuning).
 
     ``lrs`` is the peak AdamW learning-rate grid of the adapter's parameters (swept on validation); ``default_lr``
-    is used where no sweep runs (``--quick``).
+    is used where no sweep runs (``--quick``). ``align_epochs``: a LayerNorm alignment stage (the two-stage PETL
+    recipe, scale and shift first): for this many epochs only the adapter's LayerNorm copies (``modules_to_save``)
+    and the head train, then every adapter parameter does.
     """
 
     name: str
@@ -64,6 +66,7 @@ class Method:
     lrs: tuple[float, ...]
     default_lr: float
     config: Callable[[], object] = lambda: None
+    align_epochs: int = 0
 
 
 def _recast(**kwargs) -> Callable[[], object]:
@@ -86,6 +89,9 @@ def _peft(class_name: str, **kwargs) -> Callable[[], object]:
 
 QV = ["query", "value"]
 QKVO = ["query", "key", "value", "attention.output.dense"]
+# LayerNorms an adapter trains and saves whole (``modules_to_save``): all 13 of MiniLM-L6 (9,984 numbers), or the
+# embeddings' one (768), which scales and shifts what every layer reads.
+ALL_LAYERNORMS, EMBEDDING_LAYERNORM = ["LayerNorm"], ["embeddings.LayerNorm"]
 # Trainable numbers of the RECAST rungs on MiniLM-L6; FourierFT gets the same count (n_frequency per q/v module).
 LADDER_SIZES = (24, 48, 72, 144, 216, 288, 432, 648, 864)
 # The default RECAST and LoRA r=8 sweep the whole range PEFT users try, for the learning-rate plot.
@@ -95,10 +101,12 @@ METHODS: dict[str, Method] = {
     method.name: method
     for method in [
         Method("probe", "linear probe (head only)", "probe", (), 0.0),
-        Method("recast", "RECAST default = ladder-24 (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS,
-               1e-2, _recast(**RECAST_LADDER["ladder-24"])),
+        Method("recast", "RECAST default = ladder-48 (q,v; 2 layers/group, 2 templates, 2 row blocks)", "peft",
+               WIDE_RECAST_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-48"])),
+        Method("recast-24", "RECAST ladder-24 (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS, 1e-2,
+               _recast(**RECAST_LADDER["ladder-24"])),
         Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
-               _recast(target_modules="all-linear", layers_per_group=6, num_templates=2)),
+               _recast(target_modules="all-linear", layers_per_group=6, num_templates=2, coefficient_blocks=1)),
         Method("recast-216", "RECAST ladder-216 (all linear; 6 layers/group, 6 templates)", "peft",
                (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"])),
         Method("recast-144", "RECAST ladder-144 (q,v; 2 layers/group, 2 templates, 6 row blocks)", "peft",
@@ -110,16 +118,24 @@ METHODS: dict[str, Method] = {
         # candidates for the ladder (issue 9): attention heads as row blocks, larger banks, q,k,v,o
         Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", (1e-2, 3e-2),
                1e-2, _recast(num_templates=1, coefficient_blocks=2)),
-        Method("recast-48", "RECAST ladder-48 (q,v; 2 layers/group, 2 templates, 2 row blocks)", "peft", (1e-2, 3e-2),
-               1e-2, _recast(**RECAST_LADDER["ladder-48"])),
         Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", (1e-2, 3e-2), 1e-2,
-               _recast(target_modules=QKVO)),
+               _recast(target_modules=QKVO, coefficient_blocks=1)),
         Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
                _recast(target_modules=QKVO, coefficient_blocks=6)),
         Method("recast-432-qv", "RECAST q,v; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
                _recast(layers_per_group=6, num_templates=6, coefficient_blocks=6)),
         Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
                _recast(target_modules=QKVO, layers_per_group=6, num_templates=6, coefficient_blocks=6)),
+        # the LayerNorm alignment stage (issue 9): RECAST with LayerNorm scale and shift, jointly or LayerNorms first
+        Method("recast-ln", "RECAST default + all LayerNorms", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(modules_to_save=ALL_LAYERNORMS)),
+        Method("recast-ln-2stage", "RECAST default + all LayerNorms, LayerNorms alone for epoch 1", "peft",
+               (1e-2, 3e-2), 1e-2, _recast(modules_to_save=ALL_LAYERNORMS), align_epochs=1),
+        Method("recast-984", "RECAST ladder-216 + embedding LayerNorm", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM)),
+        Method("recast-984-2stage", "RECAST ladder-216 + embedding LayerNorm, LayerNorm alone for epoch 1", "peft",
+               (1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
+               align_epochs=1),
         *[
             Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
                    _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
@@ -139,8 +155,8 @@ METHODS: dict[str, Method] = {
         Method("full", "full fine-tuning", "full", (1e-5, 3e-5, 1e-4), 3e-5),
     ]
 }
-QUICK_METHODS = ("probe", "recast", "fourierft-24", "lora-r8")
-LADDER_METHODS = ("probe", *[f"recast-{size}" if size != 24 else "recast" for size in LADDER_SIZES],
+QUICK_METHODS = ("probe", "recast", "fourierft-48", "lora-r8")
+LADDER_METHODS = ("probe", *[f"recast-{size}" if size != 48 else "recast" for size in LADDER_SIZES],
                   *[f"fourierft-{size}" for size in LADDER_SIZES], "lora-r8")
 ALL_TASKS = ("trec6", "sms", "bbc", "tweets", "amazon")
 QUICK_TASKS = ("trec6", "sms")
@@ -184,11 +200,14 @@ def _canonical(value: object) -> object:
 def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str:
     """A run's identity, also its adapter name and folder: ``recast_trec6_lr0_01_seed0_<digest>``.
 
-    The digest covers the protocol and the method's full PEFT config, so changing either never reuses old results.
+    The digest covers the protocol, the method's full PEFT config and its alignment stage, so changing any of them
+    never reuses old results.
     """
     config = METHODS[method].config()
-    described = config.to_dict() if config is not None else None
-    digest = hashlib.sha1(json.dumps([protocol, described], sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
+    described = [protocol, config.to_dict() if config is not None else None]
+    if METHODS[method].align_epochs:
+        described.append({"align_epochs": METHODS[method].align_epochs})
+    digest = hashlib.sha1(json.dumps(described, sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{method}_{task}_lr{lr:g}_seed{seed}_{digest}")
 
 
@@ -208,7 +227,8 @@ class Results:
 
     def merge(self, path: str) -> int:
         """Add the runs, costs and forgetting checks of another ``results.json`` (e.g. a shard run on another machine
-        or process); its entries replace same-named ones here. Returns the number of runs read."""
+        or process); its entries replace same-named ones here (forgetting checks task by task, so shards that ran
+        different tasks of one method x seed keep each other's). Returns the number of runs read."""
         with open(path) as handle:
             data = json.load(handle)
         if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
@@ -216,7 +236,8 @@ class Results:
                              "by `peft-recast bench`.")
         self.runs.update(data["runs"])
         self.costs.update(data.get("costs", {}))
-        self.forgetting.update(data.get("forgetting", {}))
+        for chain, report in data.get("forgetting", {}).items():
+            self.forgetting.setdefault(chain, {}).update(report)
         self.save()
         return len(data["runs"])
 
@@ -256,11 +277,12 @@ def trainable_numbers(encoder: nn.Module) -> int:
 
 
 def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, seed: int, settings: BenchSettings,
-              desc: str) -> float:
+              desc: str, align_epochs: int = 0) -> float:
     """Train the encoder's trainable parameters (peak lr ``lr``) and ``head`` (``settings.head_lr``) on ``data``.
 
     AdamW without weight decay, one-cycle schedule, gradients clipped to norm 1 per group; the encoder stays in eval
-    mode (no dropout) so that every method sees the features the linear probe sees. Returns the seconds per step.
+    mode (no dropout) so that every method sees the features the linear probe sees. The first ``align_epochs``
+    epochs train only the ``modules_to_save`` copies (LayerNorms) besides the head. Returns the seconds per step.
     """
     from .sentence_classifier import Settings, batch_order, make_optimizer, optimizer_step, tick
 
@@ -270,16 +292,30 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     order = batch_order(data.train.lengths, run_settings)
     groups = [(head_params, settings.head_lr)] + ([(adapter, lr)] if adapter else [])
     optimizer, scheduler = make_optimizer(groups, len(order))
+    if align_epochs >= settings.epochs:
+        raise ValueError(f"An alignment stage of {align_epochs} epoch(s) leaves no epoch for the other adapter "
+                         f"parameters in a {settings.epochs}-epoch run; train for more than {align_epochs} epochs.")
+    held = [p for name, p in encoder.named_parameters() if p.requires_grad and "modules_to_save" not in name]
+    release_at = len(order) * align_epochs // settings.epochs if align_epochs else 0
+    for parameter in held if release_at else []:
+        parameter.requires_grad_(False)  # no gradient: AdamW leaves it (and its state) untouched
     encoder.eval()
     head.train()
     started = time.perf_counter()
     progress = tqdm(order, desc=desc, unit="step", leave=False)
-    for indices in progress:
-        tick()
-        logits = sentence_logits(encoder, head, data.train(indices))
-        loss = nn.functional.cross_entropy(logits, data.train_labels[torch.tensor(indices, device=logits.device)])
-        optimizer_step(loss, optimizer, scheduler, [params for params, _ in groups], run_settings.clip)
-        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    try:
+        for step, indices in enumerate(progress):
+            if release_at and step == release_at:
+                for parameter in held:
+                    parameter.requires_grad_(True)
+            tick()
+            logits = sentence_logits(encoder, head, data.train(indices))
+            loss = nn.functional.cross_entropy(logits, data.train_labels[torch.tensor(indices, device=logits.device)])
+            optimizer_step(loss, optimizer, scheduler, [params for params, _ in groups], run_settings.clip)
+            progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    finally:
+        for parameter in held:
+            parameter.requires_grad_(True)
     return (time.perf_counter() - started) / max(len(order), 1)
 
 
@@ -450,7 +486,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                     step_seconds = None
                 else:
                     step_seconds = train_run(encoder, head, data, lr, seed, settings,
-                                             f"{method.name} {task} lr {lr:g} seed {seed}")
+                                             f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
                     seconds = None
                 val = predictions(encoder, head, data.validation, settings.batch_size, "validation")
                 test = predictions(encoder, head, data.test, settings.batch_size, "test")
@@ -622,6 +658,8 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     base = load_encoder(device)
     base_head = new_head(base.config.hidden_size, 2, 0, device)
 
+    for name in names:  # one step each first: one-time allocations (e.g. cuBLAS workspaces) land on no method
+        _train_step(models[name], heads[name], batch, labels, optimizers[name])
     memory = {name: training_memory(models[name], heads[name], batch, optimizers[name]) for name in names}
     steps: dict[str, list[float]] = {name: [] for name in names}
     unmerged: dict[str, list[float]] = {name: [] for name in names}

@@ -237,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="linear probe vs RECAST on real tasks; save, reload and check the adapter",
-        description="Adapt all-MiniLM-L6-v2 with RECAST (24 coefficients) and a linear probe on real text tasks, "
+        description="Adapt all-MiniLM-L6-v2 with RECAST (48 coefficients) and a linear probe on real text tasks, "
         "save the adapter, reload it onto a fresh base model and check the predictions. About 3 minutes on 2 idle CPU "
         "cores with the defaults.",
     )

@@ -13,24 +13,26 @@ from .registration import RECAST
 
 # The paper's variants (official code, appledora/RECAST_ICLR25 models/RECAST-*.py: FACTORS = 6, TEMPLATES = 2,
 # num_cf = 2; ResNet-34: banks over the blocks after the first of each stage, n = blocks - 1, num_cf = 2).
+_PAPER = {"num_templates": 2, "num_coefficient_sets": 2, "coefficient_blocks": 1}
 RECAST_PRESETS: dict[str, dict[str, Any]] = {
-    "attention": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
-    "mlp": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
-    "attention+mlp": {"num_groups": 6, "num_templates": 2, "num_coefficient_sets": 2},
-    "conv": {"num_groups": 1, "num_templates": 64, "num_coefficient_sets": 2},
+    "attention": {"num_groups": 6, **_PAPER},
+    "mlp": {"num_groups": 6, **_PAPER},
+    "attention+mlp": {"num_groups": 6, **_PAPER},
+    "conv": {"num_groups": 1, **_PAPER, "num_templates": 64},
 }
 # The budget ladder: RECAST settings from ~24 to ~650 trained numbers (counts for a 6-layer, 384-wide BERT such as
 # MiniLM-L6; measured in docs/benchmarks.md). Model-independent: targets are PEFT's defaults (query/value) or all linear
 # layers, so `from_preset` fills in nothing per model type for them.
 RECAST_LADDER: dict[str, dict[str, Any]] = {
-    "ladder-24": {},  # the default: query/value, 2 layers per group, 2 templates
-    "ladder-48": {"coefficient_blocks": 2},  # the default with 2 blocks of output rows: the best measured under 50
-    "ladder-144": {"coefficient_blocks": 6},  # the default with 6 blocks of output rows (MiniLM: one per head)
-    "ladder-216": {"target_modules": "all-linear", "layers_per_group": 6, "num_templates": 6},
+    "ladder-24": {"coefficient_blocks": 1},  # query/value, 2 layers per group, 2 templates, one block of rows
+    "ladder-48": {},  # the default: ladder-24 with 2 blocks of output rows, the best measured under 50 numbers
+    "ladder-144": {"coefficient_blocks": 6},  # ladder-24 with 6 blocks of output rows (MiniLM: one per head)
+    "ladder-216": {"target_modules": "all-linear", "layers_per_group": 6, "num_templates": 6, "coefficient_blocks": 1},
     "ladder-648": {
         "target_modules": "all-linear",
         "layers_per_group": 6,
         "num_templates": 24,
+        "coefficient_blocks": 1,
         "share_across_module_types": True,
     },
 }
@@ -98,9 +100,12 @@ class RecastConfig(PeftConfig):
     Target modules with the same role (e.g. every layer's ``query``) and the same weight shape are split into
     *groups* of consecutive layers. Each group of ``m`` modules gets ``n = min(num_templates, m)`` templates
     ``T_1..T_n`` (unit Frobenius norm) fitted to the group's pretrained weights by closed-form Neural Mimicry,
-    and each module ``l`` trains ``K x n`` coefficients ``theta_l`` (``K`` = ``num_coefficient_sets``):
+    and each module ``l`` trains ``K x n x B`` coefficients ``theta_l`` (``K`` = ``num_coefficient_sets``, ``B`` =
+    ``coefficient_blocks``); on the output rows of block ``b``:
 
-        W_l = W_l^pre + s ||W_l^pre||_F / sqrt(n) * sum_k mean_K(theta_l)[k] T_k   (shapes: (out, in); s = coefficient_scale)
+        W_l = W_l^pre + s ||W_l^pre||_F / sqrt(n) * sum_k mean_K(theta_l)[k, b] T_k   (shapes: (out, in); s = coefficient_scale)
+
+    The defaults (query/value, 2 layers per group, 2 templates, 2 blocks) train 48 numbers on a 6-layer BERT.
 
     ``theta = 0`` is the pretrained model. With AdamW a step moves ``theta`` by about the learning rate whatever the
     gradient's size, so ``s`` sets which learning rates work: the default puts the best one near 1e-2. The templates are rebuilt from the base weights when an
@@ -126,9 +131,11 @@ class RecastConfig(PeftConfig):
             of the group's weights.
         num_coefficient_sets: Coefficient sets per module (the paper's ``K``); the layer uses their mean, so
             ``K > 1`` changes parameter count and initial point only.
-        coefficient_blocks: ``B``: cut each module's output rows (``out`` of ``(out, in)``) into ``B`` equal blocks
-            (e.g. one per attention head), each with its own ``K x n`` coefficients: ``delta_W`` rows of block ``b``
-            use ``theta[:, :, b]``. ``K x n x B`` numbers per module; ``B`` must divide ``out``.
+        coefficient_blocks: ``B`` (default 2): cut each module's output rows (``out`` of ``(out, in)``) into ``B``
+            contiguous blocks (e.g. one per attention head), each with its own ``K x n`` coefficients: ``delta_W``
+            rows of block ``b`` use ``theta[:, :, b]``. ``K x n x B`` numbers per module. Blocks are equal when ``B``
+            divides ``out``, else they differ by one row (as ``torch.tensor_split``); a module with fewer than ``B``
+            rows gets one block per row. ``1``: one coefficient per template, as in the paper.
         share_across_module_types: ``True``: all target modules of a group of layers that have the same weight shape
             (e.g. query, key, value and attention output) share one bank, so each module mixes templates built from
             all of them; ``False``: one bank per module type.
@@ -183,7 +190,7 @@ class RecastConfig(PeftConfig):
         default=10.0, metadata={"help": "A unit coefficient moves the weight by this many times its norm."}
     )
     coefficient_blocks: int = field(
-        default=1, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
+        default=2, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
     )
     share_across_module_types: bool = field(
         default=False, metadata={"help": "One bank for all target modules of a layer group with the same shape."}
@@ -265,6 +272,14 @@ class RecastConfig(PeftConfig):
             0 < self.coefficient_scale < float("inf")
         ):
             raise ValueError(f"`coefficient_scale` must be a positive finite number, got {self.coefficient_scale!r}.")
+
+    @classmethod
+    def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
+        """Fields read from a saved ``adapter_config.json``: a file without ``coefficient_blocks`` was written before
+        that field existed, with one block per module (the default is 2 since), so it is read as 1."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("coefficient_blocks", 1)
+        return kwargs
 
     def _check_recast_version(self) -> None:
         """Fill in ``recast_version``, or refuse a config written by a newer ``peft_recast``."""

@@ -78,7 +78,8 @@ model = PeftModel.from_pretrained(base_model, "<this repository>")  # base_model
 {rows}
 
 RECAST settings: `target_modules={targets!r}`, `num_templates={config.num_templates}`,
-`num_coefficient_sets={config.num_coefficient_sets}`, `coefficient_scale={config.coefficient_scale:g}`.
+`num_coefficient_sets={config.num_coefficient_sets}`, `coefficient_blocks={config.coefficient_blocks}`,
+`coefficient_scale={config.coefficient_scale:g}`.
 """
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + text)
 

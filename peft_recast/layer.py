@@ -38,36 +38,67 @@ class RecastGroup:
         return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
 
 
+def block_runs(rows: int, num_blocks: int) -> list[tuple[int, int]]:
+    """How ``rows`` output rows are cut into ``num_blocks`` contiguous blocks, as ``torch.tensor_split`` cuts them:
+    ``(blocks, rows per block)`` runs, first ``rows % B`` blocks of ``ceil(rows / B)`` rows, then the rest of
+    ``floor(rows / B)``. Blocks beyond ``rows`` get no rows: that happens only to a fused member (e.g. a GQA
+    ``k_proj``) with fewer rows than the module whose coefficient tensor it shares."""
+    size, larger = divmod(rows, num_blocks)
+    return [(count, rows_each) for count, rows_each in ((larger, size + 1), (num_blocks - larger, size)) if count]
+
+
 class BasisCombination(torch.autograd.Function):
-    """``delta = sum_j mix[j, b] W_j`` on the output rows of block ``b``, as one batched product (instead of ``2 m``
-    element-wise kernels), keeping nothing for backward but references to the frozen basis.
+    """``delta = sum_j mix[j, b] W_j`` on the output rows of block ``b``, one batched product per run of equal-sized
+    blocks (one or two runs, :func:`block_runs`), keeping nothing for backward but references to the frozen basis.
 
     Shapes: ``mix`` ``(m, B)``; each basis weight ``W_j`` has the weight's shape, whose dimension ``axis`` (the output
-    rows) is cut into ``B`` equal blocks; the result has the weight's shape and ``dtype``. Backward:
+    rows) is cut into ``B`` blocks; the result has the weight's shape and ``dtype``. Backward:
     ``d mix[j, b] = <grad restricted to block b, W_j restricted to block b>``.
     """
 
     @staticmethod
-    def _blocks(weights: torch.Tensor, axis: int, num_blocks: int) -> torch.Tensor:
-        """``(m, *shape)`` -> ``(m, B, R)``: the output rows moved first and cut into ``B`` equal blocks."""
-        return weights.movedim(1 + axis, 1).reshape(weights.shape[0], num_blocks, -1)
+    def _runs(rows: torch.Tensor, num_blocks: int) -> list[tuple[int, torch.Tensor]]:
+        """``rows`` (``(..., out, R)``, the output rows on dimension -2) -> ``(blocks, (..., blocks, rows x R))`` per
+        run of equal blocks."""
+        runs, start = [], 0
+        for count, rows_each in block_runs(rows.shape[-2], num_blocks):
+            part = rows[..., start:start + count * rows_each, :]
+            runs.append((count, part.reshape(*part.shape[:-2], count, -1)))
+            start += count * rows_each
+        return runs
+
+    @staticmethod
+    def _stacked_rows(basis: tuple[torch.Tensor, ...], axis: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(m, out, R)``: the basis stacked, output rows moved to dimension 1, the other dimensions flattened."""
+        stacked = torch.stack(basis).to(dtype).movedim(1 + axis, 1)
+        return stacked.reshape(*stacked.shape[:2], -1)
 
     @staticmethod
     def forward(ctx, mix: torch.Tensor, axis: int, dtype: torch.dtype, *basis: torch.Tensor) -> torch.Tensor:
         ctx.axis, ctx.num_blocks = axis, mix.shape[1]
         ctx.save_for_backward(*basis)
-        stacked = BasisCombination._blocks(torch.stack(basis).to(dtype), axis, mix.shape[1])
+        parts, first = [], 0
+        for count, part in BasisCombination._runs(BasisCombination._stacked_rows(basis, axis, dtype), mix.shape[1]):
+            parts.append(torch.einsum("mb,mbr->br", mix[:, first:first + count], part).reshape(-1))
+            first += count
         moved_shape = list(basis[0].shape)
         moved_shape.insert(0, moved_shape.pop(axis))
-        return torch.einsum("mb,mbr->br", mix, stacked).reshape(moved_shape).movedim(0, axis)
+        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return delta.reshape(moved_shape).movedim(0, axis)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
         basis = ctx.saved_tensors
         mix_grad = None
         if ctx.needs_input_grad[0]:
-            stacked = BasisCombination._blocks(torch.stack(basis).to(grad.dtype), ctx.axis, ctx.num_blocks)
-            mix_grad = torch.einsum("br,mbr->mb", grad.movedim(ctx.axis, 0).reshape(ctx.num_blocks, -1), stacked)
+            stacked = BasisCombination._stacked_rows(basis, ctx.axis, grad.dtype)
+            grad_rows = grad.movedim(ctx.axis, 0).reshape(stacked.shape[1:])
+            grads = [
+                torch.einsum("br,mbr->mb", grad_part, part)
+                for (_, grad_part), (_, part) in zip(BasisCombination._runs(grad_rows, ctx.num_blocks),
+                                                     BasisCombination._runs(stacked, ctx.num_blocks))
+            ]
+            mix_grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
         return (mix_grad, None, None, *[None] * len(basis))
 
 
@@ -107,15 +138,9 @@ class RecastLayer(BaseTunerLayer):
         self.kwargs = kwargs
 
     def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
-        """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B`` coefficient blocks);
-        the model attaches its template group after injection."""
-        blocks = config.coefficient_blocks
-        if self.out_features % blocks:
-            raise ValueError(
-                f"`coefficient_blocks`={blocks} must divide the output features of every target module, but "
-                f"{type(self.get_base_layer()).__name__} has {self.out_features}. Choose a divisor (for attention "
-                "projections, the number of heads) or leave out the modules it does not divide."
-            )
+        """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B > 1`` coefficient blocks,
+        ``B`` at most the module's output rows); the model attaches its template group after injection."""
+        blocks = min(config.coefficient_blocks, self.out_features)
         shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
         if config.init_weights:
             coefficients = torch.zeros(shape)

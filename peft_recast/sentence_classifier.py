@@ -277,7 +277,7 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def recast_model(classifier: SentenceClassifier) -> PeftModel:
-    """Wrap ``classifier`` with the default RECAST adapter (24 coefficients on MiniLM) plus its trainable head."""
+    """Wrap ``classifier`` with the default RECAST adapter (48 coefficients on MiniLM) plus its trainable head."""
     import peft
 
     from . import RecastConfig

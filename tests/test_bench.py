@@ -19,6 +19,18 @@ def test_run_key_names_a_safe_adapter_and_changes_with_protocol_and_config():
     assert key == bench.run_key("recast", "trec6", 1e-2, 0, {"epochs": 4})
     assert key != bench.run_key("recast", "trec6", 1e-2, 0, {"epochs": 3})
     assert key.split("_")[-1] != bench.run_key("recast-216", "trec6", 1e-2, 0, {"epochs": 4}).split("_")[-1]
+    assert key.split("_")[-1] != bench.run_key("recast-24", "trec6", 1e-2, 0, {"epochs": 4}).split("_")[-1]
+
+
+def test_run_key_changes_with_the_layernorm_alignment_stage():
+    """``recast-ln`` and ``recast-ln-2stage`` share their PEFT config; the alignment stage alone changes the digest."""
+    joint, staged = bench.METHODS["recast-ln"], bench.METHODS["recast-ln-2stage"]
+    assert joint.config().to_dict() == staged.config().to_dict()
+    assert (joint.align_epochs, staged.align_epochs) == (0, 1)
+    keys = [bench.run_key(name, "trec6", 1e-2, 0, {"epochs": 4}) for name in ("recast-ln", "recast-ln-2stage")]
+    assert keys[0].startswith("recast_ln_trec6_lr0_01_seed0_")
+    assert keys[1].startswith("recast_ln_2stage_trec6_lr0_01_seed0_")
+    assert keys[0].split("_")[-1] != keys[1].split("_")[-1]  # the digests
 
 
 def test_best_lr_is_chosen_on_validation_never_test(tmp_path):
@@ -90,7 +102,7 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
         saved = json.load(handle)
     assert len(saved["runs"]) == 3 * 2  # 3 methods x 2 tasks, one seed, no sweep
     recast = [run for run in saved["runs"].values() if run["method"] == "recast"]
-    assert {run["trainable"] for run in recast} == {24}
+    assert {run["trainable"] for run in recast} == {48}  # the default: ladder-48
     assert all(0 < run["adapter_bytes"] < 4096 for run in recast)
     assert all(run["trainable"] == 73_728 for run in saved["runs"].values() if run["method"] == "lora-r8")
     for chain in saved["forgetting"].values():
@@ -99,7 +111,7 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
             assert task["accuracy_after_last_task"] == task["accuracy_after_training"]
     costs = saved["costs"]
     assert costs["lora-r8"]["step_ratio"] == pytest.approx(1.0)
-    assert costs["recast"]["trainable"] == 24 and costs["recast"]["training_memory_bytes"] > 0
+    assert costs["recast"]["trainable"] == 48 and costs["recast"]["training_memory_bytes"] > 0
     assert costs["recast"]["mixed_batch_throughput_ratio"] > 0
     table = (tmp_path / bench.TABLE_FILE).read_text()
     assert "RECAST default" in table and "LoRA r=8" in table
@@ -135,7 +147,7 @@ def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
     from peft_recast.sentence_classifier import load_encoder
 
     for size in bench.LADDER_SIZES:
-        for name in (f"recast-{size}" if size != 24 else "recast", f"fourierft-{size}"):
+        for name in (f"recast-{size}" if size != 48 else "recast", f"fourierft-{size}"):
             model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
             assert model.get_nb_trainable_parameters()[0] == size, name
 
@@ -149,8 +161,10 @@ def test_ladder_presets_are_the_benchmarked_rungs():
 
     for name, fields in RECAST_LADDER.items():
         size = int(name.split("-")[1])
-        method = bench.METHODS["recast" if size == 24 else f"recast-{size}"]
+        method = bench.METHODS["recast" if size == 48 else f"recast-{size}"]
         assert {k: v for k, v in method.config().to_dict().items() if k in fields} == fields
+        configured = {k: v for k, v in method.config().to_dict().items() if k != "preset"}
+        assert configured == {k: v for k, v in RecastConfig.from_preset(name).to_dict().items() if k != "preset"}
         model = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset(name))
         assert model.get_nb_trainable_parameters()[0] == size, name
 
@@ -220,4 +234,87 @@ def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
         saved = json.load(handle)
     assert saved["runs"] == {} and saved["forgetting"] == {}
     assert saved["costs"]["lora-r8"]["step_ratio"] == pytest.approx(1.0)
-    assert saved["costs"]["recast"]["trainable"] == 24 and saved["costs"]["recast"]["step_seconds"] > 0
+    assert saved["costs"]["recast"]["trainable"] == 48 and saved["costs"]["recast"]["step_seconds"] > 0
+
+
+class _TokenBatches:
+    """Stands in for ``Batches`` of a tiny BERT (vocabulary 100): fixed random token ids, every text 6 tokens."""
+
+    def __init__(self, count: int) -> None:
+        self.ids = torch.randint(1, 100, (count, 6), generator=torch.Generator().manual_seed(0))
+        self.lengths = [6] * count
+
+    def __call__(self, indices) -> dict:
+        ids = self.ids[list(indices)]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[list, int]:
+    """``train_run`` of ``method_name`` on a tiny BERT (16 texts, batches of 4): the RECAST coefficients, the
+    LayerNorm copies and the head before every step and after the last; and the steps per epoch."""
+    import peft
+
+    from peft_recast import sentence_classifier
+
+    from .tiny_models import tiny_bert
+
+    method = bench.METHODS[method_name]
+    encoder = peft.get_peft_model(tiny_bert(), method.config())
+    head = bench.new_head(32, 3, 0, torch.device("cpu"))
+    texts, labels = _TokenBatches(16), torch.arange(16) % 3
+    data = sentence_classifier.TaskData("tiny", ["a", "b", "c"], texts, texts, texts, labels, labels, labels)
+    parts = {
+        "coefficients": [p for n, p in encoder.named_parameters() if "recast_coefficients" in n],
+        "layernorms": [p for n, p in encoder.named_parameters() if "modules_to_save" in n],
+        "head": list(head.parameters()),
+    }
+    assert parts["coefficients"] and len(parts["layernorms"]) == 2 * 9  # 9 LayerNorms of a 4-layer BERT, 2 tensors
+
+    def snapshot():
+        snapshots.append({part: torch.cat([p.detach().flatten() for p in params]) for part, params in parts.items()})
+
+    snapshots = []
+    monkeypatch.setattr(sentence_classifier, "tick", snapshot)  # called before each step
+    settings = bench.BenchSettings(epochs=epochs, batch_size=4)
+    bench.train_run(encoder, head, data, 1e-2, 0, settings, "test", method.align_epochs)
+    snapshot()
+    assert all(p.requires_grad for p in parts["coefficients"])  # released for the stage after alignment
+    return snapshots, 16 // 4
+
+
+def test_layernorm_alignment_stage_trains_only_the_layernorm_copies_and_the_head_first(monkeypatch):
+    """``recast-ln-2stage``: during its first epoch the RECAST coefficients stay at their initial zeros while the
+    LayerNorm copies (``modules_to_save``) and the head train; from the second epoch on the coefficients train too.
+    ``recast-ln`` (no alignment stage) trains all of them from the first step."""
+    snapshots, per_epoch = _train_with_snapshots(monkeypatch, "recast-ln-2stage", epochs=2)
+    assert len(snapshots) == 2 * per_epoch + 1
+    start = snapshots[0]
+    assert not start["coefficients"].any()
+    for after in snapshots[1 : per_epoch + 1]:  # the alignment epoch
+        assert torch.equal(after["coefficients"], start["coefficients"])
+        assert not torch.equal(after["layernorms"], start["layernorms"]) and not torch.equal(after["head"], start["head"])
+    assert not torch.equal(snapshots[per_epoch + 1]["coefficients"], start["coefficients"])  # the first released step
+    assert not torch.equal(snapshots[-1]["layernorms"], snapshots[per_epoch]["layernorms"])  # LayerNorms keep training
+
+    snapshots, _ = _train_with_snapshots(monkeypatch, "recast-ln", epochs=2)
+    for part in ("coefficients", "layernorms", "head"):
+        assert not torch.equal(snapshots[1][part], snapshots[0][part]), part
+
+
+def test_alignment_stage_as_long_as_the_run_is_refused_and_nothing_stays_frozen(monkeypatch):
+    with pytest.raises(ValueError, match="leaves no epoch for the other adapter parameters"):
+        _train_with_snapshots(monkeypatch, "recast-ln-2stage", epochs=1)
+
+
+def test_merge_keeps_forgetting_checks_of_other_tasks_of_the_same_chain(tmp_path):
+    check = dict(lr=0.01, accuracy_after_training=0.9, accuracy_after_last_task=0.9, predictions_unchanged=True,
+                 reloaded_predictions_unchanged=True)
+    for shard, task in (("a", "trec6"), ("b", "sms")):
+        results = bench.Results(str(tmp_path / shard / bench.RESULTS_FILE))
+        os.makedirs(tmp_path / shard)
+        results.forgetting["recast/seed0"] = {task: check}
+        results.save()
+    merged = bench.Results(str(tmp_path / bench.RESULTS_FILE))
+    for shard in ("a", "b"):
+        merged.merge(str(tmp_path / shard / bench.RESULTS_FILE))
+    assert merged.forgetting == {"recast/seed0": {"trec6": check, "sms": check}}

@@ -22,18 +22,18 @@ def test_inspect_reads_groups_coefficients_bytes_and_fingerprint(tmp_path, capsy
 
     assert cli.main(["inspect", str(tmp_path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["coefficients"] == recast_summary(model).coefficients == 16
+    assert info["coefficients"] == recast_summary(model).coefficients == 32  # 8 modules x 2 templates x 2 blocks
     assert info["weight_bytes"] == (tmp_path / "adapter_model.safetensors").stat().st_size
     assert info["task_type"] == "SEQ_CLS"
     assert {g["name"]: g["singular_values"] for g in info["groups"]} == saved["base_fingerprint"]
-    assert [(g["modules"], g["coefficients"]) for g in info["groups"]] == [(2, 4)] * 4
+    assert [(g["modules"], g["coefficients"]) for g in info["groups"]] == [(2, 8)] * 4
     head = ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
     assert sorted(info["other_parameters"]) == head
 
     assert cli.main(["inspect", str(tmp_path / "adapter_model.safetensors")]) == 0  # a file in the directory works too
     text = capsys.readouterr().out
-    assert "16 RECAST coefficients in 4 groups, 99 other parameters" in text
-    assert re.search(r"bert\.encoder\.layer\.2-3\.attention\.self\.key\s+2\s+4\s+\[", text)
+    assert "32 RECAST coefficients in 4 groups, 99 other parameters" in text
+    assert re.search(r"bert\.encoder\.layer\.2-3\.attention\.self\.key\s+2\s+8\s+\[", text)
 
 
 def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path):
@@ -54,7 +54,7 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     assert cli.main(["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--epochs", "1",
                      "--batch-size", "8", "--output-dir", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    trained = re.search(r"sms: 24 training examples, 794 trainable parameters; validation accuracy [\d.]+%, "
+    trained = re.search(r"sms: 24 training examples, 818 trainable parameters; validation accuracy [\d.]+%, "
                         r"test accuracy ([\d.]+)%", printed)
     assert trained, printed
     assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
@@ -78,5 +78,5 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
 
     assert cli.main(["inspect", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
-    assert info["coefficients"] == 24 and len(info["groups"]) == 6
+    assert info["coefficients"] == 48 and len(info["groups"]) == 6
     assert info["base_model"] == cli.BASE_MODEL_ID and info["task"]["task"] == "sms"

@@ -152,7 +152,7 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "linear probe (head only)" in printed and "RECAST default + head" in printed
-    assert "24 coefficients" in printed  # recast_summary
+    assert "48 coefficients" in printed  # recast_summary of the default: 12 modules x 2 templates x 2 blocks
 
     adapter = output / "trec6"
     for name in ("adapter_config.json", "adapter_model.safetensors", "task.json"):
@@ -163,7 +163,7 @@ def test_demo_end_to_end(tmp_path, capsys):
 
     results = json.loads((output / "demo_results.json").read_text())
     assert [row["method"] for row in results["rows"]] == ["linear probe (head only)", "RECAST default + head"]
-    assert results["rows"][1]["coefficients"] == 24
+    assert results["rows"][1]["coefficients"] == 48
     assert results["rows"][0]["head_params"] == 384 * 6 + 6
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in results["rows"])
     assert results["reloads"][0]["predictions_match"] is True

@@ -108,9 +108,10 @@ def test_push_to_hub_then_load_by_repo_id(local_hub):
     assert "library_name: peft" in card and f"base_model: {BASE_ID}" in card
     assert "- recast" in card and f"base_model:adapter:{BASE_ID}" in card
     assert "# RECAST adapter for someone/tiny-bert-classifier" in card
-    assert "**16 RECAST coefficients** in 4 template groups" in card  # query+value, 4 layers, 2 per group, 2 each
+    # query+value, 4 layers, 2 per group: 2 templates x 2 blocks of rows each
+    assert "**32 RECAST coefficients** in 4 template groups" in card
     tensors = load_file(latest / "adapter_model.safetensors")
-    assert sum(t.numel() for k, t in tensors.items() if k.endswith("recast_coefficients")) == 16
+    assert sum(t.numel() for k, t in tensors.items() if k.endswith("recast_coefficients")) == 32
 
     loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE_ID), ADAPTER_ID)
     assert isinstance(loaded.peft_config["default"], RecastConfig)
@@ -153,7 +154,7 @@ def test_later_plain_push_keeps_the_recast_card(local_hub):
     repo = local_hub.repo_dir(ADAPTER_ID)
     latest = repo / "snapshots" / (repo / "refs" / "main").read_text()
     card = (latest / "README.md").read_text()
-    assert "# RECAST adapter for someone/tiny-bert-classifier" in card and "**16 RECAST coefficients**" in card
+    assert "# RECAST adapter for someone/tiny-bert-classifier" in card and "**32 RECAST coefficients**" in card
     loaded = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(BASE_ID), ADAPTER_ID)
     torch.testing.assert_close(loaded.eval()(input_ids=_ids()).logits, expected)
 
@@ -183,4 +184,4 @@ def test_model_card_saved_to_a_folder(tmp_path):
     hub.recast_model_card(model).save(tmp_path / "README.md")
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.library_name == "peft" and "recast" in card.data.tags
-    assert "**16 RECAST coefficients** in 4 template groups" in card.text
+    assert "**32 RECAST coefficients** in 4 template groups" in card.text

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
+from torch import nn
 
 from peft_recast import RecastConfig
 from peft_recast.layer import RecastLayer
@@ -14,14 +15,25 @@ def _layers(model) -> list[RecastLayer]:
     return [module for module in model.modules() if isinstance(module, RecastLayer)]
 
 
+def _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_path) -> None:
+    """Merged, and saved then loaded onto a fresh tiny BERT, ``model`` gives ``adapted`` again."""
+    model.merge_adapter()
+    torch.testing.assert_close(model_output(model, input_ids), adapted, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    torch.testing.assert_close(model_output(reloaded, input_ids), adapted, atol=1e-6, rtol=1e-6)
+
+
 @pytest.mark.parametrize("builder, target", [(tiny_bert, "query"), (tiny_gpt2, "c_attn")])
 def test_coefficient_blocks_give_each_block_of_output_rows_its_own_coefficients(builder, target):
     config = RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=4)
     model = get_peft_model(builder(), config)
     layer = _layers(model)[0]
     assert layer.recast_coefficients["default"].shape == (1, 2, 4)
-    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2))
+    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1))
     plain_layer = _layers(plain)[0]
+    assert plain_layer.recast_coefficients["default"].shape == (1, 2)
     theta = torch.tensor([0.03, -0.02])
     with torch.no_grad():
         layer.recast_coefficients["default"][0, :, 1] = theta  # block 1 only
@@ -52,22 +64,109 @@ def test_coefficient_blocks_keep_identity_merge_and_save_guarantees(tmp_path, in
             layer.recast_coefficients["default"].copy_(torch.randn(1, 2, 4, generator=generator) * 0.05)
     adapted = model_output(model, input_ids)
     assert not torch.allclose(adapted, base_output, atol=1e-3)
+    _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_path)
+
+
+@pytest.mark.parametrize("builder, target, sizes", [(tiny_bert, "query", [7, 7, 6, 6, 6]),
+                                                    (tiny_gpt2, "c_attn", [20, 19, 19, 19, 19])])
+def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split(builder, target, sizes):
+    """5 blocks of 32 (query) or 96 (GPT-2's fused c_attn, stored ``(in, out)``) rows: the first ``out % 5`` blocks
+    get one row more, in ``torch.tensor_split`` order, and each block's rows of ``delta_W`` follow only that block's
+    coefficients, as a one-block layer with the same coefficients gives them."""
+    model = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=5))
+    layer = _layers(model)[0]
+    assert layer.recast_coefficients["default"].shape == (1, 2, 5)
+    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1))
+    plain_layer = _layers(plain)[0]
+    out_axis = 1 if layer.fan_in_fan_out else 0
+    rows = torch.arange(layer.get_base_layer().weight.shape[out_axis])
+    blocks = torch.tensor_split(rows, 5)
+    assert [len(block) for block in blocks] == sizes and max(sizes) - min(sizes) == 1
+    generator = torch.Generator().manual_seed(0)
+    thetas = torch.randn(5, 2, generator=generator) * 0.05
+    with torch.no_grad():
+        layer.recast_coefficients["default"][0] = thetas.T  # block b: thetas[b]
+    delta = layer.get_delta_weight("default")
+    for b, block in enumerate(blocks):
+        with torch.no_grad():
+            plain_layer.recast_coefficients["default"][0] = thetas[b]
+        full = plain_layer.get_delta_weight("default")
+        torch.testing.assert_close(delta.index_select(out_axis, block), full.index_select(out_axis, block))
+        assert full.index_select(out_axis, block).abs().sum() > 0
+    with torch.no_grad():  # one block at a time: the other blocks' rows stay exactly zero
+        layer.recast_coefficients["default"].zero_()
+        layer.recast_coefficients["default"][0, :, 2] = thetas[2]
+    delta = layer.get_delta_weight("default")
+    outside = torch.cat([block for b, block in enumerate(blocks) if b != 2])
+    assert torch.equal(delta.index_select(out_axis, outside), torch.zeros_like(delta.index_select(out_axis, outside)))
+    assert delta.index_select(out_axis, blocks[2]).abs().sum() > 0
+
+
+class _Narrow(nn.Module):
+    """Two layer pairs with few output rows: 3 (query-like) and 1."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(8, 1), nn.Linear(8, 1)])
+
+    def forward(self, x):
+        return torch.cat([layer(x) for layer in self.layers], dim=-1)
+
+
+def test_more_coefficient_blocks_than_output_rows_give_one_block_per_row(tmp_path, input_ids):
+    """``B`` above a module's output rows caps at the rows (one block per row; a one-row module gets ``K x n``
+    coefficients); such adapters train, merge, and save and load."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    config = RecastConfig(target_modules=[f"layers.{i}" for i in range(4)], coefficient_blocks=5)
+    model = get_peft_model(_Narrow(), config)
+    shapes = {name: layer.recast_coefficients["default"].shape for name, layer in model.named_modules()
+              if isinstance(layer, RecastLayer)}
+    assert shapes == {"base_model.model.layers.0": (1, 2, 3), "base_model.model.layers.1": (1, 2, 3),
+                      "base_model.model.layers.2": (1, 2), "base_model.model.layers.3": (1, 2)}
+    assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 3 + 2 * 2
+    reference = _Narrow()(x)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in _layers(model):
+            coefficients = layer.recast_coefficients["default"]
+            coefficients.copy_(torch.randn(coefficients.shape, generator=generator) * 0.1)
+    adapted = model(x)
+    assert not torch.allclose(adapted, reference, atol=1e-3)
+    adapted.pow(2).sum().backward()
+    assert all(layer.recast_coefficients["default"].grad.abs().min() > 0 for layer in _layers(model))
     model.merge_adapter()
-    torch.testing.assert_close(model_output(model, input_ids), adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), adapted, atol=1e-5, rtol=1e-5)
     model.unmerge_adapter()
-    model.save_pretrained(tmp_path)
-    reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
-    torch.testing.assert_close(model_output(reloaded, input_ids), adapted, atol=1e-6, rtol=1e-6)
 
-
-def test_coefficient_blocks_must_divide_the_output_rows():
-    with pytest.raises(ValueError, match="`coefficient_blocks`=5 must divide the output features"):
-        get_peft_model(tiny_bert(), RecastConfig(target_modules=["query"], coefficient_blocks=5))
+    model = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query", "value"], coefficient_blocks=40))
+    layers = _layers(model)
+    assert all(layer.recast_coefficients["default"].shape == (1, 2, 32) for layer in layers)  # 32 rows: 32 blocks
+    base_output = model_output(tiny_bert(), input_ids)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    model.train()
+    for _ in range(3):
+        loss = model_output(model, input_ids)[..., 0].mean()  # push one hidden feature up
+        optimizer.zero_grad()
+        loss.backward()
+        assert all(layer.recast_coefficients["default"].grad.abs().sum() > 0 for layer in layers)
+        optimizer.step()
+    model.eval()
+    adapted = model_output(model, input_ids)
+    assert not torch.allclose(adapted, base_output, atol=1e-3)
+    plain = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query", "value"], coefficient_blocks=1))
+    layer, plain_layer = layers[0], _layers(plain)[0]
+    delta = layer.get_delta_weight("default")
+    for row in (0, 17, 31):  # row r of delta_W: the one-block update with row r's coefficients
+        with torch.no_grad():
+            plain_layer.recast_coefficients["default"].copy_(layer.recast_coefficients["default"][:, :, row])
+        torch.testing.assert_close(delta[row], plain_layer.get_delta_weight("default")[row])
+    _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_path)
 
 
 def test_banks_shared_across_module_types_span_every_module_of_the_layers(input_ids):
     config = RecastConfig(target_modules=["query", "key", "value"], layers_per_group=2, num_templates=6,
-                          share_across_module_types=True)
+                          coefficient_blocks=1, share_across_module_types=True)
     model = get_peft_model(tiny_bert(), config)
     groups = {layer.recast_group["default"].name: layer.recast_group["default"] for layer in _layers(model)}
     assert sorted(groups) == ["encoder.layer.0-1.*", "encoder.layer.2-3.*"]

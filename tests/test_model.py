@@ -50,19 +50,24 @@ def test_default_targets_and_coefficient_count(model_kind):
     expected = {"bert": {"query", "value"}, "gpt2": {"c_attn"}, "llama": {"q_proj", "v_proj"}}[model_kind]
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, RecastLayer)}
     assert names == expected
-    # 6 layers, 2 per group, 2 templates, one coefficient set: 6 coefficients per layer role... per module 2
+    # 6 layers, 2 per group, 2 templates, one coefficient set, 2 blocks of output rows: 2 x 2 per module
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == 2 * 6 * len(expected)
+    assert trainable == 2 * 2 * 6 * len(expected)
     assert all(name.count("recast_coefficients") for name, p in model.named_parameters() if p.requires_grad)
 
 
-def test_twelve_layer_encoder_stays_under_fifty_coefficients():
+def test_twelve_layer_encoder_trains_ninety_six_coefficients_or_forty_eight_with_one_block():
+    """A 12-layer BERT (BERT-base's depth): 24 query/value modules x 2 templates x 2 blocks of rows by default; one
+    block (ladder-24) keeps it under fifty."""
     model = get_peft_model(tiny_bert(layers=12), RecastConfig())
-    assert recast_summary(model).coefficients == 48
+    assert recast_summary(model).coefficients == 24 * 2 * 2 == 96
+    model = get_peft_model(tiny_bert(layers=12), RecastConfig(coefficient_blocks=1))
+    assert recast_summary(model).coefficients == 24 * 2 == 48
 
 
 def test_groups_follow_layers_per_group_and_num_groups():
-    model = get_peft_model(tiny_bert(layers=5), RecastConfig(target_modules=["query"], num_templates=2))
+    model = get_peft_model(tiny_bert(layers=5), RecastConfig(target_modules=["query"], num_templates=2,
+                                                              coefficient_blocks=1))
     summary = recast_summary(model)
     assert [(g.name, g.modules, g.templates) for g in summary.groups] == [
         ("encoder.layer.0-1.attention.self.query", 2, 2),
@@ -83,8 +88,8 @@ def test_templates_are_shared_and_cost_no_memory(input_ids):
     layers = _recast_layers(model)
     first, second = layers[0], layers[2]  # layer 0 and layer 1 query
     assert first.recast_group["default"] is second.recast_group["default"]
-    # only the coefficients (1x2) and the 2x2 mixing matrix per module are added
-    assert total - base_bytes == len(layers) * (2 + 4) * 4
+    # only the coefficients (1x2x2: 2 templates x 2 blocks of rows) and the 2x2 mixing matrix per module are added
+    assert total - base_bytes == len(layers) * (4 + 4) * 4
 
 
 def test_only_coefficients_train_and_receive_gradients(base, input_ids):
@@ -209,7 +214,8 @@ def test_coefficient_sets_act_through_their_mean(input_ids):
 @pytest.mark.parametrize("scale", [None, 1.0, 3.0])
 def test_coefficient_means_scaled_fraction_of_weight_norm(scale):
     extra = {} if scale is None else {"coefficient_scale": scale}
-    model = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query"], num_templates=2, **extra))
+    model = get_peft_model(tiny_bert(), RecastConfig(target_modules=["query"], num_templates=2, coefficient_blocks=1,
+                                                     **extra))
     layer = _recast_layers(model)[0]
     with torch.no_grad():
         layer.recast_coefficients["default"].copy_(torch.tensor([[0.03, -0.04]]))
@@ -297,17 +303,25 @@ def test_large_models_show_a_mimicry_progress_bar(monkeypatch, capsys):
     assert "RECAST mimicry" not in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("shape, axis, blocks", [((6, 4), 0, 1), ((6, 4), 0, 3), ((4, 6), 1, 2), ((6, 2, 3, 3), 0, 2)])
+@pytest.mark.parametrize(
+    "shape, axis, blocks",
+    [
+        ((6, 4), 0, 1), ((6, 4), 0, 3), ((4, 6), 1, 2), ((6, 2, 3, 3), 0, 2),
+        # uneven blocks (torch.tensor_split sizes): 3, 2, 2 rows; 2, 2, 1, 1, 1 rows; every row its own block
+        ((7, 4), 0, 3), ((4, 7), 1, 3), ((7, 3), 0, 5), ((3, 7), 1, 5), ((5, 4), 0, 5), ((7, 2, 3, 3), 0, 3),
+    ],
+)
 def test_basis_combination_is_the_blockwise_weighted_sum_with_its_exact_gradient(shape, axis, blocks):
     """``delta = sum_j mix[j, b] W_j`` on block ``b`` of the output rows (axis 1 for ``fan_in_fan_out``, conv kernels
-    included), in one product; its backward is checked against finite differences."""
+    included), blocks cut as ``torch.tensor_split`` cuts them (sizes differ by at most one row when ``B`` does not
+    divide them); its backward is checked against finite differences."""
     from peft_recast.layer import BasisCombination
 
     generator = torch.Generator().manual_seed(0)
     basis = [torch.randn(shape, dtype=torch.double, generator=generator) for _ in range(3)]
     mix = torch.randn(3, blocks, dtype=torch.double, generator=generator, requires_grad=True)
     expected = sum(
-        torch.cat([mix[j, b] * rows for b, rows in enumerate(basis[j].chunk(blocks, dim=axis))], dim=axis)
+        torch.cat([mix[j, b] * rows for b, rows in enumerate(torch.tensor_split(basis[j], blocks, dim=axis))], dim=axis)
         for j in range(3)
     )
     combined = BasisCombination.apply(mix, axis, torch.double, *basis)

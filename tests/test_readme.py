@@ -15,6 +15,6 @@ def test_quick_start_runs(tmp_path):
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trainable params: 24 " in result.stdout
-    assert "24 coefficients in 6 groups" in result.stdout
-    assert (tmp_path / "recast-quickstart" / "adapter_model.safetensors").stat().st_size == 1688
+    assert "trainable params: 48 " in result.stdout  # the default: 12 modules x 2 templates x 2 blocks of rows
+    assert "48 coefficients in 6 groups" in result.stdout
+    assert (tmp_path / "recast-quickstart" / "adapter_model.safetensors").stat().st_size == 1816

@@ -142,3 +142,18 @@ def test_classifier_head_is_saved_with_the_coefficients(tmp_path):
     fresh = BertForSequenceClassification(config).eval()
     loaded = PeftModel.from_pretrained(fresh, tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
+
+
+def test_config_saved_before_coefficient_blocks_existed_loads_with_one_block(tmp_path, input_ids):
+    """Files written before the field existed have no ``coefficient_blocks`` and one block per module (the default
+    is 2 since): they load as one block, with the outputs they were saved with."""
+    model = get_peft_model(tiny_bert(), RecastConfig(init_weights=False, coefficient_blocks=1))
+    expected = model_output(model, input_ids)
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    del config["coefficient_blocks"]
+    config_path.write_text(json.dumps(config))
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
+    assert loaded.peft_config["default"].coefficient_blocks == 1
+    torch.testing.assert_close(model_output(loaded, input_ids), expected, atol=0, rtol=0)

@@ -44,7 +44,7 @@ def test_quick_scale_benchmark(tmp_path):
     assert inject["identity_at_init"] is True
     assert inject["targeted_params"] == sum(roles.values())
     assert inject["groups"] == 7 * math.ceil(layers / 2)  # 7 linear roles, 2 layers per group
-    assert inject["coefficients"] == 7 * layers * 2
+    assert inject["coefficients"] == 7 * layers * 2 * 2  # 2 templates x 2 blocks of output rows per module
     assert inject["params"] > inject["targeted_params"]
     assert inject["peak_rss_bytes"] >= inject["rss_before_inject_bytes"] > 0
     assert inject["inject_seconds"] > 0 and inject["mimicry_seconds"] > 0
@@ -54,8 +54,9 @@ def test_quick_scale_benchmark(tmp_path):
     assert adapters["adapters_loaded"] == scale.QUICK_ADAPTERS
     assert adapters["reload_max_abs_diff"] < 1e-3
     assert adapters["mixed_batch_max_abs_diff"] < 1e-2
-    # per adapter and default target (q_proj, v_proj of every layer): coefficients (1 x 2) and mixing (2 x 2), float32
-    assert adapters["tensor_bytes_per_adapter"] == 2 * layers * (2 + 4) * 4
+    # per adapter and default target (q_proj, v_proj of every layer): coefficients (1 x 2 x 2 blocks) and mixing (2 x 2),
+    # float32
+    assert adapters["tensor_bytes_per_adapter"] == 2 * layers * (4 + 4) * 4
     targeted_bytes = (roles["q_proj"] + roles["v_proj"]) * 2  # bfloat16
     assert adapters["rss_per_extra_adapter_bytes"] < targeted_bytes  # no adapter holds a copy of the weights
     assert 0 < adapters["adapter_file_bytes"] < 4096

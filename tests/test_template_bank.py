@@ -71,8 +71,8 @@ def test_residual_form_is_the_base_model_at_init_and_saves_only_coefficients(ban
     model.save_pretrained(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert all(key.endswith(".recast_coefficients") for key in tensors)
-    assert {tuple(t.shape) for t in tensors.values()} == {(2, 2)}  # no template in the adapter file
-    assert recast_summary(model).coefficients == 4 * 2 * 2
+    assert {tuple(t.shape) for t in tensors.values()} == {(2, 2, 2)}  # K x n x B: no template in the adapter file
+    assert recast_summary(model).coefficients == 4 * 2 * 2 * 2  # one fused q/k/v tensor per layer
     bank_module._LOADED.clear()  # the templates come from the bank file again, not from memory
     reloaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert reloaded.peft_config["default"].template_bank == bank_dir
@@ -86,7 +86,8 @@ def test_residual_form_is_the_base_model_at_init_and_saves_only_coefficients(ban
 
 def test_replace_form_is_the_papers_mimicked_model(bank_dir, tmp_path, input_ids):
     bank = load_template_bank(bank_dir)
-    model = get_peft_model(tiny_bert(), _config(bank_dir, weight_form="replace"))
+    # the paper's form: one coefficient per template (alpha_0 is K x n), so one block of rows
+    model = get_peft_model(tiny_bert(), _config(bank_dir, weight_form="replace", coefficient_blocks=1))
     entry = bank.groups["encoder.layer.2-3.attention.self.query+key+value"]
     value = model.base_model.model.encoder.layer[3].attention.self.value
     # W = mean_K(alpha_0) @ T: the value rows of layer 3's fused reconstruction

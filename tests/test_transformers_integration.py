@@ -41,9 +41,9 @@ def test_add_set_disable_delete_adapters(input_ids):
     assert model.active_adapters() == ["b"]
     out_b = _hidden(model, input_ids)
     assert not torch.allclose(out_b, out_a, atol=1e-4) and not torch.allclose(out_b, base, atol=1e-4)
-    # adapter "b" owns 1 coefficient per value layer, adapter "a" keeps its 2 per query and value layer
+    # adapter "b" owns 1 template x 2 row blocks per value layer, adapter "a" keeps its 2 x 2 per query and value layer
     value = model.encoder.layer[0].attention.self.value
-    assert value.recast_coefficients["b"].shape == (1, 1) and value.recast_coefficients["a"].shape == (1, 2)
+    assert value.recast_coefficients["b"].shape == (1, 1, 2) and value.recast_coefficients["a"].shape == (1, 2, 2)
     assert "b" not in model.encoder.layer[0].attention.self.query.recast_coefficients
     assert all(layer.recast_coefficients["b"].requires_grad for layer in _recast_layers(model)
                if "b" in layer.recast_coefficients)

@@ -10,13 +10,14 @@ from recast_peft_gates import COMMON_HELPER_OVERRIDES, mixed_batch_test_globals
 
 CONFIGS = [
     (RecastConfig, {"task_type": "CAUSAL_LM", "target_modules": None}),
-    # one group per role over all layers, K=3 coefficient sets. (A 1-layer group with 1 template is a pure rescaling of
-    # the layer, which Gemma3's q/k-norm cancels for q_proj: the "adapter changes the output" sanity checks then fail
-    # by construction, so that corner is left to RECAST's own tests.)
+    # one group per role over all layers, K=3 coefficient sets, one block of output rows: the suite thus covers both
+    # the default (2 blocks, config 0) and one block (config 1). (A 1-layer group with 1 template is a pure rescaling
+    # of the layer, which Gemma3's q/k-norm cancels for q_proj: the "adapter changes the output" sanity checks then
+    # fail by construction, so that corner is left to RECAST's own tests.)
     (
         RecastConfig,
         {"task_type": "CAUSAL_LM", "target_modules": None, "num_groups": 1, "num_templates": 2,
-         "num_coefficient_sets": 3},
+         "num_coefficient_sets": 3, "coefficient_blocks": 1},
     ),
 ]  # fmt: skip
 
