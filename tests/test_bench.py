@@ -81,6 +81,17 @@ def _args(**overrides) -> argparse.Namespace:
     return args
 
 
+def _forbid_training(monkeypatch, message: str):
+    """Make every training entry point (adapter runs and the probe) fail with ``message``; returns the stand-in."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError(message)
+
+    monkeypatch.setattr(bench, "train_run", no_training)
+    monkeypatch.setattr(bench, "_probe_run", no_training)
+    return no_training
+
+
 def test_quick_settings_and_overrides():
     settings = bench.settings_from_args(_args(quick=True))
     assert settings.tasks == list(bench.QUICK_TASKS) and settings.methods == list(bench.QUICK_METHODS)
@@ -118,11 +129,7 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
     assert (tmp_path / bench.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
     # resume: nothing is trained again, adapters come back from disk, and the table is the same
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(bench, "train_run", no_training)
-    monkeypatch.setattr(bench, "_probe_run", no_training)
+    no_training = _forbid_training(monkeypatch, "a finished run was trained again")
     assert bench.main(_args(**{**vars(args), "no_costs": True})) == 0
     assert (tmp_path / bench.TABLE_FILE).read_text() == table  # costs are kept from the first run
 
@@ -200,10 +207,7 @@ def test_merged_records_are_not_retrained_and_chains_are_saved_as_they_finish(tm
     monkeypatch.setattr(bench, "_check_forgetting", check_forgetting)
 
     # the records alone (--merge), without the runs/ folder, in a new output dir: nothing is trained or re-tested
-    def no_training(*args, **kwargs):
-        raise AssertionError("a merged run was trained again")
-
-    monkeypatch.setattr(bench, "train_run", no_training)
+    _forbid_training(monkeypatch, "a merged run was trained again")
     merged = tmp_path / "merged"
     assert bench.main(_args(**{**vars(args), "output_dir": str(merged),
                                "merge": [str(tmp_path / "elsewhere" / bench.RESULTS_FILE)]})) == 0
@@ -223,11 +227,7 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
 
 
 def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
-    def no_training(*args, **kwargs):
-        raise AssertionError("--costs-only trained a run")
-
-    monkeypatch.setattr(bench, "train_run", no_training)
-    monkeypatch.setattr(bench, "_probe_run", no_training)
+    _forbid_training(monkeypatch, "--costs-only trained a run")
     args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=1, costs_only=True, output_dir=str(tmp_path))
     assert bench.main(args) == 0
     with open(tmp_path / bench.RESULTS_FILE) as handle:

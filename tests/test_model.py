@@ -211,6 +211,25 @@ def test_coefficient_sets_act_through_their_mean(input_ids):
     assert recast_summary(two_sets).coefficients == 2 * recast_summary(one_set).coefficients
 
 
+def test_coefficient_sets_train_along_the_path_of_one_set_with_adamw(input_ids):
+    """From the identity start, the K sets get equal gradients (each 1/K of the mean's), so they stay equal and AdamW,
+    blind to a gradient's scale, moves their mean as it moves one set: K is a reparametrisation in training too."""
+    outputs = []
+    for sets in (1, 3):
+        model = get_peft_model(tiny_bert(), RecastConfig(num_coefficient_sets=sets))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for _ in range(5):
+            loss = model_output(model, input_ids)[..., :4].mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        outputs.append(model_output(model, input_ids))
+        coefficients = _recast_layers(model)[0].recast_coefficients["default"].detach()
+        assert coefficients.abs().sum() > 0 and torch.equal(coefficients, coefficients[:1].expand_as(coefficients))
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(outputs[0], model_output(tiny_bert(), input_ids), atol=1e-3)
+
+
 @pytest.mark.parametrize("scale", [None, 1.0, 3.0])
 def test_coefficient_means_scaled_fraction_of_weight_norm(scale):
     extra = {} if scale is None else {"coefficient_scale": scale}
