@@ -248,6 +248,9 @@ class _TokenBatches:
         ids = self.ids[list(indices)]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+    def in_length_order(self, batch_size: int) -> list[list[int]]:
+        return [list(range(i, min(i + batch_size, len(self.lengths)))) for i in range(0, len(self.lengths), batch_size)]
+
 
 def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[list, int]:
     """``train_run`` of ``method_name`` on a tiny BERT (16 texts, batches of 4): the RECAST coefficients, the
