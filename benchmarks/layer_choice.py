@@ -79,9 +79,10 @@ def main() -> None:
         data = load_task_data(record["task"], tokenizer, device)
         encoder = PeftModel.from_pretrained(load_encoder(device), run_dir).eval()
         head = bench._load_head(run_dir, device)
-        ranked = sorted(relative_changes(encoder).items(), key=lambda item: -item[1])
+        changes = relative_changes(encoder)
+        ranked = sorted(changes.items(), key=lambda item: -item[1])
         sizes = {name: module.recast_coefficients[encoder.active_adapter].numel()
-                 for name, module in encoder.named_modules() if name in dict(ranked)}
+                 for name, module in encoder.named_modules() if name in changes}
         for share, end in choices:
             count = round(share * len(ranked))
             kept = {name for name, _ in (ranked[:count] if end == "top" else ranked[len(ranked) - count:])}

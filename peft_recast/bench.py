@@ -295,9 +295,10 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     if align_epochs >= settings.epochs:
         raise ValueError(f"An alignment stage of {align_epochs} epoch(s) leaves no epoch for the other adapter "
                          f"parameters in a {settings.epochs}-epoch run; train for more than {align_epochs} epochs.")
-    held = [p for name, p in encoder.named_parameters() if p.requires_grad and "modules_to_save" not in name]
-    release_at = len(order) * align_epochs // settings.epochs if align_epochs else 0
-    for parameter in held if release_at else []:
+    held = [p for name, p in encoder.named_parameters()
+            if p.requires_grad and "modules_to_save" not in name] if align_epochs else []
+    release_at = len(order) * align_epochs // settings.epochs
+    for parameter in held:
         parameter.requires_grad_(False)  # no gradient: AdamW leaves it (and its state) untouched
     encoder.eval()
     head.train()
@@ -305,7 +306,7 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     progress = tqdm(order, desc=desc, unit="step", leave=False)
     try:
         for step, indices in enumerate(progress):
-            if release_at and step == release_at:
+            if step == release_at:
                 for parameter in held:
                     parameter.requires_grad_(True)
             tick()
