@@ -15,7 +15,7 @@ import argparse
 import os
 import sys
 
-from peft_recast.cli import main
+from peft_recast.apps.cli import main
 
 SETTINGS = {
     "exact": ["--layers-per-group", "2", "--num-templates", "2"],

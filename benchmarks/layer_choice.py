@@ -20,9 +20,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from peft_recast import bench
+from peft_recast.apps import bench
+from peft_recast.apps.encoder import load_tokenizer
+from peft_recast.apps.tasks import load_task_data
 from peft_recast.layer import RecastLayer
-from peft_recast.sentence_classifier import load_tokenizer, load_task_data
 
 
 def relative_changes(encoder: torch.nn.Module) -> dict[str, float]:
@@ -64,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     from peft import PeftModel
 
-    from peft_recast.sentence_classifier import load_encoder
+    from peft_recast.apps.encoder import load_encoder
 
     with open(os.path.join(args.output_dir, bench.RESULTS_FILE)) as handle:
         records = [r for r in json.load(handle)["runs"].values() if r["method"] == args.method]
@@ -78,7 +79,7 @@ def main() -> None:
             continue
         data = load_task_data(record["task"], tokenizer, device)
         encoder = PeftModel.from_pretrained(load_encoder(device), run_dir).eval()
-        head = bench._load_head(run_dir, device)
+        head = bench.load_head(run_dir, device)
         changes = relative_changes(encoder)
         ranked = sorted(changes.items(), key=lambda item: -item[1])
         sizes = {name: module.recast_coefficients[encoder.active_adapter].numel()

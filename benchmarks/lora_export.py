@@ -19,7 +19,9 @@ from peft import PeftModel, convert_to_lora, get_peft_model, set_peft_model_stat
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from peft_recast import RecastConfig
-from peft_recast.sentence_classifier import Batches, load_encoder, load_tokenizer, new_classifier, predict_logits
+from peft_recast.apps.encoder import load_encoder, load_tokenizer, new_classifier
+from peft_recast.apps.loop import predict_logits
+from peft_recast.apps.tasks import Batches
 from peft_recast.layer import RecastLayer
 
 RANKS = (1, 4, 16, 64, 192, 384)
@@ -36,7 +38,7 @@ def main() -> None:
         model = get_peft_model(load_encoder(torch.device("cpu")), RecastConfig(init_weights=False)).eval()
         build = lambda: load_encoder(torch.device("cpu"))
     else:
-        from peft_recast.data import load_task
+        from peft_recast.apps.tasks import load_task
 
         with open(os.path.join(args.adapter, "task.json")) as handle:
             info = json.load(handle)

@@ -4,12 +4,12 @@
 and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 """
 
-__version__ = "0.1.0"  # before the imports: config.py reads it (saved as `recast_version`)
-
-from .config import RecastConfig
-from .model import RecastModel, RecastSummary, recast_summary
+from ._version import __version__
+from .config import RECOMMENDED_LR, RecastConfig
+from .model import RecastModel
 from .registration import RECAST, register
+from .summary import RecastSummary, recast_summary
 
 register()
 
-__all__ = ["RECAST", "RecastConfig", "RecastModel", "RecastSummary", "recast_summary"]
+__all__ = ["RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "recast_summary"]

@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from .model import _role_and_index
+from .grouping import role_and_index
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -17,7 +17,7 @@ _GROUP_RANGE = re.compile(r"(?<=\.)(\d+)(?:-(\d+))?(?=\.|\[|$)|^(\d+)(?:-(\d+))?
 
 
 def _group_matcher(name: str) -> tuple[str, int, int]:
-    """``(role, first, last)`` of a group name; the role is written as :func:`~peft_recast.model._role_and_index`
+    """``(role, first, last)`` of a group name; the role is written as :func:`~peft_recast.grouping.role_and_index`
     writes it (``{}`` for the layer index, shape suffix dropped)."""
     base = name.split("[", 1)[0]
     match = _GROUP_RANGE.search(base)
@@ -69,7 +69,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
             others[key] = shape
             continue
         coefficients += numel
-        role, index = _role_and_index(key.removeprefix("base_model.model.").removesuffix(".recast_coefficients"))
+        role, index = role_and_index(key.removeprefix("base_model.model.").removesuffix(".recast_coefficients"))
         for name, (group_role, first, last) in matchers.items():
             if group_role == role and (index is None or first <= index <= last):
                 groups[name]["modules"] += 1

@@ -8,11 +8,29 @@ from typing import Any, Literal, Optional, Union
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
-from . import __version__
+from ._version import __version__
 from .registration import RECAST
 
 # The paper's variants (official code, appledora/RECAST_ICLR25 models/RECAST-*.py: FACTORS = 6, TEMPLATES = 2,
 # num_cf = 2; ResNet-34: banks over the blocks after the first of each stage, n = blocks - 1, num_cf = 2).
+# The peak AdamW learning rate of the coefficients that README, the examples and `peft-recast train` use (default
+# coefficient_scale s = 10): the best rate of the default within 0.5 points on the benchmark's tasks (docs/benchmarks.md).
+# First chosen with `peft-recast sweep --task trec6 sms` (validation accuracy, %, 2,000 train examples, 4 epochs,
+# seed 0; probe: trec6 76.2, sms 95.8), measured with a unit coefficient worth 1 x ||W|| at rates 1e-3 .. 3e-1, which
+# is the same AdamW trajectory as the rates below (divided by s / sqrt(n) = 7.07):
+#   lr      1.4e-4  4.2e-4  1.4e-3  4.2e-3  1.4e-2  4.2e-2
+#   trec6     75.8    77.0    80.0    80.6    82.6    81.8
+#   sms       96.0    96.8    98.4    98.8    98.8    98.4
+RECOMMENDED_LR = 1e-2
+
+def config_list(value: Optional[Union[str, int, list, set]]) -> list:
+    """A ``layers_pattern`` or ``layers_to_transform`` value as a list: ``None`` -> ``[]``, ``"h"`` -> ``["h"]``,
+    ``3`` -> ``[3]``."""
+    if value is None:
+        return []
+    return [value] if isinstance(value, (str, int)) else list(value)
+
+
 _PAPER = {"num_templates": 2, "num_coefficient_sets": 2, "coefficient_blocks": 1}
 RECAST_PRESETS: dict[str, dict[str, Any]] = {
     "attention": {"num_groups": 6, **_PAPER},
@@ -113,49 +131,81 @@ class RecastConfig(PeftConfig):
     model fail loudly.
 
     Args:
-        target_modules: Module names (list, suffix match), a regex (str), or ``"all-linear"``. ``None`` uses the
-            default for the model type (query/value projections, as for LoRA).
-        exclude_modules: Modules not to adapt (list or regex).
-        layers_to_transform: Layer indices to adapt (the others keep their pretrained weights).
-        layers_pattern: Name of the layer list (e.g. ``"layers"``), used with ``layers_to_transform``.
-        modules_to_save: Extra modules trained and saved in full (e.g. a new classifier head).
-        init_weights: ``True``: coefficients start at 0, the adapted model equals the base model. ``False``: a
-            random non-identity start (for tests).
-        bias: ``"none"``, ``"all"`` or ``"recast_only"``: which biases are trained.
-        fan_in_fan_out: ``True`` for layers storing weights as ``(in, out)`` (GPT-2's ``Conv1D``; set
-            automatically).
-        layers_per_group: Consecutive layers of one role that share a template bank (default 2). Mutually
-            exclusive with ``num_groups``.
-        num_groups: Split each role's layers into this many contiguous groups instead (the paper's ``G``).
-        num_templates: Templates per group (the paper's ``n``); capped at the group size and the numerical rank
-            of the group's weights.
-        num_coefficient_sets: Coefficient sets per module (the paper's ``K``); the layer uses their mean, so
-            ``K > 1`` changes parameter count and initial point only.
-        coefficient_blocks: ``B`` (default 2): cut each module's output rows (``out`` of ``(out, in)``) into ``B``
-            contiguous blocks (e.g. one per attention head), each with its own ``K x n`` coefficients: ``delta_W``
-            rows of block ``b`` use ``theta[:, :, b]``. ``K x n x B`` numbers per module. Blocks are equal when ``B``
-            divides ``out``, else they differ by one row (as ``torch.tensor_split``); a module with fewer than ``B``
-            rows gets one block per row. ``1``: one coefficient per template, as in the paper.
-        share_across_module_types: ``True``: all target modules of a group of layers that have the same weight shape
-            (e.g. query, key, value and attention output) share one bank, so each module mixes templates built from
-            all of them; ``False``: one bank per module type.
-        coefficient_scale: ``s`` above: moving all ``n`` coefficients of a layer by ``c`` moves its weight by
-            ``c s`` times its own Frobenius norm, whatever ``n`` is. Stored with the adapter, so files keep their meaning.
-        base_fingerprint: Singular values of every group's stacked pretrained weights, written when the adapter
-            is created and checked when it is loaded. Leave it ``None``.
-        recast_version: Version of ``peft_recast`` that wrote the config (filled in automatically). Loading a config
-            written by a newer version raises ``ValueError``, since its fields may mean something this version
-            cannot honour.
-        fused_modules: Target names whose modules in one layer form one weight, as the paper's fused ``qkv``:
-            their weights are concatenated (flattened) per layer, share templates and one ``K x n`` coefficient
-            tensor (e.g. ``["query", "key", "value"]``).
-        template_bank: Path or Hub id of a template bank written by :func:`peft_recast.bank.save_template_bank`
-            (gradient Neural Mimicry, as in the paper). ``None``: closed-form templates rebuilt from the base.
-        weight_form: ``"residual"`` (default): ``W_l = W_pre + update``, exactly the base model at init.
-            ``"replace"``: the paper's ``W_l = sum_k mean_K(alpha_l)_k T_k`` with ``alpha`` starting at the mimicked
-            coefficients (equal to the base model only as far as the mimicry is exact).
-        preset: The paper variant this config was made from (:meth:`from_preset`); target modules are resolved
-            per model type at injection when ``target_modules`` is ``None``.
+        target_modules (`Optional[Union[list[str], str]]`, *optional*, defaults to `None`):
+            Module names (list, suffix match), a regex (str), or ``"all-linear"``. ``None`` uses the default for the
+            model type (query/value projections, as for LoRA).
+        exclude_modules (`Optional[Union[list[str], str]]`, *optional*, defaults to `None`):
+            Modules not to adapt (list or regex).
+        layers_to_transform (`Optional[Union[list[int], int]]`, *optional*, defaults to `None`):
+            Layer indices to adapt (the others keep their pretrained weights).
+        layers_pattern (`Optional[Union[list[str], str]]`, *optional*, defaults to `None`):
+            Name of the layer list (e.g. ``"layers"``), used with ``layers_to_transform``.
+        modules_to_save (`Optional[list[str]]`, *optional*, defaults to `None`):
+            Extra modules trained and saved in full (e.g. a new classifier head).
+        init_weights (`bool`, defaults to `True`):
+            ``True``: coefficients start at 0, the adapted model equals the base model. ``False``: a random
+            non-identity start (for tests).
+        bias (`str`, defaults to `"none"`):
+            ``"none"``, ``"all"`` or ``"recast_only"``: which biases are trained.
+        fan_in_fan_out (`bool`, defaults to `False`):
+            ``True`` for layers storing weights as ``(in, out)`` (GPT-2's ``Conv1D``; set automatically).
+        layers_per_group (`Optional[int]`, *optional*, defaults to `None`, meaning 2):
+            Consecutive layers of one role that share a template bank. Mutually exclusive with ``num_groups``.
+        num_groups (`Optional[int]`, *optional*, defaults to `None`):
+            Split each role's layers into this many contiguous groups instead (the paper's ``G``).
+        num_templates (`int`, defaults to `2`):
+            Templates per group (the paper's ``n``); capped at the group size and the numerical rank of the group's
+            weights.
+        num_coefficient_sets (`int`, defaults to `1`):
+            Coefficient sets per module (the paper's ``K``); the layer uses their mean, so ``K > 1`` changes the
+            number of coefficients and the initial point only.
+        coefficient_scale (`float`, defaults to `10.0`):
+            ``s`` above: moving all ``n`` coefficients of a layer by ``c`` moves its weight by ``c s`` times its own
+            Frobenius norm, whatever ``n`` is. Stored with the adapter, so files keep their meaning.
+        coefficient_blocks (`int`, defaults to `2`):
+            ``B``: cut each module's output rows (``out`` of ``(out, in)``) into ``B`` contiguous blocks (e.g. one
+            per attention head), each with its own ``K x n`` coefficients: ``delta_W`` rows of block ``b`` use
+            ``theta[:, :, b]``. ``K x n x B`` coefficients per module. Blocks are equal when ``B`` divides ``out``,
+            else they differ by one row (as ``torch.tensor_split``); a module with fewer than ``B`` rows gets one
+            block per row. ``1``: one coefficient per template, as in the paper.
+        share_across_module_types (`bool`, defaults to `False`):
+            ``True``: all target modules of a group of layers that have the same weight shape (e.g. query, key,
+            value and attention output) share one bank, so each module mixes templates built from all of them;
+            ``False``: one bank per module type.
+        base_fingerprint (`Optional[dict[str, list[float]]]`, *optional*, defaults to `None`):
+            Singular values of every group's stacked pretrained weights, written when the adapter is created and
+            checked when it is loaded. Leave it ``None``.
+        recast_version (`Optional[str]`, *optional*, defaults to `None`, filled in):
+            Version of ``peft_recast`` that wrote the config. Loading a config written by a newer version raises
+            ``ValueError``, since its fields may mean something this version cannot honour.
+        fused_modules (`Optional[list[str]]`, *optional*, defaults to `None`):
+            Target names whose modules in one layer form one weight, as the paper's fused ``qkv``: their weights are
+            concatenated (flattened) per layer, share templates and one ``K x n`` coefficient tensor (e.g.
+            ``["query", "key", "value"]``).
+        template_bank (`Optional[str]`, *optional*, defaults to `None`):
+            Path or Hub id of a template bank written by :func:`peft_recast.bank.save_template_bank` (gradient Neural
+            Mimicry, as in the paper). ``None``: closed-form templates rebuilt from the base.
+        weight_form (`str`, defaults to `"residual"`):
+            ``"residual"``: ``W_l = W_pre + update``, exactly the base model at init. ``"replace"``: the paper's
+            ``W_l = sum_k mean_K(theta_l)_k T_k`` with ``theta`` starting at the mimicked coefficients (equal to the
+            base model only as far as the mimicry is exact).
+        preset (`Optional[str]`, *optional*, defaults to `None`):
+            The paper variant this config was made from (:meth:`from_preset`); target modules are resolved per model
+            type at injection when ``target_modules`` is ``None``.
+
+    Example:
+
+        ```py
+        >>> import peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertModel
+
+        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64))
+        >>> model = get_peft_model(base, peft_recast.RecastConfig())  # query/value, 2 layers per group
+        >>> model.get_nb_trainable_parameters()[0]  # q, v x 4 layers x (2 templates x 2 row blocks)
+        32
+
+        ```
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -245,8 +295,8 @@ class RecastConfig(PeftConfig):
             self.exclude_modules = set(self.exclude_modules)
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
-        indices = [self.layers_to_transform] if isinstance(self.layers_to_transform, int) else self.layers_to_transform
-        if indices is not None and any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
+        indices = config_list(self.layers_to_transform)
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in indices):
             raise ValueError(
                 f"`layers_to_transform` must be a layer index or a list of layer indices (integers >= 0, counted "
                 f"from the first layer), got {self.layers_to_transform!r}."

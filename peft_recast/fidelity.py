@@ -16,7 +16,6 @@ errors of earlier layers propagate, as in the paper's layer-wise feature similar
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Mapping, Optional
@@ -179,11 +178,12 @@ def compare_mimicry(
     """Closed-form versus gradient mimicry of ``model`` for ``config``, each with its wall time.
 
     The closed-form time is that of fitting every group (``fit_group``) as an adapter is injected; the gradient time
-    that of :func:`peft_recast.bank.mimic_template_bank` (the bank is saved to ``bank_dir``).
+    that of :func:`peft_recast.gradient_mimicry.mimic_template_bank` (the bank is saved to ``bank_dir``).
     """
     from peft import get_peft_model
 
-    from .bank import MimicrySettings, mimic_template_bank, save_template_bank
+    from .bank import MimicrySettings, save_template_bank
+    from .gradient_mimicry import mimic_template_bank
 
     closed = replace(config, template_bank=None, base_fingerprint=None, inference_mode=True)
     start = time.perf_counter()
@@ -199,141 +199,6 @@ def compare_mimicry(
     )
     gradient_report.details = {"best_loss": bank.best_loss, "bank": path, "settings": bank.settings}
     return closed_report, gradient_report
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# command line: `peft-recast mimic` and `peft-recast fidelity` (registered by peft_recast.cli)
-
-
-_COMMANDS = {
-    "mimic": (
-        "fit a template bank by gradient Neural Mimicry (the paper's procedure) and save it",
-        "Learn templates and coefficients for a pretrained model by gradient descent on the reconstruction loss "
-        "(SmoothL1, RMSprop; the paper's settings by default) and write the template bank (safetensors) that adapters "
-        "name in RecastConfig.template_bank.",
-    ),
-    "fidelity": (
-        "closed-form vs gradient mimicry: reconstruction error, weight and output cosines, time",
-        "Mimic a pretrained model both ways and report per template group the relative reconstruction error, the "
-        "cosine of generated vs pretrained weights and of layer outputs (mimicked vs original model on real text from "
-        "the TREC-6 package), with the wall time of each method.",
-    ),
-}
-
-
-def add_mimicry_commands(commands: Any) -> None:
-    """Add the ``mimic`` and ``fidelity`` sub-commands to ``peft-recast``'s sub-parsers."""
-    parsers = {}
-    for name, (help_text, description) in _COMMANDS.items():
-        parsers[name] = commands.add_parser(name, help=help_text, description=description)
-        _add_mimicry_arguments(parsers[name])
-    parsers["mimic"].add_argument("--output", default=os.path.join("runs", "template-bank"),
-                                  help="directory (or .safetensors file) for the bank (default: ./runs/template-bank)")
-    fidelity = parsers["fidelity"]
-    fidelity.add_argument("--bank-dir", default=os.path.join("runs", "fidelity"),
-                          help="where the gradient bank is written (default: ./runs/fidelity)")
-    fidelity.add_argument("--samples", type=int, default=32, help="sample texts for the output cosines (default 32)")
-    fidelity.add_argument("--json", default=None, help="also write the reports to this JSON file")
-
-
-def _add_mimicry_arguments(parser: Any) -> None:
-    from .bank import MimicrySettings
-
-    defaults = MimicrySettings()
-    parser.add_argument("--model", default=None, help="model directory or Hub id (default: the pip MiniLM-L6)")
-    parser.add_argument("--preset", default="attention", help="paper variant: attention, mlp, attention+mlp, conv "
-                        "(default: attention)")
-    parser.add_argument("--target-modules", nargs="+", default=None, help="instead of the preset's targets")
-    parser.add_argument("--fused-modules", nargs="+", default=None, help="target names fused into one weight")
-    parser.add_argument("--layers-per-group", type=int, default=2,
-                        help="layers per group (default 2, the official code's 12 layers / G=6); 0: preset's G")
-    parser.add_argument("--num-templates", type=int, default=None, help="n (default: the preset's, 2)")
-    parser.add_argument("--num-coefficient-sets", type=int, default=None, help="K (default: the preset's, 2)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"mimicry steps (default {defaults.steps})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"RMSprop learning rate (default {defaults.lr})")
-    parser.add_argument("--lr-step", type=int, default=None,
-                        help="StepLR period (default: steps / 5, the paper's 200 of 1000)")
-    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
-    parser.add_argument("--noise-std", type=float, default=defaults.noise_std)
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--loss-weight", type=float, default=defaults.loss_weight)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-
-
-def _config_from_args(args: Any) -> RecastConfig:
-    overrides: dict[str, Any] = {}
-    if args.layers_per_group:
-        overrides["layers_per_group"] = args.layers_per_group
-    for name in ("num_templates", "num_coefficient_sets", "target_modules", "fused_modules"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
-    return RecastConfig.from_preset(args.preset, **overrides)
-
-
-def _settings_from_args(args: Any):
-    from .bank import MimicrySettings
-
-    return MimicrySettings(
-        steps=args.steps, lr=args.lr, lr_step=args.lr_step or max(1, args.steps // 5), lr_gamma=args.lr_gamma,
-        noise_std=args.noise_std, clip_norm=args.clip_norm, loss_weight=args.loss_weight, seed=args.seed,
-    )
-
-
-def _load_model(args: Any) -> tuple[nn.Module, str]:
-    from transformers import AutoModel
-
-    from .sentence_classifier import minilm_path
-
-    path = args.model or minilm_path()
-    return AutoModel.from_pretrained(path).eval(), path
-
-
-def run_mimicry_command(args: Any) -> int:
-    """Run ``peft-recast mimic`` or ``peft-recast fidelity``."""
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
-        return _run_mimicry_command(args)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _run_mimicry_command(args: Any) -> int:
-    import json
-
-    from .bank import mimic_template_bank, save_template_bank
-
-    model, path = _load_model(args)
-    config, settings = _config_from_args(args), _settings_from_args(args)
-    if args.command == "mimic":
-        bank = mimic_template_bank(model, config, settings)
-        written = save_template_bank(bank, args.output)
-        print(f"template bank of {len(bank.groups)} groups for {path}: {written} (best loss {bank.best_loss:.3e}, "
-              f"{bank.seconds:.1f} s)")
-        print(f"use it with RecastConfig.from_preset({args.preset!r}, ..., template_bank={written!r})")
-        return 0
-    from transformers import AutoTokenizer
-
-    from .data import read_trec6
-
-    texts = read_trec6()[0][: args.samples]
-    inputs = dict(AutoTokenizer.from_pretrained(path)(texts, return_tensors="pt", padding=True, truncation=True,
-                                                      max_length=64))
-    closed, gradient = compare_mimicry(model, config, inputs, args.bank_dir, settings)
-    print(closed)
-    print(gradient)
-    print(format_comparison(closed, gradient))
-    if args.json:
-        from dataclasses import asdict
-
-        from .files import atomic_write
-
-        with atomic_write(args.json) as handle:
-            json.dump({"model": path, "config": config.to_dict(), "reports": [asdict(closed), asdict(gradient)]},
-                      handle, indent=1, default=str)
-    return 0
 
 
 def format_comparison(closed: FidelityReport, gradient: FidelityReport) -> str:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from torch import nn
 
 from .config import RecastConfig
-from .model import recast_summary
+from .summary import recast_summary
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo, ModelCard

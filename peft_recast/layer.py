@@ -279,7 +279,7 @@ class Linear(nn.Module, RecastLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _call_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The base layer's computation with ``weight`` (stored layout) in place of its own: one matmul."""
         x = self._cast_input_dtype(x, weight.dtype)
         return F.linear(x, transpose(weight, self.fan_in_fan_out), self.get_base_layer().bias)
@@ -305,7 +305,7 @@ class Linear(nn.Module, RecastLayer):
         else:
             adapters = [name for name in self.active_adapters if name in self.recast_coefficients]
             if adapters:
-                result = self._linear(x, self._adapted_weight(adapters))
+                result = self._call_base(x, self._adapted_weight(adapters))
             else:
                 result = self.base_layer(x, *args, **kwargs)
         return result.to(previous_dtype)
@@ -318,7 +318,7 @@ class Linear(nn.Module, RecastLayer):
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
             if name in self.recast_coefficients:
-                out = self._linear(x[rows], self._adapted_weight([name]))
+                out = self._call_base(x[rows], self._adapted_weight([name]))
             else:
                 out = self.base_layer(x[rows], *args, **kwargs)
             if result is None:
@@ -340,7 +340,7 @@ class Conv2d(Linear):
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: RecastConfig, **kwargs: Any) -> None:
         super().__init__(base_layer, adapter_name, config, fan_in_fan_out=False, **kwargs)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _call_base(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         base_layer = self.get_base_layer()
         x = self._cast_input_dtype(x, weight.dtype)
         return base_layer._conv_forward(x, weight, base_layer.bias)

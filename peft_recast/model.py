@@ -1,33 +1,35 @@
-"""The RECAST tuner: injection, template groups and their Neural Mimicry, mixed-task batches, reporting."""
+"""The RECAST tuner, PEFT's hooks only: injection and its Neural Mimicry, load checks, merging, ``adapter_names``."""
 
 from __future__ import annotations
 
 import math
 import re
 import warnings
-from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Iterator, Optional, Union
 
-import safetensors.torch
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import (
-    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    AuxiliaryTrainingWrapper,
-    get_peft_model_state_dict,
-)
-from peft.utils.other import _get_submodules
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper
+from peft.utils.other import ModulesToSaveWrapper, _get_submodules
 from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .bank import BankGroup, TemplateBank, load_template_bank
-from .config import RecastConfig, preset_fields
+from .config import RecastConfig, config_list, preset_fields
+from .grouping import (
+    adapter_layers,
+    flat_cat,
+    fuse_groups,
+    layer_index,
+    layers_to_transform_problem,
+    plan_groups,
+    warn_if_templates_exceed_groups,
+)
 from .layer import Conv2d, Linear, RecastGroup, RecastLayer
-from .mimicry import GroupFit, fingerprint_mismatch, fit_group, reconstruction_error
+from .mimicry import GroupFit, fingerprint_mismatch, fit_group
 
 # Show a progress bar for mimicry once the targeted weights exceed this many elements (~a 100M-parameter model).
 PROGRESS_MIN_NUMEL = 100_000_000
@@ -37,7 +39,6 @@ TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     "vit": ["q_proj", "v_proj"],
 }
-_LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -45,132 +46,11 @@ def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict
     return args, kwargs
 
 
-def _role_and_index(key: str, layers_pattern: Optional[Union[str, list[str]]] = None) -> tuple[str, Optional[int]]:
-    """Split a module key at its first numeric component: ``"enc.layer.3.q"`` -> ``("enc.layer.{}.q", 3)``; with
-    ``layers_pattern`` at the component after it (``"stages.1.layers.3.conv"``, ``"layers"`` -> index 3)."""
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    for pattern in patterns:
-        found = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)(?=\.|$)", key)
-        if found is not None:
-            return key[: found.start(1)] + "{}" + key[found.end(1) :], int(found.group(1))
-    match = _LAYER_INDEX.search(key)
-    if match is None:
-        return key, None
-    return key[: match.start()] + "{}" + key[match.end() :], int(match.group())
-
-
-def _split(items: list, config: RecastConfig) -> list[list]:
-    """Contiguous chunks of ``items`` (layer indices): of ``config.group_size``, or ``config.num_groups`` near-equal
-    ones."""
-    if config.num_groups is None:
-        size = config.group_size
-        return [items[start : start + size] for start in range(0, len(items), size)]
-    count = min(config.num_groups, len(items))
-    base, extra = divmod(len(items), count)
-    chunks, start = [], 0
-    for i in range(count):
-        stop = start + base + (1 if i < extra else 0)
-        chunks.append(items[start:stop])
-        start = stop
-    return chunks
-
-
 def _coefficient_unit(norm: float, config: RecastConfig, num_templates: int) -> float:
     """What a unit coefficient moves a layer by along one unit template: ``s ||W||_F / sqrt(n)``, so that moving all
     ``n`` coefficients by ``c`` moves the weight by ``c s ||W||_F`` whatever ``n`` is (AdamW moves every coefficient by
     about the learning rate per step, so the best learning rate does not depend on the number of templates)."""
     return norm * config.coefficient_scale / math.sqrt(num_templates)
-
-
-def plan_groups(layers: dict[str, RecastLayer], config: RecastConfig) -> list[tuple[str, list[RecastLayer]]]:
-    """Group target modules into template banks.
-
-    Modules share a bank when they have the same role (their key up to the layer index, e.g.
-    ``encoder.layer.{}.attention.self.query``; with ``share_across_module_types`` every module of the layer list,
-    ``encoder.layer.{}.*``) and the same weight shape; each role's layers, in order, are cut into contiguous groups of
-    layers. Modules without a layer index form a group of their own.
-
-    Returns:
-        ``(name, members)`` pairs, e.g. ``("encoder.layer.0-1.attention.self.query", [layer0, layer1])``.
-    """
-    by_role: dict[tuple[str, tuple[int, ...]], list[tuple[int, str, RecastLayer]]] = defaultdict(list)
-    for key, layer in layers.items():
-        role, index = _role_and_index(key, config.layers_pattern)
-        if index is None:
-            role, index = key.replace("{", "{{").replace("}", "}}"), 0
-        elif config.share_across_module_types:
-            role = role[: role.index("{}") + 2] + ".*"  # every module type of the layer, by shape
-        by_role[(role, tuple(layer.get_base_layer().weight.shape))].append((index, key, layer))
-    shapes_per_role = defaultdict(int)
-    for role, _ in by_role:
-        shapes_per_role[role] += 1
-    groups = []
-    for (role, shape), items in by_role.items():
-        items.sort(key=lambda item: item[:2])
-        for chunk in _split(sorted({index for index, _, _ in items}), config):
-            first, last = chunk[0], chunk[-1]
-            name = role.format(f"{first}-{last}" if first != last else f"{first}")
-            if shapes_per_role[role] > 1:
-                name += "[" + "x".join(map(str, shape)) + "]"
-            groups.append((name, [layer for index, _, layer in items if first <= index <= last]))
-    return groups
-
-
-def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, RecastLayer]:
-    """The RECAST layers of ``model`` that hold ``adapter_name``, by module key."""
-    return {
-        key: module
-        for key, module in model.named_modules()
-        if isinstance(module, RecastLayer) and adapter_name in module.recast_coefficients
-    }
-
-
-def _layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
-    """The layer index that PEFT's ``layers_to_transform`` filter reads from a module key.
-
-    Without ``layers_pattern``: the first all-digit component that has at least two components before it and one
-    after it (``model.layers.3.mlp`` -> 3). With it: the first all-digit component right after a component matching
-    one of the patterns (``h.3.attn`` with ``"h"`` -> 3).
-    """
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    if patterns:
-        for pattern in patterns:
-            match = re.search(rf"(?:^|\.)(?:{pattern})\.(\d+)\.", key)
-            if match is not None:
-                return int(match.group(1))
-        return None
-    parts = key.split(".")
-    for position in range(2, len(parts) - 1):
-        if parts[position].isdigit():
-            return int(parts[position])
-    return None
-
-
-def layers_to_transform_problem(
-    model: nn.Module, config: RecastConfig, layers: dict[str, RecastLayer]
-) -> Optional[str]:
-    """Say which ``layers_to_transform`` indices adapted no module (out of range, or no target in them), or
-    return ``None``."""
-    requested = config.layers_to_transform
-    if requested is None:
-        return None
-    requested = [requested] if isinstance(requested, int) else list(requested)
-    if not requested:
-        return None
-    adapted = {_layer_index(key, config.layers_pattern) for key in layers}
-    missing = sorted(set(requested) - adapted)
-    if not missing:
-        return None
-    indices = (_layer_index(key, config.layers_pattern) for key, _ in model.named_modules())
-    present = sorted({index for index in indices if index is not None})
-    where = f"layers {present[0]} to {present[-1]}" if present else "no numbered layers"
-    pattern = f" under `layers_pattern`={config.layers_pattern!r}" if config.layers_pattern else ""
-    return (
-        f"`layers_to_transform` asks for layer(s) {missing}, but no module of those layers matches `target_modules` "
-        f"({config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)}). "
-        f"This model has {where}{pattern}. Use indices of layers that hold "
-        "target modules (counted from 0), or drop the others from `layers_to_transform`."
-    )
 
 
 def coefficient_problem(
@@ -216,62 +96,42 @@ def coefficient_problem(
     return None
 
 
-def _warn_if_templates_exceed_groups(
-    adapter_name: str, config: RecastConfig, groups: list[tuple[str, list[RecastLayer]]]
-) -> None:
-    """Warn when ``num_templates`` is larger than every group: a group of ``m`` modules spans ``m`` templates.
-    Presets are exempt: the paper's conv variant asks for as many templates as each group holds."""
-    largest = max((len(members) for _, members in groups), default=0)
-    if groups and config.num_templates > largest and getattr(config, "preset", None) is None:
-        plural = "s" if largest > 1 else ""
-        warnings.warn(
-            f"`num_templates`={config.num_templates} is larger than every template group of adapter "
-            f"'{adapter_name}' (the largest has {largest} module{plural}), and a group of m modules spans at most m "
-            f"templates, so each group uses at most {largest}. Lower `num_templates`, or put more layers in a "
-            "group (`layers_per_group`, `num_groups`).",
-            UserWarning,
-        )
-
-
-def _flat_cat(weights: list[torch.Tensor]) -> torch.Tensor:
-    """One fused weight: the members' weights flattened and concatenated, ``(sum numel,)``."""
-    return torch.cat([weight.detach().reshape(-1) for weight in weights])
-
-
-def fuse_groups(
-    groups: list[tuple[str, list[RecastLayer]]], layers: dict[str, RecastLayer], config: RecastConfig
-) -> list[tuple[str, list[list[tuple[str, RecastLayer]]]]]:
-    """Turn groups into groups of *units*: a unit is one module, or (``config.fused_modules``) the modules of one
-    layer that act as one weight, e.g. ``query``/``key``/``value`` as the paper's ``qkv``; the groups of the fused
-    roles (same layers) merge into one named ``...query+key+value``. ``layers``: the groups' modules by key.
-    """
-    keys = {id(layer): key for key, layer in layers.items()}
-    fused = list(config.fused_modules or [])
-    units: dict[str, dict[str, list[RecastLayer]]] = {}
-    for name, members in groups:
-        role = next((f for f in fused if name == f or name.endswith("." + f)), None)
-        if role is None:
-            units[name] = {"": members}
-            continue
-        units.setdefault(name[: len(name) - len(role)] + "+".join(fused), {})[role] = members
-    result = []
-    for name, by_role in units.items():
-        ordered = [by_role[role] for role in ([""] if "" in by_role else [f for f in fused if f in by_role])]
-        if len({len(members) for members in ordered}) != 1:
-            raise ValueError(
-                f"`fused_modules` {fused} fuse modules of one layer, but group '{name}' has "
-                f"{[len(m) for m in ordered]} modules per role: target the same layers for every fused name."
-            )
-        result.append((name, [[(keys[id(layer)], layer) for layer in unit] for unit in zip(*ordered)]))
-    return result
-
-
 class RecastModel(BaseTuner):
     """Creates a RECAST model from a pretrained transformers model (use ``peft.get_peft_model``).
 
-    Every adapter (task) gets ``K x n`` coefficients per target module; templates are rebuilt from the base weights
-    by closed-form Neural Mimicry whenever an adapter is injected (see :mod:`peft_recast.mimicry`), so adapter files
-    hold coefficients only.
+    Every adapter (task) gets ``K x n x B`` coefficients per target module; templates are rebuilt from the base
+    weights by closed-form Neural Mimicry whenever an adapter is injected (see :mod:`peft_recast.mimicry`), so adapter
+    files hold coefficients only. The hooks below are PEFT's; grouping lives in :mod:`peft_recast.grouping`.
+
+    Args:
+        model (`torch.nn.Module`): The model to adapt.
+        config (`RecastConfig`): The adapter's configuration.
+        adapter_name (`str`): The adapter's name (PEFT's default is ``"default"``).
+        low_cpu_mem_usage (`bool`, defaults to `False`): Create the coefficients on the meta device (loading).
+
+    Example:
+
+        ```py
+        >>> import torch, peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertModel
+
+        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64))
+        >>> model = get_peft_model(base, peft_recast.RecastConfig(layers_per_group=4, coefficient_blocks=1))
+        >>> model.add_adapter("task_b", peft_recast.RecastConfig(layers_per_group=4, coefficient_blocks=1))
+        >>> ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+        >>> _ = model.eval()
+        >>> mixed = model(input_ids=ids, adapter_names=["default", "task_b"]).last_hidden_state  # a task per row
+        >>> with model.disable_adapter():
+        ...     bare = model(input_ids=ids).last_hidden_state
+        >>> torch.allclose(mixed, bare)  # adapters start as the identity
+        True
+
+        ```
+
+    **Attributes**:
+        - **model** (`torch.nn.Module`) -- The adapted model.
+        - **peft_config** (`dict[str, RecastConfig]`) -- The adapters' configurations, by name.
     """
 
     prefix: str = "recast_"
@@ -298,15 +158,16 @@ class RecastModel(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     @staticmethod
-    def _create_new_module(recast_config: RecastConfig, adapter_name: str, target: nn.Module) -> Linear:
+    def _create_new_module(recast_config: RecastConfig, adapter_name: str, target: nn.Module) -> RecastLayer:
+        """The RECAST layer for ``target``, chosen by the type of its base layer (the one dispatch of layer types)."""
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         if isinstance(base_layer, Conv1D):
             if not recast_config.fan_in_fan_out:
                 warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Using True for it.")
             return Linear(target, adapter_name, recast_config, fan_in_fan_out=True)
-        if type(base_layer) is nn.Conv2d:
+        if isinstance(base_layer, nn.Conv2d):
             return Conv2d(target, adapter_name, recast_config)
-        if type(base_layer) is nn.Linear:
+        if isinstance(base_layer, nn.Linear):
             if recast_config.fan_in_fan_out:
                 warnings.warn(
                     "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Using False for it."
@@ -325,32 +186,41 @@ class RecastModel(BaseTuner):
         low_cpu_mem_usage: bool = False,
         state_dict: Optional[dict[str, torch.Tensor]] = None,
     ) -> None:
-        """PEFT's injection, then Neural Mimicry over the groups of the new adapter's modules."""
-        super().inject_adapter(
-            model,
-            adapter_name,
-            autocast_adapter_dtype=autocast_adapter_dtype,
-            low_cpu_mem_usage=low_cpu_mem_usage,
-            state_dict=state_dict,
-        )
-        self._fit_templates(model, adapter_name)
+        """PEFT's injection, then Neural Mimicry over the groups of the new adapter's modules.
+
+        Fails clean: whatever raises (a bad config, meta-device weights, an all-zero group, a foreign adapter, an
+        interrupt), every module wrapped for ``adapter_name`` is unwrapped again and every parameter gets back its
+        ``requires_grad``, so the model is exactly as it was before the call.
+        """
+        requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+            self._fit_templates(model, adapter_name)
+        except BaseException:
+            self._remove_adapter_layers(model, adapter_name, adapter_layers(model, adapter_name))
+            for parameter, flag in requires_grad:
+                parameter.requires_grad = flag
+            raise
 
     def _fit_templates(self, model: nn.Module, adapter_name: str) -> None:
+        """Closed-form mimicry (or the template bank) for every group of ``adapter_name``; sets the config's
+        ``base_fingerprint``, or checks it against this model's weights when the adapter is being loaded."""
         config = self.peft_config[adapter_name]
         layers = adapter_layers(model, adapter_name)
         problem = layers_to_transform_problem(model, config, layers)
         if problem is not None:
-            self._remove_adapter_layers(model, adapter_name, layers)
             raise ValueError(problem)
         groups = plan_groups(layers, config)
-        _warn_if_templates_exceed_groups(adapter_name, config, groups)
+        warn_if_templates_exceed_groups(adapter_name, config, groups)
         numel = sum(layer.get_base_layer().weight.numel() for layer in layers.values())
-        try:
-            units_per_group = fuse_groups(groups, layers, config)
-            bank = load_template_bank(config.template_bank) if config.template_bank is not None else None
-        except ValueError:
-            self._remove_adapter_layers(model, adapter_name, layers)
-            raise
+        units_per_group = fuse_groups(groups, layers, config)
+        bank = load_template_bank(config.template_bank) if config.template_bank is not None else None
         fingerprint = {}
         for name, units in tqdm(
             units_per_group, desc="RECAST mimicry", unit="group", disable=numel < PROGRESS_MIN_NUMEL
@@ -362,18 +232,13 @@ class RecastModel(BaseTuner):
                     "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
                 )
             fit = fit_group(
-                [unit[0] if len(unit) == 1 else _flat_cat(unit) for unit in weights], config.num_templates
+                [unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], config.num_templates
             )
             fingerprint[name] = fit.fingerprint()
-            try:
-                self._attach_units(adapter_name, config, name, units, fit, bank)
-            except ValueError:
-                self._remove_adapter_layers(model, adapter_name, layers)
-                raise
+            self._attach_units(adapter_name, config, name, units, fit, bank)
         if config.base_fingerprint is not None:
             problem = fingerprint_mismatch(config.base_fingerprint, fingerprint)
             if problem is not None:
-                self._remove_adapter_layers(model, adapter_name, layers)
                 raise ValueError(
                     f"The RECAST adapter '{adapter_name}' does not belong to this base model: {problem}. Its "
                     "coefficients only have a meaning with the templates of the model it was trained on (or a "
@@ -408,7 +273,7 @@ class RecastModel(BaseTuner):
             keys = [[key for key, _ in unit] for unit in units]
             entry = bank.check(name, keys, fit.fingerprint(), config.num_templates)
             stacked = torch.stack(
-                [_flat_cat([layer.pristine_weight() for _, layer in unit]).float().cpu() for unit in units]
+                [flat_cat([layer.pristine_weight() for _, layer in unit]).float().cpu() for unit in units]
             )
             error = ((entry.reconstruction() - stacked).norm() / stacked.norm()).item()
             templates, offset, roles = entry.templates, 0, []
@@ -452,10 +317,9 @@ class RecastModel(BaseTuner):
         """PEFT's matching, plus ``layers_to_transform`` for a regex ``target_modules`` (PEFT applies it to lists of
         names only, so a regex would silently adapt every layer)."""
         found = check_target_module_exists(peft_config, key)
-        wanted = peft_config.layers_to_transform
-        if found and isinstance(peft_config.target_modules, str) and wanted not in (None, []):
-            wanted = [wanted] if isinstance(wanted, int) else wanted
-            return _layer_index(key, peft_config.layers_pattern) in wanted
+        wanted = config_list(peft_config.layers_to_transform)
+        if found and isinstance(peft_config.target_modules, str) and wanted:
+            return layer_index(key, peft_config.layers_pattern) in wanted
         return found
 
     def _prepare_adapter_config(self, peft_config: RecastConfig, model_config: dict) -> RecastConfig:
@@ -468,12 +332,17 @@ class RecastModel(BaseTuner):
 
     @staticmethod
     def _remove_adapter_layers(model: nn.Module, adapter_name: str, layers: dict[str, RecastLayer]) -> None:
-        """Undo a failed injection: drop the adapter and unwrap layers left without any adapter."""
+        """Undo an injection: drop the adapter, unwrap layers left without any adapter, and unwrap the
+        ``modules_to_save`` copies that only this adapter had."""
         for key, layer in layers.items():
             layer.delete_adapter(adapter_name)
             if not layer.recast_coefficients:
                 parent, _, target_name = _get_submodules(model, key)
                 setattr(parent, target_name, layer.get_base_layer())
+        for key, module in list(model.named_modules()):
+            if isinstance(module, ModulesToSaveWrapper) and set(module.modules_to_save) == {adapter_name}:
+                parent, _, target_name = _get_submodules(model, key)
+                setattr(parent, target_name, module.original_module)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """PEFT's ``merge_adapter``; with ``safe_merge`` every layer's coefficients are checked before any is
@@ -573,95 +442,3 @@ def _get_encoder(model: nn.Module) -> Optional[nn.Module]:
         return None
     encoder = model.get_encoder()
     return None if encoder is model else encoder
-
-
-@dataclass
-class GroupReport:
-    """One template group: its modules, templates and how well the templates reproduce the pretrained weights."""
-
-    name: str
-    modules: int
-    shape: tuple[int, ...]
-    templates: int
-    coefficients: int
-    relative_error: float
-
-
-@dataclass
-class RecastSummary:
-    """What one RECAST adapter costs: coefficients, bytes on disk and per-group mimicry error."""
-
-    adapter_name: str
-    coefficients: int
-    other_trainable: int
-    coefficient_bytes: int
-    adapter_bytes: int
-    groups: list[GroupReport] = field(default_factory=list)
-
-    def __str__(self) -> str:
-        lines = [
-            f"RECAST adapter '{self.adapter_name}': {self.coefficients} coefficients in {len(self.groups)} groups, "
-            f"{self.other_trainable} other saved parameters (heads, biases)",
-            f"adapter file: {self.adapter_bytes} bytes ({self.coefficient_bytes} bytes for the coefficients alone)",
-            f"{'group':<56} {'modules':>7} {'shape':>11} {'templates':>9} {'coef':>5} {'rel. error':>10}",
-        ]
-        for group in self.groups:
-            shape = "x".join(map(str, group.shape))
-            lines.append(
-                f"{group.name:<56} {group.modules:>7} {shape:>11} {group.templates:>9} {group.coefficients:>5} "
-                f"{group.relative_error:>10.2e}"
-            )
-        return "\n".join(lines)
-
-
-def _safetensors_bytes(state_dict: dict[str, torch.Tensor]) -> int:
-    tensors = {key: value.detach().cpu().contiguous().clone() for key, value in state_dict.items()}
-    return len(safetensors.torch.save(tensors, metadata={"format": "pt"}))
-
-
-def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSummary:
-    """Count the coefficients of ``adapter_name`` on a ``PeftModel`` and measure its ``adapter_model.safetensors``.
-
-    ``adapter_bytes`` is the size ``save_pretrained`` writes (with heads and other ``modules_to_save``);
-    ``coefficient_bytes`` the size of a file holding the RECAST coefficients alone.
-    """
-    config = model.peft_config[adapter_name]
-    if not isinstance(config, RecastConfig):
-        raise TypeError(f"Adapter '{adapter_name}' is a {type(config).__name__}, not a RecastConfig.")
-    state_dict = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
-    coefficient_state = {key: value for key, value in state_dict.items() if "recast_coefficients" in key}
-    # one report per group name (the roles of fused modules share it); coefficient tensors shared by fused roles count
-    # once (the file stores them under every role's key)
-    groups: dict[str, RecastGroup] = {}
-    owned: dict[str, int] = defaultdict(int)
-    for module in model.modules():
-        if isinstance(module, RecastLayer) and adapter_name in module.recast_group:
-            group = module.recast_group[adapter_name]
-            groups.setdefault(group.name, group)
-            if adapter_name not in module.recast_tie:
-                owned[group.name] += module.recast_coefficients[adapter_name].numel()
-    reports = []
-    for group in groups.values():
-        first = group.members[0]
-        templates = first.recast_coefficients[adapter_name].shape[1]
-        reports.append(
-            GroupReport(
-                name=group.name,
-                modules=len(group.members),
-                shape=tuple(first.get_base_layer().weight.shape),
-                templates=templates,
-                coefficients=owned[group.name],
-                relative_error=group.relative_error
-                if isinstance(group, BankGroup)
-                else reconstruction_error(config.base_fingerprint[group.name], templates),
-            )
-        )
-    stored = sum(value.numel() for value in coefficient_state.values())
-    return RecastSummary(
-        adapter_name=adapter_name,
-        coefficients=sum(owned.values()),
-        other_trainable=sum(value.numel() for value in state_dict.values()) - stored,
-        coefficient_bytes=_safetensors_bytes(coefficient_state),
-        adapter_bytes=_safetensors_bytes(state_dict),
-        groups=reports,
-    )

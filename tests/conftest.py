@@ -18,3 +18,4 @@ def input_ids() -> torch.Tensor:
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def model_kind(request) -> str:
     return request.param
+

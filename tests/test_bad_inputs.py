@@ -24,8 +24,8 @@ from torch import nn
 
 import peft_recast
 from peft_recast import RecastConfig, recast_summary
+from peft_recast.grouping import layers_to_transform_problem
 from peft_recast.layer import RecastLayer
-from peft_recast.model import layers_to_transform_problem
 
 from .tiny_models import model_output, tiny_bert, tiny_llama
 
@@ -172,9 +172,9 @@ def test_layer_index_reading_agrees_with_peft(key, pattern, index):
     """The out-of-range check reads layer indices the way PEFT's ``layers_to_transform`` filter does."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from peft_recast.model import _layer_index
+    from peft_recast.grouping import layer_index
 
-    assert _layer_index(key, pattern) == index
+    assert layer_index(key, pattern) == index
     for candidate in range(12):
         config = RecastConfig(target_modules=[key.rsplit(".", 1)[-1]], layers_to_transform=[candidate],
                               layers_pattern=pattern)
@@ -569,7 +569,8 @@ def test_safe_merge_refuses_a_merge_that_overflows():
 @pytest.fixture(scope="module")
 def saved_bank(tmp_path_factory) -> Path:
     """A (briefly fitted) template bank of ``tiny_bert(seed=0)`` and an adapter that uses it."""
-    from peft_recast.bank import MimicrySettings, mimic_template_bank, save_template_bank
+    from peft_recast.bank import MimicrySettings, save_template_bank
+    from peft_recast.gradient_mimicry import mimic_template_bank
 
     directory = tmp_path_factory.mktemp("bank")
     bank = mimic_template_bank(tiny_bert(), RecastConfig(), MimicrySettings(steps=5), progress=False)

@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from peft_recast import bench
+from peft_recast.apps import bench, cli
+from peft_recast.apps.bench import runner
+from peft_recast.apps.encoder import new_head
 
 
 def test_run_key_names_a_safe_adapter_and_changes_with_protocol_and_config():
@@ -40,9 +42,9 @@ def test_best_lr_is_chosen_on_validation_never_test(tmp_path):
     for lr, validation, test in [(3e-3, 0.80, 0.99), (1e-2, 0.85, 0.70), (3e-2, 0.85, 0.60)]:
         key = bench.run_key("recast", "trec6", lr, 0, protocol)
         results.add(dict(key=key, validation_accuracy=validation, test_accuracy=test))
-    chosen = bench._best_lr(bench.METHODS["recast"], "trec6", settings, results, protocol)
+    chosen = bench.best_lr(bench.METHODS["recast"], "trec6", settings, results, protocol)
     assert chosen == 1e-2  # best validation; the tie goes to the smaller rate; test accuracy plays no part
-    assert bench._lrs_to_run(bench.METHODS["recast"], "trec6", 1, settings, results, protocol) == [1e-2]
+    assert bench.lrs_to_run(bench.METHODS["recast"], "trec6", 1, settings, results, protocol) == [1e-2]
     reloaded = bench.Results(str(tmp_path / "results.json"))
     assert reloaded.runs == results.runs
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
@@ -73,9 +75,8 @@ def test_training_memory_counts_activations_gradients_and_optimizer_state():
 
 def _args(**overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args([])
+    cli.add_bench_arguments(parser)
+    args = parser.parse_args(["--device", "cpu"])
     for name, value in overrides.items():
         setattr(args, name, value)
     return args
@@ -87,28 +88,28 @@ def _forbid_training(monkeypatch, message: str):
     def no_training(*args, **kwargs):
         raise AssertionError(message)
 
-    monkeypatch.setattr(bench, "train_run", no_training)
-    monkeypatch.setattr(bench, "_probe_run", no_training)
+    monkeypatch.setattr(runner, "train_run", no_training)
+    monkeypatch.setattr(runner, "_probe_run", no_training)
     return no_training
 
 
 def test_quick_settings_and_overrides():
-    settings = bench.settings_from_args(_args(quick=True))
+    settings = cli.bench_settings(_args(quick=True))
     assert settings.tasks == list(bench.QUICK_TASKS) and settings.methods == list(bench.QUICK_METHODS)
     assert settings.seeds == [0] and not settings.sweep and settings.max_train == 500
-    settings = bench.settings_from_args(_args(quick=True, task=["bbc"], max_train=10))
+    settings = cli.bench_settings(_args(quick=True, task=["bbc"], max_train=10))
     assert settings.tasks == ["bbc"] and settings.max_train == 10
-    settings = bench.settings_from_args(_args(ladder=True))
+    settings = cli.bench_settings(_args(ladder=True))
     assert settings.methods == list(bench.LADDER_METHODS) and settings.sweep and settings.seeds == [0, 1, 2]
     assert {bench.METHODS[m].kind for m in settings.methods} == {"probe", "peft"}
     with pytest.raises(SystemExit, match="Unknown task"):
-        bench.settings_from_args(_args(task=["imdb"]))
+        cli.bench_settings(_args(task=["imdb"]))
 
 
 def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatch, capsys):
     args = _args(quick=True, method=["probe", "recast", "lora-r8"], max_train=32, max_eval=32, epochs=1,
                  cost_repeats=1, output_dir=str(tmp_path))
-    assert bench.main(args) == 0
+    assert cli.run_bench_command(args) == 0
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         saved = json.load(handle)
     assert len(saved["runs"]) == 3 * 2  # 3 methods x 2 tasks, one seed, no sweep
@@ -130,20 +131,20 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
 
     # resume: nothing is trained again, adapters come back from disk, and the table is the same
     no_training = _forbid_training(monkeypatch, "a finished run was trained again")
-    assert bench.main(_args(**{**vars(args), "no_costs": True})) == 0
+    assert cli.run_bench_command(_args(**{**vars(args), "no_costs": True})) == 0
     assert (tmp_path / bench.TABLE_FILE).read_text() == table  # costs are kept from the first run
 
     # a later run of a subset keeps the other methods' forgetting checks and costs
-    assert bench.main(_args(**{**vars(args), "method": ["probe"], "no_costs": True})) == 0
+    assert cli.run_bench_command(_args(**{**vars(args), "method": ["probe"], "no_costs": True})) == 0
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         after_subset = json.load(handle)
     assert after_subset["forgetting"].keys() == saved["forgetting"].keys()
     assert after_subset["costs"] == saved["costs"]
 
     # --report trains and re-tests nothing (merged results from elsewhere), and writes the same table
-    monkeypatch.setattr(bench, "_check_forgetting", no_training)
+    monkeypatch.setattr(runner, "check_forgetting", no_training)
     (tmp_path / bench.TABLE_FILE).unlink()
-    assert bench.main(_args(**{**vars(args), "report": True})) == 0
+    assert cli.run_bench_command(_args(**{**vars(args), "report": True})) == 0
     assert (tmp_path / bench.TABLE_FILE).read_text() == table
     assert "Forgetting: 3 method x seed chains" in capsys.readouterr().out
 
@@ -151,7 +152,7 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
 def test_ladder_rungs_train_the_numbers_their_names_say_on_minilm():
     import peft
 
-    from peft_recast.sentence_classifier import load_encoder
+    from peft_recast.apps.encoder import load_encoder
 
     for size in bench.LADDER_SIZES:
         for name in (f"recast-{size}" if size != 48 else "recast", f"fourierft-{size}"):
@@ -163,7 +164,7 @@ def test_ladder_presets_are_the_benchmarked_rungs():
     import peft
 
     from peft_recast import RecastConfig
-    from peft_recast.sentence_classifier import load_encoder
+    from peft_recast.apps.encoder import load_encoder
     from peft_recast.config import RECAST_LADDER
 
     for name, fields in RECAST_LADDER.items():
@@ -179,7 +180,7 @@ def test_ladder_presets_are_the_benchmarked_rungs():
 def test_run_key_is_the_same_in_every_process():
     """PEFT stores ``target_modules`` as a set, whose order changes with ``PYTHONHASHSEED``; a resumed benchmark in a
     new process must still find its runs."""
-    code = ("from peft_recast import bench; p = bench.BenchSettings().protocol(); "
+    code = ("from peft_recast.apps import bench; p = bench.BenchSettings().protocol(); "
             "print(*[bench.run_key(m, 'trec6', 1e-3, 0, p) for m in ('lora-r8', 'vblora', 'fourierft-144', 'recast')])")
     keys = {subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(seed)},
                            capture_output=True, text=True, check=True).stdout for seed in range(6)}
@@ -191,25 +192,25 @@ def test_merged_records_are_not_retrained_and_chains_are_saved_as_they_finish(tm
     stopped in its second chain keeps the first chain's forgetting check."""
     args = _args(quick=True, method=["recast", "lora-r8"], task=["trec6"], max_train=32, max_eval=32, epochs=1,
                  no_costs=True, output_dir=str(tmp_path / "elsewhere"))
-    check_forgetting = bench._check_forgetting
+    check_forgetting = runner.check_forgetting
 
     def stopped_in_second_chain(model, method, *rest):
         if method.name == "lora-r8":
             raise KeyboardInterrupt
         return check_forgetting(model, method, *rest)
 
-    monkeypatch.setattr(bench, "_check_forgetting", stopped_in_second_chain)
+    monkeypatch.setattr(runner, "check_forgetting", stopped_in_second_chain)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(args)
+        cli.run_bench_command(args)
     with open(tmp_path / "elsewhere" / bench.RESULTS_FILE) as handle:
         stopped = json.load(handle)
     assert list(stopped["forgetting"]) == ["recast/seed0"] and len(stopped["runs"]) == 2
-    monkeypatch.setattr(bench, "_check_forgetting", check_forgetting)
+    monkeypatch.setattr(runner, "check_forgetting", check_forgetting)
 
     # the records alone (--merge), without the runs/ folder, in a new output dir: nothing is trained or re-tested
     _forbid_training(monkeypatch, "a merged run was trained again")
     merged = tmp_path / "merged"
-    assert bench.main(_args(**{**vars(args), "output_dir": str(merged),
+    assert cli.run_bench_command(_args(**{**vars(args), "output_dir": str(merged),
                                "merge": [str(tmp_path / "elsewhere" / bench.RESULTS_FILE)]})) == 0
     with open(merged / bench.RESULTS_FILE) as handle:
         after = json.load(handle)
@@ -229,7 +230,7 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
 def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
     _forbid_training(monkeypatch, "--costs-only trained a run")
     args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=1, costs_only=True, output_dir=str(tmp_path))
-    assert bench.main(args) == 0
+    assert cli.run_bench_command(args) == 0
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         saved = json.load(handle)
     assert saved["runs"] == {} and saved["forgetting"] == {}
@@ -257,15 +258,15 @@ def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[l
     LayerNorm copies and the head before every step and after the last; and the steps per epoch."""
     import peft
 
-    from peft_recast import sentence_classifier
+    from peft_recast.apps import loop, tasks
 
     from .tiny_models import tiny_bert
 
     method = bench.METHODS[method_name]
     encoder = peft.get_peft_model(tiny_bert(), method.config())
-    head = bench.new_head(32, 3, 0, torch.device("cpu"))
+    head = new_head(32, 3, 0, torch.device("cpu"))
     texts, labels = _TokenBatches(16), torch.arange(16) % 3
-    data = sentence_classifier.TaskData("tiny", ["a", "b", "c"], texts, texts, texts, labels, labels, labels)
+    data = tasks.TaskData("tiny", ["a", "b", "c"], texts, texts, texts, labels, labels, labels)
     parts = {
         "coefficients": [p for n, p in encoder.named_parameters() if "recast_coefficients" in n],
         "layernorms": [p for n, p in encoder.named_parameters() if "modules_to_save" in n],
@@ -277,7 +278,7 @@ def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[l
         snapshots.append({part: torch.cat([p.detach().flatten() for p in params]) for part, params in parts.items()})
 
     snapshots = []
-    monkeypatch.setattr(sentence_classifier, "tick", snapshot)  # called before each step
+    monkeypatch.setattr(loop, "tick", snapshot)  # called before each step
     settings = bench.BenchSettings(epochs=epochs, batch_size=4)
     bench.train_run(encoder, head, data, 1e-2, 0, settings, "test", method.align_epochs)
     snapshot()

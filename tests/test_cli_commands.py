@@ -9,7 +9,9 @@ import re
 import pytest
 from peft import LoraConfig, get_peft_model
 
-from peft_recast import RecastConfig, cli, recast_summary
+from peft_recast import RecastConfig, recast_summary
+from peft_recast.apps import cli
+from peft_recast.apps.encoder import BASE_MODEL_ID
 
 from .tiny_models import tiny_bert, tiny_bert_classifier
 
@@ -79,4 +81,4 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     assert cli.main(["inspect", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["coefficients"] == 48 and len(info["groups"]) == 6
-    assert info["base_model"] == cli.BASE_MODEL_ID and info["task"]["task"] == "sms"
+    assert info["base_model"] == BASE_MODEL_ID and info["task"]["task"] == "sms"

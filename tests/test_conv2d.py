@@ -9,7 +9,8 @@ from torch import nn
 from transformers import ResNetConfig, ResNetModel
 
 from peft_recast import RecastConfig, recast_summary
-from peft_recast.bank import MimicrySettings, mimic_template_bank, save_template_bank
+from peft_recast.bank import MimicrySettings, save_template_bank
+from peft_recast.gradient_mimicry import mimic_template_bank
 from peft_recast.layer import Conv2d
 
 

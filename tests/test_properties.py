@@ -7,9 +7,12 @@ deterministic.
 """
 
 import copy
+import importlib
 import tempfile
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -223,3 +226,97 @@ def test_half_precision_base_is_finite_and_close_to_float32(case, dtype):
     merged = half(x.to(dtype))
     assert torch.isfinite(merged).all()
     assert (merged.float() - expected).abs().max() <= tolerance * expected.abs().max() + tolerance
+
+
+# The places where an injection can fail, patched to raise on their ``call``-th call.
+_INJECTION_STEPS = [
+    ("peft_recast.model", "RecastModel._create_new_module"),
+    ("peft_recast.layer", "RecastLayer.update_layer"),
+    ("peft.tuners.tuners_utils", "set_additional_trainable_modules"),
+    ("peft_recast.model", "layers_to_transform_problem"),
+    ("peft_recast.model", "plan_groups"),
+    ("peft_recast.model", "fuse_groups"),
+    ("peft_recast.model", "fit_group"),
+    ("peft_recast.layer", "RecastLayer.attach_group"),
+    ("peft_recast.layer", "RecastLayer.tie_coefficients"),
+]
+
+
+@contextmanager
+def _failing_at(step: tuple[str, str], call: int) -> Iterator[Callable[[], bool]]:
+    """Make ``step`` (module, ``"Class.method"`` or ``"function"``) raise ``RuntimeError("injected failure")`` on its
+    ``call``-th call inside the block; yields a function that says whether it did."""
+    module = importlib.import_module(step[0])
+    *owner_path, name = step[1].split(".")
+    owner = module
+    for part in owner_path:
+        owner = getattr(owner, part)
+    original = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
+    function = original.__func__ if isinstance(original, staticmethod) else original
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError("injected failure")
+        return function(*args, **kwargs)
+
+    setattr(owner, name, staticmethod(failing) if isinstance(original, staticmethod) else failing)
+    try:
+        yield lambda: len(calls) >= call
+    finally:
+        setattr(owner, name, original)
+
+
+def _snapshot(model: nn.Module) -> tuple[list, dict, dict]:
+    """The module tree (names and types), every tensor of the state dict (cloned) and every ``requires_grad``."""
+    return (
+        [(name, type(module)) for name, module in model.named_modules()],
+        {key: value.detach().clone() for key, value in model.state_dict().items()},
+        {name: parameter.requires_grad for name, parameter in model.named_parameters()},
+    )
+
+
+def _assert_same(before: tuple[list, dict, dict], after: tuple[list, dict, dict]) -> None:
+    assert after[0] == before[0]
+    assert after[1].keys() == before[1].keys()
+    assert all(torch.equal(after[1][key], value) for key, value in before[1].items())
+    assert after[2] == before[2]
+
+
+@PROPERTY_SETTINGS
+@given(
+    step=st.sampled_from(_INJECTION_STEPS),
+    call=st.integers(1, 3),
+    fused=st.booleans(),
+    second_adapter=st.booleans(),
+)
+def test_an_injection_that_fails_anywhere_leaves_the_model_exactly_as_it_was(step, call, fused, second_adapter):
+    """Raise inside injection at a random place (any of its steps, on its first, second or third call): the model is
+    bit-identical, has the same modules (no RECAST layer or ``modules_to_save`` copy left behind) and the same
+    ``requires_grad`` flags; a failed ``add_adapter`` leaves the first adapter working as before."""
+    from .tiny_models import tiny_bert_classifier
+
+    config = RecastConfig(modules_to_save=["classifier"],
+                          **({"target_modules": ["query", "key", "value"], "fused_modules": ["query", "key", "value"],
+                              "coefficient_blocks": 1} if fused else {}))
+    base = tiny_bert_classifier(seed=3)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    model = get_peft_model(base, RecastConfig(target_modules=["dense"], init_weights=False)) if second_adapter else base
+    model.eval()
+    before, logits = _snapshot(model), model(input_ids=ids).logits
+    with _failing_at(step, call) as raised:
+        try:
+            if second_adapter:
+                model.add_adapter("second", config)
+            else:
+                get_peft_model(base, config)
+        except RuntimeError as error:
+            assert str(error) == "injected failure"
+    if not raised():
+        return  # the step ran fewer than `call` times: nothing failed
+    _assert_same(before, _snapshot(model))
+    assert not any(isinstance(module, RecastLayer) for module in base.modules()) or second_adapter
+    if second_adapter:
+        assert list(model.peft_config) == ["default"]
+        assert torch.equal(model(input_ids=ids).logits, logits)

@@ -15,10 +15,10 @@ from peft_recast.bank import (
     BANK_FILE,
     MimicrySettings,
     load_template_bank,
-    mimic_template_bank,
     resolve_template_bank,
     save_template_bank,
 )
+from peft_recast.gradient_mimicry import mimic_template_bank
 from peft_recast.layer import RecastLayer
 
 from .tiny_models import model_output, tiny_bert

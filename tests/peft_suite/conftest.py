@@ -12,7 +12,6 @@ from __future__ import annotations
 import sys
 
 import pytest
-
 import recast_peft_sdist
 import recast_tiny_models
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import peft_upstream_tests.testing_common as common
-from peft_recast import RecastConfig
 from recast_peft_harness import clone_function
+
+from peft_recast import RecastConfig
 
 
 def _skip_if_conv1d_not_supported(model_id, config_cls, config_kwargs):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import peft_upstream_tests.test_config as tc
-from peft_recast import RecastConfig
 from recast_peft_exclusions import AS_IS, EXCLUSIONS
 from recast_peft_harness import recast_test_class
+
+from peft_recast import RecastConfig
 
 CONFIG_CASES = [
     (RecastConfig, {}),

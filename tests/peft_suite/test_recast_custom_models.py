@@ -3,14 +3,14 @@ TestRequiresGrad, TestDefaultTargetModules) re-parametrised with RECAST cases. S
 
 from __future__ import annotations
 
-import torch
-from torch import nn
-
 import peft_upstream_tests.test_custom_models as tcm
-from peft_recast import RecastConfig
+import torch
 from recast_peft_exclusions import EXCLUSIONS, LORA_SUBSTITUTED
 from recast_peft_gates import COMMON_HELPER_OVERRIDES
 from recast_peft_harness import lora_as_recast, recast_test_class
+from torch import nn
+
+from peft_recast import RecastConfig
 
 # --------------------------------------------------------------------------------------------------------------------
 # A model where RECAST's template groups are non-trivial: 4 blocks with same-shaped lin0/lin1 (PEFT's own DeepMLP

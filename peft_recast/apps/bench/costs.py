@@ -1,0 +1,169 @@
+"""The costs of each method, measured side by side in one process on one batch of real texts: step time and training
+memory against LoRA r=8, inference latency against the bare model, mixed-task batch throughput."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..encoder import load_encoder, load_tokenizer, new_head, sentence_logits
+from ..loop import trainable_numbers
+from ..tasks import load_task
+from .methods import METHODS, REFERENCE_METHOD
+from .models import MethodModel
+from .results import BenchSettings
+
+
+def cost_batch(tokenizer, settings: BenchSettings, device: torch.device) -> dict:
+    """``batch_size`` real BBC articles, each exactly ``cost_length`` tokens (truncated and padded)."""
+    texts = load_task("bbc")["test"]["text"][: settings.batch_size]
+    encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=settings.cost_length,
+                        return_tensors="pt")
+    return {key: value.to(device) for key, value in encoded.items()}
+
+
+def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer) -> int:
+    """Bytes a training step adds on top of the frozen model: activations kept for backward, gradients, optimizer.
+
+    CUDA: the peak allocated during the step minus what was allocated before it. CPU (no allocator statistics): the
+    tensors autograd saves for backward (distinct storages that are not parameters or buffers), plus every
+    gradient and optimizer state after the step, counted exactly.
+    """
+    device = batch["input_ids"].device
+    labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        _train_step(encoder, head, batch, labels, optimizer)
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    owned = {t.untyped_storage().data_ptr() for module in (encoder, head) for t in
+             [*module.parameters(), *module.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _train_step(encoder, head, batch, labels, optimizer)
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return sum(saved.values()) + state + grads
+
+
+def _train_step(encoder: nn.Module, head: nn.Module, batch: dict, labels: torch.Tensor, optimizer) -> None:
+    loss = nn.functional.cross_entropy(sentence_logits(encoder, head, batch), labels)
+    optimizer.zero_grad(set_to_none=False)
+    loss.backward()
+    optimizer.step()
+
+
+def _timed(function: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
+    """Per method: numbers, step time and training memory relative to LoRA r=8, inference latency unmerged and
+    merged relative to the bare base model, and mixed-task batch throughput relative to a single-task batch.
+
+    All methods are built first and timed in rotating order, ``cost_repeats`` rounds, so that every ratio compares
+    steps taken under the same machine load; each figure is the median over rounds.
+    """
+    batch = cost_batch(load_tokenizer(), settings, device)
+    labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
+    names = [name for name in settings.methods if METHODS[name].kind != "probe"]
+    if REFERENCE_METHOD not in names:
+        names.append(REFERENCE_METHOD)
+    models, heads, optimizers = {}, {}, {}
+    for name in tqdm(names, desc="costs: build", leave=False):
+        model = MethodModel(METHODS[name], device)
+        models[name] = model.new_adapter("cost")
+        heads[name] = new_head(models[name].config.hidden_size, 2, 0, device)
+        params = [p for p in models[name].parameters() if p.requires_grad] + list(heads[name].parameters())
+        optimizers[name] = torch.optim.AdamW(params, lr=1e-9)
+    base = load_encoder(device)
+    base_head = new_head(base.config.hidden_size, 2, 0, device)
+
+    for name in names:  # one step each first: one-time allocations (e.g. cuBLAS workspaces) land on no method
+        _train_step(models[name], heads[name], batch, labels, optimizers[name])
+    memory = {name: training_memory(models[name], heads[name], batch, optimizers[name]) for name in names}
+    steps: dict[str, list[float]] = {name: [] for name in names}
+    unmerged: dict[str, list[float]] = {name: [] for name in names}
+    merged: dict[str, list[float]] = {name: [] for name in names}
+    bare: list[float] = []
+    for round_ in tqdm(range(settings.cost_repeats), desc="costs: timing", unit="round", leave=False):
+        order = names[round_ % len(names):] + names[: round_ % len(names)]
+        with torch.no_grad():
+            bare.append(_timed(lambda: sentence_logits(base, base_head, batch), device))
+        for name in order:
+            encoder, head = models[name], heads[name]
+            steps[name].append(_timed(lambda: _train_step(encoder, head, batch, labels, optimizers[name]), device))
+            with torch.no_grad():
+                unmerged[name].append(_timed(lambda: sentence_logits(encoder, head, batch), device))
+                if METHODS[name].kind == "peft":
+                    encoder.merge_adapter()
+                    merged[name].append(_timed(lambda: sentence_logits(encoder, head, batch), device))
+                    encoder.unmerge_adapter()
+    median = statistics.median
+    reference_step, reference_memory, bare_time = median(steps[REFERENCE_METHOD]), memory[REFERENCE_METHOD], median(bare)
+    costs = {}
+    for name in names:
+        costs[name] = dict(
+            trainable=trainable_numbers(models[name]),
+            step_seconds=median(steps[name]), step_ratio=median(steps[name]) / reference_step,
+            training_memory_bytes=memory[name], memory_ratio=memory[name] / reference_memory,
+            unmerged_latency_ratio=median(unmerged[name]) / bare_time,
+            merged_latency_ratio=median(merged[name]) / bare_time if merged[name] else None,
+        )
+    costs["_bare_forward_seconds"] = bare_time
+    for built in (models, heads, optimizers):  # free the models before building the mixed-batch ones
+        built.clear()
+    mixed = measure_mixed_batches(settings, device, batch, [n for n in names if METHODS[n].kind == "peft"])
+    for name, ratio in mixed.items():
+        costs[name]["mixed_batch_throughput_ratio"] = ratio
+    costs["_settings"] = dict(batch=list(batch["input_ids"].shape), repeats=settings.cost_repeats,
+                              device=str(device), threads=torch.get_num_threads())
+    return costs
+
+
+def measure_mixed_batches(settings: BenchSettings, device: torch.device, batch: dict,
+                          names: Sequence[str]) -> dict[str, Optional[float]]:
+    """Throughput of one batch whose rows go to ``len(tasks)`` different adapters (``adapter_names``) relative to the
+    same batch through one adapter; ``None`` where the method does not support mixed batches."""
+    ratios = {}
+    count = max(len(settings.tasks), 2)
+    for name in tqdm(names, desc="costs: mixed batches", leave=False):
+        model = MethodModel(METHODS[name], device)
+        for i in range(count):
+            encoder = model.new_adapter(f"task{i}")
+        encoder.eval()  # PEFT refuses adapter_names in training mode
+        adapter_names = [f"task{i % count}" for i in range(len(batch["input_ids"]))]
+        head = new_head(encoder.config.hidden_size, 2, 0, device)
+        try:
+            with torch.no_grad():
+                sentence_logits(encoder, head, batch, adapter_names=adapter_names)
+                single, mixed = [], []
+                for _ in range(settings.cost_repeats):
+                    single.append(_timed(lambda: sentence_logits(encoder, head, batch), device))
+                    mixed.append(_timed(lambda: sentence_logits(encoder, head, batch, adapter_names=adapter_names),
+                                        device))
+            ratios[name] = statistics.median(single) / statistics.median(mixed)
+        except (ValueError, TypeError, NotImplementedError):
+            ratios[name] = None
+    return ratios

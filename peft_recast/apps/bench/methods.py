@@ -1,0 +1,128 @@
+"""The benchmark's methods, one entry each: its PEFT config and its learning-rate grid, plus the task lists.
+
+To add a method, add a :class:`Method` to :data:`METHODS`; its runs get keys of their own (the key digests the full
+config), so earlier results stay valid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...config import RECAST_LADDER
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to adapt the encoder: ``config()`` builds a fresh PEFT config (``None``: head only or full fine-tuning).
+
+    ``lrs`` is the peak AdamW learning-rate grid of the adapter's parameters (swept on validation); ``default_lr``
+    is used where no sweep runs (``--quick``). ``align_epochs``: a LayerNorm alignment stage (the two-stage PETL
+    recipe, scale and shift first): for this many epochs only the adapter's LayerNorm copies (``modules_to_save``)
+    and the head train, then every adapter parameter does.
+    """
+
+    name: str
+    label: str
+    kind: str  # "probe", "peft" or "full"
+    lrs: tuple[float, ...]
+    default_lr: float
+    config: Callable[[], object] = lambda: None
+    align_epochs: int = 0
+
+
+def _recast(**kwargs) -> Callable[[], object]:
+    def build():
+        from ...config import RecastConfig
+
+        return RecastConfig(**kwargs)
+
+    return build
+
+
+def _peft(class_name: str, **kwargs) -> Callable[[], object]:
+    def build():
+        import peft
+
+        return getattr(peft, class_name)(**kwargs)
+
+    return build
+
+
+QV = ["query", "value"]
+QKVO = ["query", "key", "value", "attention.output.dense"]
+# LayerNorms an adapter trains and saves whole (``modules_to_save``): all 13 of MiniLM-L6 (9,984 numbers), or the
+# embeddings' one (768), which scales and shifts what every layer reads.
+ALL_LAYERNORMS, EMBEDDING_LAYERNORM = ["LayerNorm"], ["embeddings.LayerNorm"]
+# Trainable numbers of the RECAST rungs on MiniLM-L6; FourierFT gets the same count (n_frequency per q/v module).
+LADDER_SIZES = (24, 48, 72, 144, 216, 288, 432, 648, 864)
+# The default RECAST and LoRA r=8 sweep the whole range PEFT users try, for the learning-rate plot.
+WIDE_RECAST_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+WIDE_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
+METHODS: dict[str, Method] = {
+    method.name: method
+    for method in [
+        Method("probe", "linear probe (head only)", "probe", (), 0.0),
+        Method("recast", "RECAST default = ladder-48 (q,v; 2 layers/group, 2 templates, 2 row blocks)", "peft",
+               WIDE_RECAST_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-48"])),
+        Method("recast-24", "RECAST ladder-24 (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS, 1e-2,
+               _recast(**RECAST_LADDER["ladder-24"])),
+        Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
+               _recast(target_modules="all-linear", layers_per_group=6, num_templates=2, coefficient_blocks=1)),
+        Method("recast-216", "RECAST ladder-216 (all linear; 6 layers/group, 6 templates)", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"])),
+        Method("recast-144", "RECAST ladder-144 (q,v; 2 layers/group, 2 templates, 6 row blocks)", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-144"])),
+        Method("recast-432", "RECAST all linear; 2 layers/group, 2 templates, 6 blocks", "peft", (3e-3, 1e-2, 3e-2),
+               1e-2, _recast(target_modules="all-linear", coefficient_blocks=6)),
+        Method("recast-648", "RECAST ladder-648 (all linear; 6 layers/group, one bank per shape, 24 templates)",
+               "peft", (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-648"])),
+        # candidates for the ladder (issue 9): attention heads as row blocks, larger banks, q,k,v,o
+        Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", (1e-2, 3e-2),
+               1e-2, _recast(num_templates=1, coefficient_blocks=2)),
+        Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO, coefficient_blocks=1)),
+        Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO, coefficient_blocks=6)),
+        Method("recast-432-qv", "RECAST q,v; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(layers_per_group=6, num_templates=6, coefficient_blocks=6)),
+        Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(target_modules=QKVO, layers_per_group=6, num_templates=6, coefficient_blocks=6)),
+        # the LayerNorm alignment stage (issue 9): RECAST with LayerNorm scale and shift, jointly or LayerNorms first
+        Method("recast-ln", "RECAST default + all LayerNorms", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(modules_to_save=ALL_LAYERNORMS)),
+        Method("recast-ln-2stage", "RECAST default + all LayerNorms, LayerNorms alone for epoch 1", "peft",
+               (1e-2, 3e-2), 1e-2, _recast(modules_to_save=ALL_LAYERNORMS), align_epochs=1),
+        Method("recast-984", "RECAST ladder-216 + embedding LayerNorm", "peft", (1e-2, 3e-2), 1e-2,
+               _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM)),
+        Method("recast-984-2stage", "RECAST ladder-216 + embedding LayerNorm, LayerNorm alone for epoch 1", "peft",
+               (1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
+               align_epochs=1),
+        *[
+            Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", (1e-2, 3e-2, 1e-1), 3e-2,
+                   _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
+            for size in LADDER_SIZES
+        ],
+        Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
+               _peft("LNTuningConfig", target_modules=["LayerNorm"])),
+        Method("ia3", "IA3 (key, value, output.dense)", "peft", (1e-3, 3e-3, 1e-2), 3e-3, _peft("IA3Config")),
+        Method("vera", "VeRA r=256, q,v", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
+               _peft("VeraConfig", r=256, target_modules=QV)),
+        Method("vblora", "VB-LoRA r=4, 90 vectors of 64, q,v", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
+               _peft("VBLoRAConfig", r=4, num_vectors=90, vector_length=64, target_modules=QV)),
+        Method("lora-r1", "LoRA r=1, q,v", "peft", (3e-4, 1e-3, 3e-3), 1e-3,
+               _peft("LoraConfig", r=1, lora_alpha=2, target_modules=QV)),
+        Method("lora-r8", "LoRA r=8, q,v", "peft", WIDE_LORA_LRS, 1e-3,
+               _peft("LoraConfig", r=8, lora_alpha=16, target_modules=QV)),
+        Method("full", "full fine-tuning", "full", (1e-5, 3e-5, 1e-4), 3e-5),
+    ]
+}
+
+
+QUICK_METHODS = ("probe", "recast", "fourierft-48", "lora-r8")
+LADDER_METHODS = ("probe", *[f"recast-{size}" if size != 48 else "recast" for size in LADDER_SIZES],
+                  *[f"fourierft-{size}" for size in LADDER_SIZES], "lora-r8")
+ALL_TASKS = ("trec6", "sms", "bbc", "tweets", "amazon")
+QUICK_TASKS = ("trec6", "sms")
+# The reference every cost ratio is taken against.
+REFERENCE_METHOD = "lora-r8"

@@ -1,0 +1,161 @@
+"""The benchmark's table and plots, from the records in ``results.json``."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Optional, Sequence
+
+from ...files import atomic_write
+from .methods import METHODS
+from .results import BenchSettings, Results, best_lr, run_key
+
+TABLE_FILE = "table.md"
+PLOT_FILE = "accuracy_vs_parameters.png"
+LR_PLOT_FILE = "accuracy_vs_learning_rate.png"
+
+
+def summarise(settings: BenchSettings, results: Results) -> list[dict]:
+    """Per method: numbers, bytes, and test accuracy per task at the chosen rate (mean and spread over seeds)."""
+    protocol = settings.protocol()
+    rows = []
+    for name in settings.methods:
+        method = METHODS[name]
+        row = dict(method=name, label=method.label, tasks={}, lrs={})
+        for task in settings.tasks:
+            try:
+                lr = best_lr(method, task, settings, results, protocol)
+            except RuntimeError:
+                continue
+            records = [results.runs.get(run_key(name, task, lr, seed, protocol)) for seed in settings.seeds]
+            records = [r for r in records if r is not None]
+            accuracies = [100 * r["test_accuracy"] for r in records]
+            row["tasks"][task] = dict(mean=statistics.mean(accuracies),
+                                      spread=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
+                                      seeds=len(accuracies))
+            row["lrs"][task] = lr
+            row.update(trainable=records[0]["trainable"], adapter_bytes=records[0]["adapter_bytes"],
+                       head_params=records[0]["head_params"])
+        if len(row["tasks"]) == len(settings.tasks):
+            row["mean"] = statistics.mean(v["mean"] for v in row["tasks"].values())
+            rows.append(row)
+    return rows
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
+    """Markdown: accuracy per task (mean +- spread over seeds) and mean, numbers, bytes, and the cost ratios."""
+    header = ["method", "trainable numbers", "adapter bytes", *tasks, "mean", "seeds", "step time vs LoRA r=8",
+              "train memory vs LoRA r=8", "latency unmerged / merged vs base", "mixed-task batch throughput vs one-task batch"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cost = costs.get(row["method"], {})
+        accuracies = [f"{row['tasks'][t]['mean']:.1f}" + (f" ± {row['tasks'][t]['spread']:.1f}"
+                                                          if row["tasks"][t]["seeds"] > 1 else "") for t in tasks]
+        latency = (f"{_ratio(cost.get('unmerged_latency_ratio'))} / {_ratio(cost.get('merged_latency_ratio'))}"
+                   if cost else "")
+        lines.append("| " + " | ".join([
+            row["label"], f"{row['trainable']:,}", f"{row['adapter_bytes']:,}", *accuracies, f"{row['mean']:.1f}",
+            str(min(v["seeds"] for v in row["tasks"].values())),
+            _ratio(cost.get("step_ratio")) if cost else "", _ratio(cost.get("memory_ratio")) if cost else "",
+            latency, _ratio(cost.get("mixed_batch_throughput_ratio")) if cost else "",
+        ]) + " |")
+    return "\n".join(lines)
+
+
+def _new_figure():
+    """A figure and its axes for a PNG written by :func:`_save_figure` (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def _save_figure(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    with atomic_write(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=120)
+    plt.close(figure)
+
+
+def short_label(label: str) -> str:
+    """A method's label without its details in brackets: ``"LoRA r=8, q,v"`` -> ``"LoRA r=8"``."""
+    return label.split(" (")[0].split(", ")[0]
+
+
+def describe_protocol(settings: BenchSettings) -> str:
+    """One sentence on what the table's accuracies are: seeds, learning rates and training examples."""
+    seeds = (f"mean ± standard deviation over {len(settings.seeds)} seeds" if len(settings.seeds) > 1
+             else f"one seed ({settings.seeds[0]})")
+    rates = ("learning rate chosen per task on validation from each method's grid" if settings.sweep
+             else "each method at its default learning rate (no sweep)")
+    examples = f"{settings.max_train:,}" if settings.max_train else "up to 2,000"
+    return f"Test accuracy (%), {seeds}; {rates}; {examples} training examples per task, {settings.epochs} epochs"
+
+
+def plot_accuracy(rows: list[dict], path: str) -> None:
+    """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
+    figure, axis = _new_figure()
+    kinds = {True: ("RECAST", "o", "C3"), False: ("PEFT's tuners, probe, full fine-tuning", "s", "C0")}
+    for row in rows:
+        x = max(row["trainable"], 1)
+        spread = statistics.mean(v["spread"] for v in row["tasks"].values())
+        label, marker, color = kinds[row["method"].startswith("recast")]
+        axis.errorbar(x, row["mean"], yerr=spread, fmt=marker, color=color, capsize=3, label=label)
+        axis.annotate(short_label(row["label"]), (x, row["mean"]), textcoords="offset points", xytext=(5, 4),
+                      fontsize=8)
+    handles, labels = axis.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    axis.set_xscale("log")
+    axis.set_xlabel("trainable numbers per task (head excluded; probe plotted at 1)")
+    axis.set_ylabel("mean test accuracy over tasks (%)")
+    axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
+    axis.grid(True, which="both", alpha=0.3)
+    _save_figure(figure, path)
+
+
+def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str, dict[float, float]]:
+    """Per method: mean validation accuracy (%) over the tasks at each swept rate (first seed)."""
+    protocol = settings.protocol()
+    curves = {}
+    for name in settings.methods:
+        method = METHODS[name]
+        points = {}
+        for lr in method.lrs:
+            records = [results.runs.get(run_key(name, task, lr, settings.seeds[0], protocol)) for task in settings.tasks]
+            if all(records):
+                points[lr] = statistics.mean(100 * r["validation_accuracy"] for r in records)
+        if len(points) > 1:
+            curves[name] = points
+    return curves
+
+
+def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> None:
+    """Validation accuracy against the adapter's peak AdamW learning rate (log scale), one line per method."""
+    import matplotlib.pyplot as plt
+
+    figure, axis = _new_figure()
+    for index, (name, points) in enumerate(curves.items()):
+        rates = sorted(points)
+        axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name, color=plt.cm.tab20(index % 20),
+                  linestyle="-" if name.startswith("recast") else "--")
+    axis.set_xscale("log")
+    axis.set_xlabel("peak AdamW learning rate of the adapter (head: fixed)")
+    axis.set_ylabel("mean validation accuracy over tasks (%)")
+    axis.set_title("Learning-rate sensitivity, all-MiniLM-L6-v2 (seed 0)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, ncol=2)
+    _save_figure(figure, path)
+
+
+def changed_predictions(chains: dict) -> list[str]:
+    """``"<method>/seed<s>:<task>"`` for every task whose predictions changed after later tasks or a reload."""
+    return [f"{key}:{task}" for key, report in chains.items() for task, r in report.items()
+            if not (r["predictions_unchanged"] and r["reloaded_predictions_unchanged"])]

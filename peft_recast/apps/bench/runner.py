@@ -1,0 +1,215 @@
+"""The accuracy part of the benchmark: every method learns the tasks one after another on one model, then every
+earlier task is re-tested (on that model and reloaded from disk); :func:`run_bench` ties it to costs and report."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ...files import atomic_write
+from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
+from ..loop import Settings, accuracy, by_batch, embed_texts, train, train_probe, trainable_numbers
+from ..runtime import resolve_device
+from ..tasks import TaskData, load_task_data
+from .costs import measure_costs
+from .methods import METHODS, Method
+from .models import MethodModel, load_head, save_run
+from .report import (
+    LR_PLOT_FILE,
+    PLOT_FILE,
+    TABLE_FILE,
+    changed_predictions,
+    describe_protocol,
+    format_table,
+    learning_rate_curves,
+    plot_accuracy,
+    plot_learning_rates,
+    summarise,
+)
+from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, run_key
+
+
+def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, seed: int, settings: BenchSettings,
+              desc: str, align_epochs: int = 0) -> float:
+    """Train the encoder's trainable parameters (peak lr ``lr``) and ``head`` (``settings.head_lr``) on ``data`` with
+    the one training loop (:func:`~peft_recast.apps.loop.train`). The first ``align_epochs`` epochs train only the
+    ``modules_to_save`` copies (LayerNorms) besides the head. Returns the seconds per step."""
+    adapter = [p for p in encoder.parameters() if p.requires_grad]
+    groups = [(list(head.parameters()), settings.head_lr)] + ([(adapter, lr)] if adapter else [])
+    held = [p for name, p in encoder.named_parameters()
+            if p.requires_grad and "modules_to_save" not in name] if align_epochs else []
+    run_settings = Settings(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed)
+    encoder.eval()
+    head.train()
+    return train(lambda indices: sentence_logits(encoder, head, data.train(indices)), data.train_labels,
+                 data.train.lengths, groups, run_settings, desc, held=held, align_epochs=align_epochs)
+
+
+@torch.no_grad()
+def predictions(encoder: nn.Module, head: nn.Module, batches, batch_size: int, desc: str) -> torch.Tensor:
+    """Arg-max class of every text, in the original order (CPU tensor)."""
+    encoder.eval()
+    head.eval()
+    return by_batch(lambda batch: sentence_logits(encoder, head, batch), batches, batch_size, desc).argmax(-1).cpu()
+
+
+def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, settings: BenchSettings,
+               cache: dict) -> float:
+    """The head alone on cached embeddings (same batches, optimiser and schedule as every other method)."""
+    class Embedder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = encoder
+
+        def embed(self, **batch) -> torch.Tensor:
+            return mean_pool(self.encoder(**batch).last_hidden_state, batch["attention_mask"])
+
+    if data.name not in cache:
+        cache[data.name] = embed_texts(Embedder(), data.train, settings.batch_size, f"{data.name}: embed train")
+    run_settings = Settings(epochs=settings.epochs, batch_size=settings.batch_size, head_lr=settings.head_lr, seed=seed)
+    started = time.perf_counter()
+    train_probe(head, cache[data.name], data.train_labels, data.train.lengths, run_settings, f"{data.name} probe")
+    return time.perf_counter() - started
+
+
+def _prediction_digest(predicted: torch.Tensor) -> str:
+    return hashlib.sha1(predicted.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -> dict:
+    """The accuracy part: every method, task after task; returns the forgetting check per (method, seed)."""
+    tokenizer = load_tokenizer()
+    datasets = {task: load_task_data(task, tokenizer, device, settings.max_train, settings.max_eval)
+                for task in settings.tasks}
+    protocol = settings.protocol()
+    forgetting = {}
+    plan = []
+    for name in settings.methods:
+        method = METHODS[name]
+        for seed in settings.seeds:
+            plan.append((method, seed))
+    outer = tqdm(plan, desc="bench", unit="method x seed")
+    for method, seed in outer:
+        outer.set_postfix(method=method.name, seed=seed)
+        model = MethodModel(method, device)
+        embeddings: dict = {}
+        chosen = {}
+        for task in settings.tasks:
+            data = datasets[task]
+            lrs = lrs_to_run(method, task, seed, settings, results, protocol)
+            for lr in lrs:
+                key = run_key(method.name, task, lr, seed, protocol)
+                if key in results.runs:  # finished here, or merged from another machine's results.json
+                    continue
+                run_dir = os.path.join(settings.output_dir, "runs", key)
+                encoder = model.new_adapter(key)
+                head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
+                if method.kind == "probe":
+                    seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
+                    step_seconds = None
+                else:
+                    step_seconds = train_run(encoder, head, data, lr, seed, settings,
+                                             f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
+                    seconds = None
+                val = predictions(encoder, head, data.validation, settings.batch_size, "validation")
+                test = predictions(encoder, head, data.test, settings.batch_size, "test")
+                numbers = trainable_numbers(encoder) if method.kind != "probe" else 0
+                adapter_bytes = save_run(encoder, head, method, run_dir)
+                results.add(dict(
+                    key=key, method=method.name, task=task, lr=lr, seed=seed, protocol=protocol,
+                    validation_accuracy=accuracy(val, data.validation_labels),
+                    test_accuracy=accuracy(test, data.test_labels), test_digest=_prediction_digest(test),
+                    trainable=numbers, head_params=trainable_numbers(head),
+                    adapter_bytes=adapter_bytes, step_seconds=step_seconds, probe_seconds=seconds,
+                    device=str(device),
+                ))
+                if method.kind == "full":
+                    del encoder
+            chosen[task] = best_lr(method, task, settings, results, protocol)
+        report = check_forgetting(model, method, seed, chosen, datasets, settings, results, protocol, device)
+        if report:  # saved at once: a benchmark stopped later keeps the chains it finished
+            forgetting[f"{method.name}/seed{seed}"] = results.forgetting[f"{method.name}/seed{seed}"] = report
+            results.save()
+    return forgetting
+
+
+def check_forgetting(model: MethodModel, method: Method, seed: int, chosen: dict, datasets: dict,
+                      settings: BenchSettings, results: Results, protocol: dict, device: torch.device) -> dict:
+    """After the last task: every task's adapter (at its chosen rate) on the one model that learned them all, and
+    again loaded from its saved files onto a fresh base model; both must give the predictions taken right after the
+    task was trained. Runs whose files are not here (merged from another machine's ``results.json``) are left out."""
+    fresh = MethodModel(method, device)
+    report = {}
+    for task, lr in chosen.items():
+        key = run_key(method.name, task, lr, seed, protocol)
+        record, data = results.runs[key], datasets[task]
+        run_dir = os.path.join(settings.output_dir, "runs", key)
+        if not os.path.isdir(run_dir):
+            continue
+        head = load_head(run_dir, device)
+        if method.kind == "peft" and model.encoder is not None and key in model.encoder.peft_config:
+            shared = model.activate(key)
+        else:  # trained in an earlier (resumed) process, or full fine-tuning: load it next to the others
+            shared = model.load_adapter(key, run_dir)
+            if method.kind == "peft":
+                shared = model.activate(key)
+        after_last = predictions(shared, head, data.test, settings.batch_size, f"{task}: re-test")
+        reloaded = fresh.load_adapter(key, run_dir)
+        if method.kind == "peft":
+            fresh.activate(key)
+        from_disk = predictions(reloaded, head, data.test, settings.batch_size, f"{task}: reloaded test")
+        report[task] = dict(
+            lr=lr, accuracy_after_training=record["test_accuracy"],
+            accuracy_after_last_task=accuracy(after_last, data.test_labels),
+            predictions_unchanged=_prediction_digest(after_last) == record["test_digest"],
+            reloaded_predictions_unchanged=_prediction_digest(from_disk) == record["test_digest"],
+        )
+    return report
+
+
+def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, merge: Sequence[str] = ()) -> dict:
+    """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``.
+
+    ``train=False`` trains nothing: the table and plots come from the runs already in ``results.json`` (for instance
+    runs merged from several machines), skipping methods that lack a task. ``costs`` measures the costs (also without
+    training: ``--costs-only``). ``merge``: ``results.json`` files added to the output dir's results first."""
+    unknown = [m for m in settings.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
+    device = resolve_device(settings.device)
+    os.makedirs(settings.output_dir, exist_ok=True)
+    results = Results(os.path.join(settings.output_dir, RESULTS_FILE))
+    for path in merge:
+        print(f"merged {results.merge(path)} runs from {path}")
+    started = time.perf_counter()
+    forgetting = run_tasks(settings, results, device) if train else {}  # saved chain by chain; other entries stay
+    if costs:
+        results.costs.update(measure_costs(settings, device))
+        results.save()
+    rows = summarise(settings, results)
+    table = format_table(rows, results.costs, settings.tasks)
+    with atomic_write(os.path.join(settings.output_dir, TABLE_FILE)) as handle:
+        handle.write(f"{describe_protocol(settings)}:\n\n{table}\n")
+    plot_accuracy(rows, os.path.join(settings.output_dir, PLOT_FILE))
+    curves = learning_rate_curves(settings, results)
+    if curves:
+        plot_learning_rates(curves, os.path.join(settings.output_dir, LR_PLOT_FILE))
+        rates = sorted({lr for points in curves.values() for lr in points})
+        print("\nMean validation accuracy (%) per learning rate (seed " + str(settings.seeds[0]) + "):")
+        print(f"{'method':<16}" + "".join(f"{lr:>9g}" for lr in rates))
+        for name, points in curves.items():
+            print(f"{name:<16}" + "".join(f"{points[lr]:>9.1f}" if lr in points else f"{'':>9}" for lr in rates))
+    changed, changed_ever = changed_predictions(forgetting), changed_predictions(results.forgetting)
+    print(f"\n{describe_protocol(settings)}:\n{table}")
+    print(f"\nForgetting: {len(results.forgetting)} method x seed chains, every earlier task re-tested after the last "
+          f"one and after reloading from disk: "
+          f"{'no prediction changed' if not changed_ever else 'CHANGED: ' + ', '.join(changed_ever)}")
+    print(f"Results in {settings.output_dir}/ ({RESULTS_FILE}, {TABLE_FILE}, {PLOT_FILE}); "
+          f"{time.perf_counter() - started:.0f} s")
+    return dict(rows=rows, costs=results.costs, forgetting=forgetting, changed=changed)
