@@ -18,17 +18,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 
 import peft_recast
-
-
-def _median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from peft_recast.apps.runtime import median_seconds
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
@@ -56,7 +46,7 @@ def main() -> None:
         "ladder-216 (all-linear; 6/group, 6 tpl)": peft_recast.RecastConfig.from_preset("ladder-216"),
     }
     for label, config in configs.items():
-        seconds = _median_seconds(lambda: get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), repeats)
+        seconds = median_seconds(lambda: get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), repeats)
         model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
         summary = peft_recast.recast_summary(model)
         extra = _tensor_bytes(model) - base_bytes

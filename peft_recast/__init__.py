@@ -4,7 +4,8 @@
 and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 """
 
-from ._version import __version__
+from ._version import __version__ as __version__
+from .adapters import hotswap_adapter, load_adapters
 from .config import RECOMMENDED_LR, RecastConfig
 from .model import RecastModel
 from .registration import RECAST, register
@@ -12,4 +13,4 @@ from .summary import RecastSummary, recast_summary
 
 register()
 
-__all__ = ["RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "recast_summary"]
+__all__ = ["RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "hotswap_adapter", "load_adapters", "recast_summary"]

@@ -23,6 +23,14 @@ from .registration import RECAST
 #   sms       96.0    96.8    98.4    98.8    98.8    98.4
 RECOMMENDED_LR = 1e-2
 
+# Config fields that decide a layer's basis and mixing, or how its coefficients act: adapters that differ in any of
+# them are not vectors of one space.
+GROUPING_FIELDS = (
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
+    "num_templates", "coefficient_blocks", "coefficient_scale", "share_across_module_types", "fused_modules",
+    "template_bank", "weight_form", "base_fingerprint",
+)
+
 def config_list(value: Optional[Union[str, int, list, set]]) -> list:
     """A ``layers_pattern`` or ``layers_to_transform`` value as a list: ``None`` -> ``[]``, ``"h"`` -> ``["h"]``,
     ``3`` -> ``[3]``."""
@@ -261,7 +269,7 @@ class RecastConfig(PeftConfig):
     )
     weight_form: Literal["residual", "replace"] = field(
         default="residual",
-        metadata={"help": "'residual': W_pre + update (identity at init). 'replace': the paper's sum_k alpha_k T_k."},
+        metadata={"help": "'residual': W_pre + update (identity at init). 'replace': the paper's sum_k theta_k T_k."},
     )
     preset: Optional[str] = field(
         default=None, metadata={"help": "Paper variant whose target modules are resolved per model type."}

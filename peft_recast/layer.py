@@ -12,11 +12,16 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
+from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
 
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
 RANDOM_INIT_STD = 0.02
+# A mixed batch rebuilds one weight per adapter (about this many tokens' worth of product per basis member, measured
+# on MiniLM-L6's 384 x 384 query/value on a 2-core CPU: the crossover falls at 2, ~40 and ~650 adapters for batches
+# of 64, 2,048 and 32,768 tokens) or takes the group's shared products: see `Linear._prefers_shared_products`.
+REBUILD_TOKENS_PER_MEMBER = 25
 
 
 class RecastGroup:
@@ -29,6 +34,11 @@ class RecastGroup:
     def __init__(self, name: str, members: list[RecastLayer]) -> None:
         self.name = name
         self.members = members
+        self.fitted = self.weights_state()  # the weights the group's templates were fitted to
+
+    def weights_state(self) -> tuple:
+        """The members' pretrained weights by storage and version counter: it changes when any of them does."""
+        return tuple((w.data_ptr(), w._version) for w in (member.pristine_weight() for member in self.members))
 
     def basis(self) -> list[torch.Tensor]:
         """The members' pretrained weights ``W_1..W_m`` (untouched by any merge), which span the templates."""
@@ -36,70 +46,6 @@ class RecastGroup:
 
     def __repr__(self) -> str:
         return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
-
-
-def block_runs(rows: int, num_blocks: int) -> list[tuple[int, int]]:
-    """How ``rows`` output rows are cut into ``num_blocks`` contiguous blocks, as ``torch.tensor_split`` cuts them:
-    ``(blocks, rows per block)`` runs, first ``rows % B`` blocks of ``ceil(rows / B)`` rows, then the rest of
-    ``floor(rows / B)``. Blocks beyond ``rows`` get no rows: that happens only to a fused member (e.g. a GQA
-    ``k_proj``) with fewer rows than the module whose coefficient tensor it shares."""
-    size, larger = divmod(rows, num_blocks)
-    return [(count, rows_each) for count, rows_each in ((larger, size + 1), (num_blocks - larger, size)) if count]
-
-
-class BasisCombination(torch.autograd.Function):
-    """``delta = sum_j mix[j, b] W_j`` on the output rows of block ``b``, one batched product per run of equal-sized
-    blocks (one or two runs, :func:`block_runs`), keeping nothing for backward but references to the frozen basis.
-
-    Shapes: ``mix`` ``(m, B)``; each basis weight ``W_j`` has the weight's shape, whose dimension ``axis`` (the output
-    rows) is cut into ``B`` blocks; the result has the weight's shape and ``dtype``. Backward:
-    ``d mix[j, b] = <grad restricted to block b, W_j restricted to block b>``.
-    """
-
-    @staticmethod
-    def _runs(rows: torch.Tensor, num_blocks: int) -> list[tuple[int, torch.Tensor]]:
-        """``rows`` (``(..., out, R)``, the output rows on dimension -2) -> ``(blocks, (..., blocks, rows x R))`` per
-        run of equal blocks."""
-        runs, start = [], 0
-        for count, rows_each in block_runs(rows.shape[-2], num_blocks):
-            part = rows[..., start:start + count * rows_each, :]
-            runs.append((count, part.reshape(*part.shape[:-2], count, -1)))
-            start += count * rows_each
-        return runs
-
-    @staticmethod
-    def _stacked_rows(basis: tuple[torch.Tensor, ...], axis: int, dtype: torch.dtype) -> torch.Tensor:
-        """``(m, out, R)``: the basis stacked, output rows moved to dimension 1, the other dimensions flattened."""
-        stacked = torch.stack(basis).to(dtype).movedim(1 + axis, 1)
-        return stacked.reshape(*stacked.shape[:2], -1)
-
-    @staticmethod
-    def forward(ctx, mix: torch.Tensor, axis: int, dtype: torch.dtype, *basis: torch.Tensor) -> torch.Tensor:
-        ctx.axis, ctx.num_blocks = axis, mix.shape[1]
-        ctx.save_for_backward(*basis)
-        parts, first = [], 0
-        for count, part in BasisCombination._runs(BasisCombination._stacked_rows(basis, axis, dtype), mix.shape[1]):
-            parts.append(torch.einsum("mb,mbr->br", mix[:, first:first + count], part).reshape(-1))
-            first += count
-        moved_shape = list(basis[0].shape)
-        moved_shape.insert(0, moved_shape.pop(axis))
-        delta = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return delta.reshape(moved_shape).movedim(0, axis)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        basis = ctx.saved_tensors
-        mix_grad = None
-        if ctx.needs_input_grad[0]:
-            stacked = BasisCombination._stacked_rows(basis, ctx.axis, grad.dtype)
-            grad_rows = grad.movedim(ctx.axis, 0).reshape(stacked.shape[1:])
-            grads = [
-                torch.einsum("br,mbr->mb", grad_part, part)
-                for (_, grad_part), (_, part) in zip(BasisCombination._runs(grad_rows, ctx.num_blocks),
-                                                     BasisCombination._runs(stacked, ctx.num_blocks))
-            ]
-            mix_grad = grads[0] if len(grads) == 1 else torch.cat(grads, dim=1)
-        return (mix_grad, None, None, *[None] * len(basis))
 
 
 class RecastLayer(BaseTunerLayer):
@@ -111,7 +57,12 @@ class RecastLayer(BaseTunerLayer):
         delta_W = sum_j (mean_K(theta) @ R)_j W_j,   R = s ||W_self||_F / sqrt(n) * M   (``n x m``, ``recast_mixing``)
 
     where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`) and ``s`` is
-    ``coefficient_scale``, so that ``delta_W = s ||W_self||_F / sqrt(n) * sum_k mean_K(theta)_k T_k``. Templates are never materialised.
+    ``coefficient_scale``, so that ``delta_W = s ||W_self||_F / sqrt(n) * sum_k mean_K(theta)_k T_k``. Templates are
+    never materialised: the maths is in :mod:`peft_recast.combination`.
+
+    Without gradients (eval under ``torch.no_grad``, or coefficients that do not train) the adapted weight of the
+    active adapters is cached and served again until any coefficient, mixing, base or basis tensor changes (their
+    version counters are part of the key) or the active adapters change.
     """
 
     adapter_layer_names = ("recast_coefficients",)
@@ -122,7 +73,7 @@ class RecastLayer(BaseTunerLayer):
         self.recast_coefficients = nn.ParameterDict({})
         self.recast_mixing = BufferDict({}, persistent=False)
         self.recast_group: dict[str, RecastGroup] = {}
-        # adapters in the paper's replacement form (delta_W = sum_k alpha_k T_k - W_pre)
+        # adapters in the paper's replacement form (delta_W = sum_k mean_K(theta)_k T_k - W_pre)
         self.recast_replace: dict[str, bool] = {}
         # fused modules (config.fused_modules): the layer whose coefficient tensor this one shares
         self.recast_tie: dict[str, RecastLayer] = {}
@@ -136,19 +87,33 @@ class RecastLayer(BaseTunerLayer):
         self.in_features = in_features
         self.out_features = out_features
         self.kwargs = kwargs
+        self._row_blocks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._weight_cache: Optional[tuple[tuple, list[torch.Tensor], torch.Tensor]] = None
+        self._mixings: dict[tuple, torch.Tensor] = {}
 
     def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
         """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B > 1`` coefficient blocks,
         ``B`` at most the module's output rows); the model attaches its template group after injection."""
-        blocks = min(config.coefficient_blocks, self.out_features)
-        shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
-        if config.init_weights:
-            coefficients = torch.zeros(shape)
-        else:
-            coefficients = torch.randn(shape) * RANDOM_INIT_STD
-        self.recast_coefficients[adapter_name] = nn.Parameter(coefficients)
+        self.recast_coefficients[adapter_name] = nn.Parameter(self._new_coefficients(config))
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _new_coefficients(self, config: RecastConfig) -> torch.Tensor:
+        """Zeros (``init_weights``) or small random values, ``(K, n)`` or ``(K, n, B)``, float32 on the CPU."""
+        blocks = min(config.coefficient_blocks, self.out_features)
+        shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
+        return torch.zeros(shape) if config.init_weights else torch.randn(shape) * RANDOM_INIT_STD
+
+    def add_adapter_like(self, adapter_name: str, template: str, config: RecastConfig, trainable: bool) -> None:
+        """Add ``adapter_name`` with the group, mixing and (fused) tie of ``template``, an adapter of the same grouping
+        on this layer: no injection pass and no mimicry (the template's fit is this adapter's fit)."""
+        like = self.recast_coefficients[template]
+        coefficients = self._new_coefficients(config).to(device=like.device, dtype=like.dtype)
+        self.recast_coefficients[adapter_name] = nn.Parameter(coefficients, requires_grad=trainable)
+        self.attach_group(adapter_name, self.recast_group[template], self.recast_mixing[template])
+        owner = self.recast_tie.get(template)
+        if owner is not None:
+            self.tie_coefficients(adapter_name, owner)
 
     def attach_group(
         self,
@@ -174,7 +139,9 @@ class RecastLayer(BaseTunerLayer):
         if replace:
             self.recast_replace[adapter_name] = True
         weight = self.pristine_weight()
-        self.recast_mixing[adapter_name] = mixing.to(device=weight.device, dtype=torch.float32)
+        mixing = mixing.to(device=weight.device, dtype=torch.float32)
+        # adapters of one grouping get equal mixings: keep one tensor for all of them
+        self.recast_mixing[adapter_name] = self._mixings.setdefault((mixing.shape, *mixing.flatten().tolist()), mixing)
         self.recast_group[adapter_name] = group
 
     def tie_coefficients(self, adapter_name: str, owner: RecastLayer) -> None:
@@ -191,27 +158,52 @@ class RecastLayer(BaseTunerLayer):
             self.recast_coefficients[adapter_name] = owner.recast_coefficients[adapter_name]
 
     def pristine_weight(self) -> torch.Tensor:
-        """The base weight without any merged adapter (detached)."""
+        """The base weight without any merged adapter (detached; sharing the parameter's version counter, so that an
+        in-place change of the weight is seen by the weight cache)."""
         if self._pristine_weight is not None:
             return self._pristine_weight
-        return self.get_base_weight()
+        if self.quantization_backend is not None:
+            return self.get_base_weight()
+        return self.get_base_layer().weight.detach()
+
+    def _blocks(self, num_blocks: int, device: torch.device) -> torch.Tensor:
+        """The block of every output row (:func:`~peft_recast.combination.row_blocks`), computed once per device."""
+        key = (num_blocks, device)
+        if key not in self._row_blocks:
+            rows = self.get_base_layer().weight.shape[1 if getattr(self, "fan_in_fan_out", False) else 0]
+            with torch.inference_mode(False):  # kept for later calls, with gradients too: never an inference tensor
+                self._row_blocks[key] = row_blocks(rows, num_blocks, device)
+        return self._row_blocks[key]
+
+    def _mix(self, adapter: str) -> torch.Tensor:
+        """``mean_K(theta) @ R``: the weight of each basis member per block of output rows, ``(m, B)`` float32."""
+        owner = self.recast_tie.get(adapter, self)
+        theta = owner.recast_coefficients[adapter].float().mean(0)  # (n) or (n, B)
+        mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float())
+        return mix.reshape(mix.shape[0], -1)
+
+    def _terms(self, adapters: list[str], device: torch.device) -> tuple[list, list, list, list]:
+        """Per adapter: its mix (on ``device``), basis, row blocks and the weight it subtracts (replacement form)."""
+        mixes, bases, blocks, subtract = [], [], [], []
+        for adapter in adapters:
+            mix = self._mix(adapter).to(device)
+            mixes.append(mix)
+            bases.append(self.recast_group[adapter].basis())
+            blocks.append(self._blocks(mix.shape[1], device))
+            subtract.append(self.pristine_weight() if self.recast_replace.get(adapter, False) else None)
+        return mixes, bases, blocks, subtract
+
+    def _compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        """float32 maths for half-precision weights on the CPU, else the weights' own dtype."""
+        return torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``delta_W`` of ``adapter`` in the base weight's layout and dtype (float32 maths for half on CPU)."""
-        basis = self.recast_group[adapter].basis()
-        dtype, device = basis[0].dtype, basis[0].device
-        compute_dtype = torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
-        owner = self.recast_tie.get(adapter, self)
-        theta = owner.recast_coefficients[adapter].float().mean(0)  # (n) or (n, B)
-        # (m) or (m, B): the weight of each basis member W_j (per block of output rows)
-        mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float()).to(
-            device=device, dtype=compute_dtype
-        )
+        weight = self.pristine_weight()
+        mixes, bases, blocks, subtract = self._terms([adapter], weight.device)
         axis = 1 if getattr(self, "fan_in_fan_out", False) else 0  # the output rows' axis of the stored weight
-        delta = BasisCombination.apply(mix.reshape(len(basis), -1), axis, compute_dtype, *basis)
-        if self.recast_replace.get(adapter, False):
-            delta = delta - self.pristine_weight().to(compute_dtype)
-        return delta.to(dtype)
+        delta = combine(None, mixes, bases, blocks, axis, self._compute_dtype(weight.dtype, weight.device), subtract)
+        return delta.to(weight.dtype)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RECAST is additive (``W + delta_W``), so ``peft.convert_to_lora`` can factor ``get_delta_weight`` by SVD;
@@ -285,10 +277,59 @@ class Linear(nn.Module, RecastLayer):
         return F.linear(x, transpose(weight, self.fan_in_fan_out), self.get_base_layer().bias)
 
     def _adapted_weight(self, adapters: list[str]) -> torch.Tensor:
+        """``W + sum_a delta_W_a`` of ``adapters`` in the base weight's dtype (autograd flows to the coefficients)."""
         weight = self.get_base_layer().weight
+        mixes, bases, blocks, subtract = self._terms(adapters, weight.device)
+        axis = 1 if self.fan_in_fan_out else 0
+        dtype = self._compute_dtype(weight.dtype, weight.device)
+        return combine(weight, mixes, bases, blocks, axis, dtype, subtract).to(weight.dtype)
+
+    def _cache_key(self, adapters: list[str]) -> tuple:
+        """What the adapted weight of ``adapters`` depends on: every tensor involved, by storage and version."""
+        weight = self.get_base_layer().weight
+        parts: list = [torch.is_inference_mode_enabled(), weight.data_ptr(), weight._version, weight.dtype]
         for adapter in adapters:
-            weight = weight + self.get_delta_weight(adapter)
-        return weight
+            owner = self.recast_tie.get(adapter, self)
+            coefficients, mixing = owner.recast_coefficients[adapter], self.recast_mixing[adapter]
+            parts += [adapter, id(coefficients), coefficients._version, id(mixing), mixing._version]
+            parts += [(member.data_ptr(), member._version) for member in self.recast_group[adapter].basis()]
+        return tuple(parts)
+
+    def _cached_weight(self, adapters: list[str]) -> torch.Tensor:
+        """The adapted weight, rebuilt only when something it depends on changed: a key of :meth:`_cache_key`, and
+        the coefficients' values themselves (a change through ``.data`` bumps no version counter)."""
+        if torch.compiler.is_compiling():
+            return self._adapted_weight(adapters)
+        key = self._cache_key(adapters)
+        values = [self.recast_tie.get(a, self).recast_coefficients[a].detach() for a in adapters]
+        cache = self._weight_cache
+        if cache is None or cache[0] != key or not all(map(torch.equal, cache[1], values)):
+            with torch.no_grad():
+                self._weight_cache = (key, [value.clone() for value in values], self._adapted_weight(adapters))
+        return self._weight_cache[2]
+
+    def _trains(self, adapters: list[str]) -> bool:
+        """Whether this call must carry gradients to the coefficients of ``adapters``."""
+        return torch.is_grad_enabled() and any(
+            self.recast_tie.get(a, self).recast_coefficients[a].requires_grad for a in adapters
+        )
+
+    def _adapted_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """The base computation with the adapted weight of ``adapters``: cached without gradients; in training
+        through :class:`~peft_recast.combination.AdaptedCall` (nothing but ``x`` and the mixes kept for backward)."""
+        if not self._trains(adapters):
+            return self._call_base(x, self._cached_weight(adapters))
+        base_layer = self.get_base_layer()
+        operation = Operation.of(base_layer, self.fan_in_fan_out)
+        if operation is None:  # e.g. a convolution with reflect padding: plain autograd through the weight
+            return self._call_base(x, self._adapted_weight(adapters))
+        weight = base_layer.weight
+        x = self._cast_input_dtype(x, weight.dtype)
+        mixes, bases, blocks, subtract = self._terms(adapters, weight.device)
+        layout = tuple((len(basis), cut is not None) for basis, cut in zip(bases, subtract))
+        flat = [t for basis, cut in zip(bases, subtract) for t in (*basis, *([cut] if cut is not None else []))]
+        dtype = self._compute_dtype(weight.dtype, weight.device)
+        return AdaptedCall.apply(x, weight, base_layer.bias, operation, layout, dtype, *mixes, *blocks, *flat)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._check_forward_args(x, *args, **kwargs)
@@ -305,7 +346,7 @@ class Linear(nn.Module, RecastLayer):
         else:
             adapters = [name for name in self.active_adapters if name in self.recast_coefficients]
             if adapters:
-                result = self._call_base(x, self._adapted_weight(adapters))
+                result = self._adapted_forward(x, adapters)
             else:
                 result = self.base_layer(x, *args, **kwargs)
         return result.to(previous_dtype)
@@ -313,7 +354,26 @@ class Linear(nn.Module, RecastLayer):
     def _mixed_batch_forward(
         self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
     ) -> torch.Tensor:
-        """Each sample goes through its own adapter (``"__base__"``: none); one matmul per distinct adapter."""
+        """Each sample goes through its own adapter (``"__base__"``, or an adapter this layer does not hold: none).
+
+        When the adapters share one group basis and :meth:`_prefers_shared_products` says so, the whole batch takes
+        ``m`` shared products (:func:`~peft_recast.combination.shared_products`); else one weight is rebuilt and one
+        product taken per distinct adapter.
+        """
+        distinct = [name for name in dict.fromkeys(adapter_names) if name in self.recast_coefficients]
+        weight = self.get_base_layer().weight
+        operation = Operation.of(self.get_base_layer(), self.fan_in_fan_out)
+        bases = {tuple(member.data_ptr() for member in self.recast_group[name].basis()) for name in distinct}
+        if operation is not None and len(bases) == 1 and self._prefers_shared_products(distinct, x, operation):
+            x = self._cast_input_dtype(x, weight.dtype)
+            index = {name: i for i, name in enumerate(distinct)}
+            mixes, basis, _, _ = self._terms(distinct, weight.device)
+            stacked = torch.stack(mixes)  # (A, m, B)
+            stacked = torch.cat([stacked, stacked.new_zeros(1, *stacked.shape[1:])])  # last: no adapter
+            samples = torch.tensor([index.get(name, len(distinct)) for name in adapter_names], device=x.device)
+            keep = torch.tensor([0.0 if self.recast_replace.get(name, False) else 1.0 for name in adapter_names],
+                                device=x.device)
+            return shared_products(x, operation, weight, self.get_base_layer().bias, basis[0], stacked[samples], keep)
         result = None
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
@@ -325,6 +385,23 @@ class Linear(nn.Module, RecastLayer):
                 result = out.new_empty((len(adapter_names), *out.shape[1:]))
             result[rows] = out.to(result.dtype)
         return result
+
+    def _prefers_shared_products(self, adapters: list[str], x: torch.Tensor, operation: Operation) -> bool:
+        """Whether ``m`` shared products cost less than rebuilding one weight and taking one product per adapter
+        (half-precision weights on the CPU always rebuild: there the rebuilt weight is summed in float32, which the
+        shared products in half precision would not reproduce).
+
+        Rebuilding costs about ``REBUILD_TOKENS_PER_MEMBER * m`` tokens' worth of product per adapter (measured with
+        ``benchmarks/mixed_batch_rule.py``) on top of one product over all tokens; sharing costs ``m - 1`` more
+        products over all tokens (``m`` counts the base weight when it is not a basis member).
+        """
+        basis = self.recast_group[adapters[0]].basis()
+        weight = self.get_base_layer().weight
+        if self._compute_dtype(weight.dtype, weight.device) != weight.dtype:
+            return False  # half precision on the CPU: the rebuilt weight's float32 sums give each adapter's own outputs
+        members = len(basis) + (0 if any(member.data_ptr() == weight.data_ptr() for member in basis) else 1)
+        tokens = x.numel() // x.shape[1 if operation.kind == "conv2d" else -1]
+        return len(adapters) * REBUILD_TOKENS_PER_MEMBER * members >= (members - 1) * tokens
 
     def __repr__(self) -> str:
         return "recast." + super().__repr__()

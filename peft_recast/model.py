@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .bank import BankGroup, TemplateBank, load_template_bank
-from .config import RecastConfig, config_list, preset_fields
+from .config import GROUPING_FIELDS, RecastConfig, config_list, preset_fields
 from .grouping import (
     adapter_layers,
     flat_cat,
@@ -194,19 +194,63 @@ class RecastModel(BaseTuner):
         """
         requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
         try:
-            super().inject_adapter(
-                model,
-                adapter_name,
-                autocast_adapter_dtype=autocast_adapter_dtype,
-                low_cpu_mem_usage=low_cpu_mem_usage,
-                state_dict=state_dict,
-            )
-            self._fit_templates(model, adapter_name)
+            if low_cpu_mem_usage or not self._inject_like_existing(model, adapter_name):
+                super().inject_adapter(
+                    model,
+                    adapter_name,
+                    autocast_adapter_dtype=autocast_adapter_dtype,
+                    low_cpu_mem_usage=low_cpu_mem_usage,
+                    state_dict=state_dict,
+                )
+                self._fit_templates(model, adapter_name)
         except BaseException:
             self._remove_adapter_layers(model, adapter_name, adapter_layers(model, adapter_name))
             for parameter, flag in requires_grad:
                 parameter.requires_grad = flag
             raise
+
+    def _inject_like_existing(self, model: nn.Module, adapter_name: str) -> bool:
+        """The fast path of a new adapter whose grouping an adapter on the model has already (the usual case when one
+        model serves many tasks): every layer of that adapter gets new coefficients sharing its group and mixing, in
+        a few operations per layer, without PEFT's pass over the model or mimicry. Returns ``False`` (nothing done)
+        when no such adapter exists or the config needs the general path (``modules_to_save``, trained biases,
+        trainable tokens, the replacement form)."""
+        config = self.peft_config[adapter_name]
+        if config.modules_to_save or config.bias != "none" or config.weight_form != "residual" or getattr(
+            config, "trainable_token_indices", None
+        ):
+            return False
+        config = self._prepare_adapter_config(config, self.get_model_config(model))
+        template = next((
+            name for name, other in self.peft_config.items()
+            if name != adapter_name and isinstance(other, RecastConfig) and other.base_fingerprint is not None
+            and not other.modules_to_save and other.bias == "none"
+            and all(getattr(other, field) == getattr(config, field) for field in GROUPING_FIELDS[:-1])
+        ), None)
+        layers = adapter_layers(model, template) if template is not None else {}
+        if not layers or any(l.recast_group[template].fitted != l.recast_group[template].weights_state()
+                             for l in layers.values()):
+            return False  # no such adapter, or a base weight changed since its templates were fitted: fit anew
+        fingerprint = self.peft_config[template].base_fingerprint
+        if config.base_fingerprint is not None:
+            self._check_fingerprint(adapter_name, config, fingerprint)
+        trainable = adapter_name in self.active_adapters and not config.inference_mode
+        for layer in sorted(layers.values(), key=lambda layer: template in layer.recast_tie):  # owners first
+            layer.add_adapter_like(adapter_name, template, config, trainable)
+        config.base_fingerprint = fingerprint
+        return True
+
+    def _check_fingerprint(self, adapter_name: str, config: RecastConfig, fingerprint: dict[str, list[float]]) -> None:
+        """Refuse an adapter whose saved ``base_fingerprint`` does not match this model's weights."""
+        problem = fingerprint_mismatch(config.base_fingerprint, fingerprint)
+        if problem is not None:
+            raise ValueError(
+                f"The RECAST adapter '{adapter_name}' does not belong to this base model: {problem}. Its "
+                "coefficients only have a meaning with the templates of the model it was trained on (or a "
+                "model that was merged or modified since). Load it onto that base model "
+                f"(base_model_name_or_path={config.base_model_name_or_path!r}); to start a new adapter on "
+                "this model, use a RecastConfig whose base_fingerprint is None."
+            )
 
     def _fit_templates(self, model: nn.Module, adapter_name: str) -> None:
         """Closed-form mimicry (or the template bank) for every group of ``adapter_name``; sets the config's
@@ -231,22 +275,22 @@ class RecastModel(BaseTuner):
                     f"The base weights of '{name}' are on the meta device. RECAST builds its templates from the "
                     "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
                 )
-            fit = fit_group(
-                [unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], config.num_templates
-            )
+            fit = self._group_fit(weights, config.num_templates)
             fingerprint[name] = fit.fingerprint()
             self._attach_units(adapter_name, config, name, units, fit, bank)
         if config.base_fingerprint is not None:
-            problem = fingerprint_mismatch(config.base_fingerprint, fingerprint)
-            if problem is not None:
-                raise ValueError(
-                    f"The RECAST adapter '{adapter_name}' does not belong to this base model: {problem}. Its "
-                    "coefficients only have a meaning with the templates of the model it was trained on (or a "
-                    "model that was merged or modified since). Load it onto that base model "
-                    f"(base_model_name_or_path={config.base_model_name_or_path!r}); to start a new adapter on "
-                    "this model, use a RecastConfig whose base_fingerprint is None."
-                )
+            self._check_fingerprint(adapter_name, config, fingerprint)
         config.base_fingerprint = fingerprint
+
+    def _group_fit(self, weights: list[list[torch.Tensor]], num_templates: int) -> GroupFit:
+        """Closed-form mimicry of one group's (units of) weights, fitted once: a later adapter with the same grouping
+        reuses the fit (and so its templates and mixing) as long as none of the weights changed (by storage and
+        version counter, so an in-place change or a merge refits)."""
+        key = (num_templates, tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for unit in weights for w in unit))
+        fits = self.__dict__.setdefault("_group_fits", {})
+        if key not in fits:
+            fits[key] = fit_group([unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], num_templates)
+        return fits[key]
 
     @staticmethod
     def _attach_units(
@@ -343,6 +387,14 @@ class RecastModel(BaseTuner):
             if isinstance(module, ModulesToSaveWrapper) and set(module.modules_to_save) == {adapter_name}:
                 parent, _, target_name = _get_submodules(model, key)
                 setattr(parent, target_name, module.original_module)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
+        """Add ``adapter_name`` whose update is ``sum_i weights[i] * delta_W(adapters[i])`` exactly (task arithmetic;
+        see :func:`peft_recast.adapters.add_weighted_adapter`). The adapters need one grouping and the
+        residual form; the new adapter is not made active."""
+        from .adapters import add_weighted_adapter
+
+        add_weighted_adapter(self, adapters, weights, adapter_name)
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """PEFT's ``merge_adapter``; with ``safe_merge`` every layer's coefficients are checked before any is

@@ -1,11 +1,11 @@
-"""Shared fixtures; tiny models come from `tiny_models` (built from configs, no downloads)."""
+"""Shared fixtures; tiny models come from `models` (built from configs, no downloads)."""
 
 import os
 
 import pytest
 import torch
 
-from .tiny_models import MODEL_BUILDERS
+from .models import CONFIG_FIELDS, MODEL_BUILDERS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,4 +18,12 @@ def input_ids() -> torch.Tensor:
 @pytest.fixture(params=sorted(MODEL_BUILDERS))
 def model_kind(request) -> str:
     return request.param
+
+
+@pytest.fixture
+def recast_config(model_kind):
+    """``RecastConfig(**kwargs)`` plus the fields ``model_kind``'s model needs (``models.CONFIG_FIELDS``)."""
+    from peft_recast import RecastConfig
+
+    return lambda **kwargs: RecastConfig(**{**CONFIG_FIELDS[model_kind], **kwargs})
 

@@ -83,7 +83,7 @@ def _add_common(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="tokens per text (default: per task, 64 for sms/trec6/tweets/amazon, 128 for bbc)")
+                        help="tokens per text (default: the task's own, 64 for short texts, 128 for bbc, newsgroups, clothing)")
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
     parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
                         help=f"peak AdamW learning rate of the classifier head (default: {DEFAULT_HEAD_LR:g})")
@@ -195,6 +195,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         "other machines) to the output dir's results; with --report, nothing is trained")
     parser.add_argument("--output-dir", default=None, help="results, adapters, table and plot (default: runs/bench, "
                         "runs/bench-quick with --quick); a rerun resumes from what is there")
+    parser.add_argument("--serving", action="store_true",
+                        help="instead of accuracy: one model serving N task adapters at once, RECAST vs LoRA r=8 "
+                        "(mixed-batch throughput, adapter load time, bytes per adapter, unmerged latency)")
+    parser.add_argument("--serving-adapters", type=int, nargs="+", default=[1, 16, 256, 1024], metavar="N",
+                        help="distinct adapters per batch for --serving (default: 1 16 256 1024)")
+    parser.add_argument("--serving-rows", type=int, default=1024, help="rows of the --serving batch (default: 1024)")
+    parser.add_argument("--serving-tokens", type=int, default=32, help="tokens per row for --serving (default: 32)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
 
@@ -271,7 +278,21 @@ def _run_trainer_command(args: argparse.Namespace) -> int:
 def run_bench_command(args: argparse.Namespace) -> int:
     """``peft-recast bench``; exit status 1 if any task's predictions changed after later tasks or a reload."""
     from .bench import run_bench
+    from .bench.serving import SERVING_METHODS
 
+    if args.serving:
+        from .bench.serving import ServingSettings, run_serving
+
+        settings = ServingSettings(adapters=sorted(set(args.serving_adapters)), rows=args.serving_rows,
+                                   tokens=args.serving_tokens, repeats=args.cost_repeats, device=args.device,
+                                   output_dir=args.output_dir or os.path.join("runs", "bench-serving"))
+        if min(settings.adapters) < 1 or max(settings.adapters) > settings.rows:
+            raise SystemExit(f"--serving-adapters must lie between 1 and --serving-rows ({settings.rows}).")
+        methods = [name for name in args.method or SERVING_METHODS if name in SERVING_METHODS]
+        if args.method and len(methods) != len(args.method):
+            raise SystemExit(f"--serving measures {', '.join(SERVING_METHODS)}; --method names {args.method}.")
+        run_serving(settings, methods)
+        return 0
     train = not (args.report or args.costs_only)
     report = run_bench(bench_settings(args), costs=args.costs_only or (train and not args.no_costs), train=train,
                        merge=args.merge or ())

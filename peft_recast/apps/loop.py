@@ -138,15 +138,21 @@ def train_probe(
                  [(list(head.parameters()), settings.head_lr)], settings, desc)
 
 
-def train_recast(model: nn.Module, batches: Batches, labels: torch.Tensor, settings: Settings, desc: str) -> float:
-    """Train a RECAST-wrapped classifier: its coefficients at ``settings.lr``, every other trainable parameter (the
-    head) at ``settings.head_lr``; the model stays in eval mode. Returns seconds per step."""
+def coefficient_groups(model: nn.Module, lr: float, head_lr: float) -> list[tuple[list[nn.Parameter], float]]:
+    """``(parameters, peak lr)`` groups of a RECAST-wrapped classifier: its coefficients at ``lr``, every other
+    trainable parameter (the head) at ``head_lr``; a group without parameters is left out."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     coefficients = [p for name, p in trainable if "recast_coefficients" in name]
-    head = [p for name, p in trainable if "recast_coefficients" not in name]
+    others = [p for name, p in trainable if "recast_coefficients" not in name]
+    return [(params, rate) for params, rate in ((coefficients, lr), (others, head_lr)) if params]
+
+
+def train_recast(model: nn.Module, batches: Batches, labels: torch.Tensor, settings: Settings, desc: str) -> float:
+    """Train a RECAST-wrapped classifier (:func:`coefficient_groups` at ``settings.lr`` and ``settings.head_lr``); the
+    model stays in eval mode. Returns seconds per step."""
     model.eval()
     return train(lambda indices: model(**batches(indices)), labels, batches.lengths,
-                 [(coefficients, settings.lr), (head, settings.head_lr)], settings, desc)
+                 coefficient_groups(model, settings.lr, settings.head_lr), settings, desc)
 
 
 @torch.no_grad()

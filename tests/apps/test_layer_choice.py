@@ -4,6 +4,7 @@ import copy
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -13,10 +14,10 @@ from peft_recast.apps.encoder import new_head
 from peft_recast.apps.tasks import TaskData
 from peft_recast.layer import RecastLayer
 
-from .test_bench import _TokenBatches
-from .tiny_models import tiny_bert
+from ..helpers import TokenBatches
+from ..models import tiny_bert
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_choice.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "layer_choice.py"
 
 
 def _layer_choice():
@@ -35,7 +36,7 @@ def test_keeping_all_none_or_some_modules_matches_the_adapter_the_base_and_resto
             if "recast_coefficients" in name:
                 parameter.mul_(20)
     head = new_head(32, 3, 0, torch.device("cpu"))
-    texts = _TokenBatches(32)
+    texts = TokenBatches(32)
     adapted = bench.predictions(encoder, head, texts, 8, "test")
     data = TaskData("tiny", ["a", "b", "c"], texts, texts, texts, adapted, adapted, adapted)  # labels: the adapter's
     with encoder.disable_adapter():
@@ -44,7 +45,13 @@ def test_keeping_all_none_or_some_modules_matches_the_adapter_the_base_and_resto
     before = {name: p.detach().clone() for name, p in encoder.named_parameters() if p.requires_grad}
 
     changes = layer_choice.relative_changes(encoder)
-    assert len(changes) == 8 and all(ratio > 0 for ratio in changes.values())  # q, v of 4 layers
+    merged = copy.deepcopy(encoder)  # ||delta_W|| / ||W|| again, from the weights a merge writes
+    merged.merge_adapter()
+    expected = {name: ((merged.get_submodule(name).get_base_layer().weight - module.get_base_layer().weight).norm()
+                       / module.get_base_layer().weight.norm()).item()
+                for name, module in encoder.named_modules() if isinstance(module, RecastLayer)}
+    assert len(changes) == 8  # q, v of 4 layers
+    assert changes == pytest.approx(expected, rel=1e-4)
     assert layer_choice.accuracy_keeping(encoder, head, data, set(changes), 8) == 1.0
     assert layer_choice.accuracy_keeping(encoder, head, data, set(), 8) == base_agreement
     largest = max(changes, key=changes.get)

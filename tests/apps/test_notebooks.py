@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 pytestmark = pytest.mark.skipif(
     any(importlib.util.find_spec(name) is None for name in ("nbclient", "nbformat", "ipykernel")),
     reason="pip install nbclient nbformat ipykernel",

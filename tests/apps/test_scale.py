@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _llama_targets(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
@@ -46,24 +46,27 @@ def test_quick_scale_benchmark(tmp_path):
     assert inject["groups"] == 7 * math.ceil(layers / 2)  # 7 linear roles, 2 layers per group
     assert inject["coefficients"] == 7 * layers * 2 * 2  # 2 templates x 2 blocks of output rows per module
     assert inject["params"] > inject["targeted_params"]
-    assert inject["peak_rss_bytes"] >= inject["rss_before_inject_bytes"] > 0
-    assert inject["inject_seconds"] > 0 and inject["mimicry_seconds"] > 0
     assert "identity at init (logits bit-identical): True" in result.stdout
 
     adapters = results["adapters"]
     assert adapters["adapters_loaded"] == scale.QUICK_ADAPTERS
     assert adapters["reload_max_abs_diff"] < 1e-3
     assert adapters["mixed_batch_max_abs_diff"] < 1e-2
-    # per adapter and default target (q_proj, v_proj of every layer): coefficients (1 x 2 x 2 blocks) and mixing (2 x 2),
+    # per adapter and default target (q_proj, v_proj of every layer): its coefficients (1 x 2 x 2 blocks); the mixing
+    # (2 x 2) is one tensor shared by every adapter of the grouping, held once
     # float32
-    assert adapters["tensor_bytes_per_adapter"] == 2 * layers * (4 + 4) * 4
+    assert adapters["tensor_bytes_per_adapter"] == 2 * layers * 4 * 4
     targeted_bytes = (roles["q_proj"] + roles["v_proj"]) * 2  # bfloat16
     assert adapters["rss_per_extra_adapter_bytes"] < targeted_bytes  # no adapter holds a copy of the weights
     assert 0 < adapters["adapter_file_bytes"] < 4096
 
     sizes = results["sizes"]
-    assert len(sizes) == len(scale.QUICK_SIZES) + 1
+    assert [row["shape"] for row in sizes] == [list(shape) for shape in [*scale.QUICK_SIZES, scale.QUICK_MODEL]]
     assert [row["params"] for row in sizes] == sorted(row["params"] for row in sizes)
-    assert all(row["identity_at_init"] and row["mimicry_seconds"] > 0 for row in sizes)
+    for row in sizes:  # every size is counted as the big one is
+        hidden, intermediate, layers, heads, kv_heads, vocab = row["shape"]
+        assert row["targeted_params"] == sum(_llama_targets(hidden, intermediate, layers, heads, kv_heads).values())
+        assert row["groups"] == 7 * math.ceil(layers / 2) and row["coefficients"] == 7 * layers * 2 * 2
+        assert row["identity_at_init"] is True
     table = result.stdout.split("== sizes:")[1].strip().splitlines()
     assert len(table) == 2 + len(sizes)  # title line, header, one row per size

@@ -22,7 +22,7 @@ import torch
 
 import peft_recast  # noqa: F401  (registers RECAST with PEFT)
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
 STEPS = 6
 
@@ -38,7 +38,7 @@ def _train(output_dir: str, per_process_batch: int) -> None:
     from peft import get_peft_model
 
     from peft_recast import RecastConfig
-    from tests.tiny_models import tiny_bert_classifier
+    from tests.models import tiny_bert_classifier
 
     accelerator = Accelerator(cpu=True)
     # no dropout: each process would draw its own masks
@@ -80,7 +80,7 @@ def test_two_processes_train_the_same_coefficients_as_one(tmp_path):
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from .tiny_models import tiny_bert_classifier
+    from ..models import tiny_bert_classifier
 
     launcher = str(Path(sys.executable).parent / "accelerate")
     two = _run([launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

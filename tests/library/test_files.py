@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save
 
 from peft_recast.files import atomic_write
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _leftovers(directory: Path) -> list[str]:

@@ -11,7 +11,7 @@ from peft_recast.gradient_mimicry import fit_bank, mimic_template_bank
 from peft_recast.layer import RecastLayer
 from peft_recast.mimicry import fit_group
 
-from .tiny_models import tiny_bert
+from ..models import tiny_bert
 
 
 def _groups(seed: int = 0) -> dict[str, torch.Tensor]:

@@ -3,12 +3,11 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 from peft_recast import RecastConfig
 from peft_recast.layer import RecastLayer
 
-from .tiny_models import model_output, tiny_bert, tiny_gpt2
+from ..models import CONFIG_FIELDS, MODEL_BUILDERS, Narrow, model_output, tiny_bert
 
 
 def _layers(model) -> list[RecastLayer]:
@@ -25,13 +24,15 @@ def _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_pat
     torch.testing.assert_close(model_output(reloaded, input_ids), adapted, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("builder, target", [(tiny_bert, "query"), (tiny_gpt2, "c_attn")])
-def test_coefficient_blocks_give_each_block_of_output_rows_its_own_coefficients(builder, target):
-    config = RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=4)
+@pytest.mark.parametrize("kind, target", [("bert", "query"), ("gpt2", "c_attn")])
+def test_coefficient_blocks_give_each_block_of_output_rows_its_own_coefficients(kind, target):
+    builder, fields = MODEL_BUILDERS[kind], CONFIG_FIELDS[kind]
+    config = RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=4, **fields)
     model = get_peft_model(builder(), config)
     layer = _layers(model)[0]
     assert layer.recast_coefficients["default"].shape == (1, 2, 4)
-    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1))
+    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1,
+                                                   **fields))
     plain_layer = _layers(plain)[0]
     assert plain_layer.recast_coefficients["default"].shape == (1, 2)
     theta = torch.tensor([0.03, -0.02])
@@ -67,16 +68,19 @@ def test_coefficient_blocks_keep_identity_merge_and_save_guarantees(tmp_path, in
     _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_path)
 
 
-@pytest.mark.parametrize("builder, target, sizes", [(tiny_bert, "query", [7, 7, 6, 6, 6]),
-                                                    (tiny_gpt2, "c_attn", [20, 19, 19, 19, 19])])
-def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split(builder, target, sizes):
+@pytest.mark.parametrize("kind, target, sizes", [("bert", "query", [7, 7, 6, 6, 6]),
+                                                 ("gpt2", "c_attn", [20, 19, 19, 19, 19])])
+def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split(kind, target, sizes):
     """5 blocks of 32 (query) or 96 (GPT-2's fused c_attn, stored ``(in, out)``) rows: the first ``out % 5`` blocks
     get one row more, in ``torch.tensor_split`` order, and each block's rows of ``delta_W`` follow only that block's
     coefficients, as a one-block layer with the same coefficients gives them."""
-    model = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=5))
+    builder, fields = MODEL_BUILDERS[kind], CONFIG_FIELDS[kind]
+    model = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=5,
+                                                   **fields))
     layer = _layers(model)[0]
     assert layer.recast_coefficients["default"].shape == (1, 2, 5)
-    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1))
+    plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1,
+                                                   **fields))
     plain_layer = _layers(plain)[0]
     out_axis = 1 if layer.fan_in_fan_out else 0
     rows = torch.arange(layer.get_base_layer().weight.shape[out_axis])
@@ -102,30 +106,18 @@ def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split
     assert delta.index_select(out_axis, blocks[2]).abs().sum() > 0
 
 
-class _Narrow(nn.Module):
-    """Two layer pairs with few output rows: 3 (query-like) and 1."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.layers = nn.ModuleList([nn.Linear(8, 3), nn.Linear(8, 3), nn.Linear(8, 1), nn.Linear(8, 1)])
-
-    def forward(self, x):
-        return torch.cat([layer(x) for layer in self.layers], dim=-1)
-
-
 def test_more_coefficient_blocks_than_output_rows_give_one_block_per_row(tmp_path, input_ids):
     """``B`` above a module's output rows caps at the rows (one block per row; a one-row module gets ``K x n``
     coefficients); such adapters train, merge, and save and load."""
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     config = RecastConfig(target_modules=[f"layers.{i}" for i in range(4)], coefficient_blocks=5)
-    model = get_peft_model(_Narrow(), config)
+    model = get_peft_model(Narrow(), config)
     shapes = {name: layer.recast_coefficients["default"].shape for name, layer in model.named_modules()
               if isinstance(layer, RecastLayer)}
     assert shapes == {"base_model.model.layers.0": (1, 2, 3), "base_model.model.layers.1": (1, 2, 3),
                       "base_model.model.layers.2": (1, 2), "base_model.model.layers.3": (1, 2)}
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 3 + 2 * 2
-    reference = _Narrow()(x)
+    reference = Narrow()(x)
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in _layers(model):

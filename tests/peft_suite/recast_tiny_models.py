@@ -2,7 +2,8 @@
 
 PEFT's decoder / encoder-decoder / feature-extraction tests load tiny models by Hub id (``peft-internal-testing/...``).
 The Hub is not reachable from CI, so every id they need is built here from a small config (fixed seed, same
-architecture as the Hub model, same ``model_type`` so that PEFT's default ``target_modules`` apply) and written into a
+architecture as the Hub model, same ``model_type`` so that PEFT's default ``target_modules`` apply; BERT-, GPT-2- and
+Llama-like shapes come from ``tests/models.py``, the builders of RECAST's own tests) and written into a
 private Hugging Face hub cache (``$PEFT_RECAST_CACHE/hf-hub``, standard ``models--org--name/{refs,snapshots}`` layout).
 The tests then run with ``HF_HUB_OFFLINE=1`` and resolve the ids from that cache exactly as they would after a download.
 """
@@ -32,6 +33,9 @@ def _decoder_common(**kwargs):
 def _recipes() -> dict[str, Callable[[], torch.nn.Module]]:
     import transformers as tf
 
+    # the shapes of the tiny models of RECAST's own tests (tests/models.py), at 2 layers and a 1024-token vocabulary
+    from tests.models import bert_kwargs, gpt2_kwargs, llama_kwargs
+
     def causal(config_cls, **kwargs):
         return lambda: tf.AutoModelForCausalLM.from_config(config_cls(**kwargs))
 
@@ -45,26 +49,15 @@ def _recipes() -> dict[str, Callable[[], torch.nn.Module]]:
         hidden_size=16, num_hidden_layers=2, ffn_dim=32, num_attention_heads=4, max_position_embeddings=64,
         word_embed_proj_dim=16, **_decoder_common(),
     )  # fmt: skip
-    llama_like = dict(
-        hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        max_position_embeddings=64, **_decoder_common(),
-    )  # fmt: skip
-    bert_like = dict(
-        vocab_size=1024, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=64, type_vocab_size=2, pad_token_id=0,
-    )  # fmt: skip
+    gpt2_like = gpt2_kwargs(layers=2, **_decoder_common())
+    llama_like = llama_kwargs(layers=2, hidden=16, **_decoder_common())
+    bert_like = bert_kwargs(layers=2, vocab_size=1024, intermediate_size=37, type_vocab_size=2, pad_token_id=0)
     return {
         # decoder models (test_decoder_models.py)
         "peft-internal-testing/tiny-random-OPTForCausalLM": causal(tf.OPTConfig, **opt),
-        "peft-internal-testing/tiny-random-GPT2LMHeadModel": causal(
-            tf.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_decoder_common()
-        ),
-        "hf-internal-testing/tiny-random-gpt2": causal(
-            tf.GPT2Config, n_embd=32, n_layer=2, n_head=4, n_positions=64, **_decoder_common()
-        ),
-        "peft-internal-testing/tiny-random-GPTJForCausalLM": causal(
-            tf.GPTJConfig, n_embd=32, n_layer=2, n_head=4, rotary_dim=4, n_positions=64, **_decoder_common()
-        ),
+        "peft-internal-testing/tiny-random-GPT2LMHeadModel": causal(tf.GPT2Config, **gpt2_like),
+        "hf-internal-testing/tiny-random-gpt2": causal(tf.GPT2Config, **gpt2_like),
+        "peft-internal-testing/tiny-random-GPTJForCausalLM": causal(tf.GPTJConfig, rotary_dim=4, **gpt2_like),
         "trl-internal-testing/tiny-random-LlamaForCausalLM": causal(tf.LlamaConfig, **llama_like),
         "peft-internal-testing/tiny-dummy-qwen2": causal(tf.Qwen2Config, **llama_like),
         "hf-internal-testing/tiny-random-MistralForCausalLM": causal(tf.MistralConfig, **llama_like),

@@ -8,39 +8,13 @@ import torch
 from recast_peft_exclusions import EXCLUSIONS, LORA_SUBSTITUTED
 from recast_peft_gates import COMMON_HELPER_OVERRIDES
 from recast_peft_harness import lora_as_recast, recast_test_class
-from torch import nn
 
 from peft_recast import RecastConfig
+from tests.models import RecastDeepMLP
 
 # --------------------------------------------------------------------------------------------------------------------
-# A model where RECAST's template groups are non-trivial: 4 blocks with same-shaped lin0/lin1 (PEFT's own DeepMLP
-# cannot run a forward pass: `X.float(X)`).
-
-
-class RecastBlock(nn.Module):
-    def __init__(self, size: int = 10):
-        super().__init__()
-        self.lin0 = nn.Linear(size, size)
-        self.relu = nn.ReLU()
-        self.lin1 = nn.Linear(size, size)
-
-    def forward(self, X):
-        return self.lin1(self.relu(self.lin0(X)))
-
-
-class RecastDeepMLP(nn.Module):
-    def __init__(self, num_layers: int = 4, size: int = 10):
-        super().__init__()
-        self.layers = nn.ModuleList([RecastBlock(size) for _ in range(num_layers)])
-        self.out = nn.Linear(size, 2)
-        self.sm = nn.LogSoftmax(dim=-1)
-        self.dtype = torch.float
-
-    def forward(self, X):
-        X = X.to(self.dtype) / 10  # inputs are arange(90): keep 9 stacked layers in a sane range
-        for layer in self.layers:
-            X = layer(X)
-        return self.sm(self.out(X))
+# A model where RECAST's template groups are non-trivial (tests/models.py): 4 blocks with same-shaped lin0/lin1 (PEFT's
+# own DeepMLP cannot run a forward pass: `X.float(X)`).
 
 
 class RecastMockTransformerWrapper(tcm.MockTransformerWrapper):

@@ -4,8 +4,7 @@ memory against LoRA r=8, inference latency against the bare model, mixed-task ba
 from __future__ import annotations
 
 import statistics
-import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 
 from ..encoder import load_encoder, load_tokenizer, new_head, sentence_logits
 from ..loop import trainable_numbers
+from ..runtime import timed
 from ..tasks import load_task
 from .methods import METHODS, REFERENCE_METHOD
 from .models import MethodModel
@@ -40,7 +40,7 @@ def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer)
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        _train_step(encoder, head, batch, labels, optimizer)
+        train_step(encoder, head, batch, labels, optimizer)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     owned = {t.untyped_storage().data_ptr() for module in (encoder, head) for t in
@@ -54,28 +54,19 @@ def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        _train_step(encoder, head, batch, labels, optimizer)
+        train_step(encoder, head, batch, labels, optimizer)
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
     return sum(saved.values()) + state + grads
 
 
-def _train_step(encoder: nn.Module, head: nn.Module, batch: dict, labels: torch.Tensor, optimizer) -> None:
+def train_step(encoder: nn.Module, head: nn.Module, batch: dict, labels: torch.Tensor, optimizer) -> None:
+    """One AdamW step of the encoder's trainable parameters and the head on ``batch`` (cross-entropy on ``labels``)."""
     loss = nn.functional.cross_entropy(sentence_logits(encoder, head, batch), labels)
     optimizer.zero_grad(set_to_none=False)
     loss.backward()
     optimizer.step()
-
-
-def _timed(function: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    function()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - started
 
 
 def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
@@ -101,7 +92,7 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     base_head = new_head(base.config.hidden_size, 2, 0, device)
 
     for name in names:  # one step each first: one-time allocations (e.g. cuBLAS workspaces) land on no method
-        _train_step(models[name], heads[name], batch, labels, optimizers[name])
+        train_step(models[name], heads[name], batch, labels, optimizers[name])
     memory = {name: training_memory(models[name], heads[name], batch, optimizers[name]) for name in names}
     steps: dict[str, list[float]] = {name: [] for name in names}
     unmerged: dict[str, list[float]] = {name: [] for name in names}
@@ -110,15 +101,15 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     for round_ in tqdm(range(settings.cost_repeats), desc="costs: timing", unit="round", leave=False):
         order = names[round_ % len(names):] + names[: round_ % len(names)]
         with torch.no_grad():
-            bare.append(_timed(lambda: sentence_logits(base, base_head, batch), device))
+            bare.append(timed(lambda: sentence_logits(base, base_head, batch), device))
         for name in order:
             encoder, head = models[name], heads[name]
-            steps[name].append(_timed(lambda: _train_step(encoder, head, batch, labels, optimizers[name]), device))
+            steps[name].append(timed(lambda: train_step(encoder, head, batch, labels, optimizers[name]), device))
             with torch.no_grad():
-                unmerged[name].append(_timed(lambda: sentence_logits(encoder, head, batch), device))
+                unmerged[name].append(timed(lambda: sentence_logits(encoder, head, batch), device))
                 if METHODS[name].kind == "peft":
                     encoder.merge_adapter()
-                    merged[name].append(_timed(lambda: sentence_logits(encoder, head, batch), device))
+                    merged[name].append(timed(lambda: sentence_logits(encoder, head, batch), device))
                     encoder.unmerge_adapter()
     median = statistics.median
     reference_step, reference_memory, bare_time = median(steps[REFERENCE_METHOD]), memory[REFERENCE_METHOD], median(bare)
@@ -160,8 +151,8 @@ def measure_mixed_batches(settings: BenchSettings, device: torch.device, batch: 
                 sentence_logits(encoder, head, batch, adapter_names=adapter_names)
                 single, mixed = [], []
                 for _ in range(settings.cost_repeats):
-                    single.append(_timed(lambda: sentence_logits(encoder, head, batch), device))
-                    mixed.append(_timed(lambda: sentence_logits(encoder, head, batch, adapter_names=adapter_names),
+                    single.append(timed(lambda: sentence_logits(encoder, head, batch), device))
+                    mixed.append(timed(lambda: sentence_logits(encoder, head, batch, adapter_names=adapter_names),
                                         device))
             ratios[name] = statistics.median(single) / statistics.median(mixed)
         except (ValueError, TypeError, NotImplementedError):

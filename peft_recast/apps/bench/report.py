@@ -65,8 +65,8 @@ def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _new_figure():
-    """A figure and its axes for a PNG written by :func:`_save_figure` (no display needed)."""
+def new_figure():
+    """A figure and its axes for a PNG written by :func:`save_figure` (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +75,7 @@ def _new_figure():
     return plt.subplots(figsize=(7, 4.5))
 
 
-def _save_figure(figure, path: str) -> None:
+def save_figure(figure, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure.tight_layout()
@@ -101,7 +101,7 @@ def describe_protocol(settings: BenchSettings) -> str:
 
 def plot_accuracy(rows: list[dict], path: str) -> None:
     """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
-    figure, axis = _new_figure()
+    figure, axis = new_figure()
     kinds = {True: ("RECAST", "o", "C3"), False: ("PEFT's tuners, probe, full fine-tuning", "s", "C0")}
     for row in rows:
         x = max(row["trainable"], 1)
@@ -118,7 +118,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     axis.set_ylabel("mean test accuracy over tasks (%)")
     axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
     axis.grid(True, which="both", alpha=0.3)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str, dict[float, float]]:
@@ -141,7 +141,7 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     """Validation accuracy against the adapter's peak AdamW learning rate (log scale), one line per method."""
     import matplotlib.pyplot as plt
 
-    figure, axis = _new_figure()
+    figure, axis = new_figure()
     for index, (name, points) in enumerate(curves.items()):
         rates = sorted(points)
         axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name, color=plt.cm.tab20(index % 20),
@@ -152,7 +152,7 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     axis.set_title("Learning-rate sensitivity, all-MiniLM-L6-v2 (seed 0)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
-    _save_figure(figure, path)
+    save_figure(figure, path)
 
 
 def changed_predictions(chains: dict) -> list[str]:

@@ -108,6 +108,9 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 if key in results.runs:  # finished here, or merged from another machine's results.json
                     continue
                 run_dir = os.path.join(settings.output_dir, "runs", key)
+                # methods that start from random values (LoRA's A, FourierFT's spectrum) draw them from the run's seed,
+                # not from whatever the process did before (other methods, tasks, imports)
+                torch.manual_seed(seed)
                 encoder = model.new_adapter(key)
                 head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
                 if method.kind == "probe":

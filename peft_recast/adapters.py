@@ -1,0 +1,220 @@
+"""Many adapters on one model: weighted combinations, swapping an adapter's coefficients in place, bulk loading.
+
+Adapters made with one grouping on one base model share every layer's basis ``W_1..W_m`` and mixing ``R``, and the
+update of a residual adapter is linear in its coefficients, ``delta_W(theta) = sum_j (mean_K(theta) @ R)_j W_j``. So
+
+    delta_W(sum_i w_i mean_K(theta_i)) = sum_i w_i delta_W(theta_i)        exactly, for any weights w_i,
+
+and a combination of adapters is one more adapter of the same size (:func:`add_weighted_adapter`). The replacement
+form (``W = sum_k theta_k T_k``) is affine, not linear, in ``theta``, so it is refused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import TYPE_CHECKING, Optional, Sequence
+
+import torch
+from peft.utils import load_peft_weights
+from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+from torch import nn
+
+from .config import GROUPING_FIELDS, RecastConfig
+from .grouping import adapter_layers
+from .mimicry import fingerprint_mismatch
+
+if TYPE_CHECKING:
+    from .model import RecastModel
+
+def _grouping_difference(first: RecastConfig, other: RecastConfig) -> Optional[str]:
+    for name in GROUPING_FIELDS:
+        if getattr(first, name) != getattr(other, name):
+            return f"`{name}` is {getattr(first, name)!r} for one and {getattr(other, name)!r} for the other"
+    return None
+
+
+def add_weighted_adapter(
+    tuner: RecastModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
+) -> None:
+    """Add ``adapter_name`` whose coefficients are ``sum_i weights[i] * mean_K(theta_i)`` of ``adapters`` (every set
+    of the new adapter holds that sum), so that its update is the weighted sum of their updates, exactly.
+
+    Raises ``ValueError`` (and adds nothing) when an adapter is unknown, the name is taken, the adapters differ in
+    grouping (:data:`GROUPING_FIELDS`), use the replacement form, or hold different ``modules_to_save``.
+    """
+    if len(adapters) != len(weights) or not adapters:
+        raise ValueError(f"Pass one weight per adapter: got {len(adapters)} adapter(s) and {len(weights)} weight(s).")
+    unknown = [name for name in adapters if name not in tuner.peft_config]
+    if unknown:
+        raise ValueError(f"Adapter(s) {unknown} do not exist; this model has {sorted(tuner.peft_config)}.")
+    if adapter_name in tuner.peft_config:
+        raise ValueError(f"An adapter named '{adapter_name}' exists already; choose another `adapter_name`.")
+    configs = [tuner.peft_config[name] for name in adapters]
+    for name, config in zip(adapters[1:], configs[1:]):
+        problem = _grouping_difference(configs[0], config)
+        if problem is not None:
+            raise ValueError(
+                f"Cannot combine RECAST adapters '{adapters[0]}' and '{name}': {problem}. Only adapters made with the "
+                "same grouping on the same base model share their templates, so only they add up exactly."
+            )
+    if configs[0].weight_form != "residual":
+        raise ValueError(
+            "Cannot combine RECAST adapters in the replacement form (`weight_form='replace'`): their weight is affine, "
+            "not linear, in the coefficients. Combine residual adapters."
+        )
+    if any(config.modules_to_save for config in configs):
+        raise ValueError(
+            "Cannot combine RECAST adapters that train `modules_to_save` (e.g. a task head): those modules are not "
+            "combined. Combine adapters without them."
+        )
+    tuner.peft_config[adapter_name] = copy.deepcopy(configs[0])
+    try:
+        tuner.inject_adapter(tuner.model, adapter_name)
+    except BaseException:
+        del tuner.peft_config[adapter_name]
+        raise
+    with torch.no_grad():
+        for layer in adapter_layers(tuner.model, adapter_name).values():
+            if adapter_name in layer.recast_tie:
+                continue  # a fused member: it shares its owner's coefficient tensor
+            target = layer.recast_coefficients[adapter_name]
+            total = sum(w * layer.recast_coefficients[name].float().mean(0) for name, w in zip(adapters, weights))
+            target.copy_(total.to(target.dtype).expand_as(target))
+
+
+def _live_key(key: str, adapter_name: str, targets: dict[str, nn.Parameter]) -> str:
+    """The parameter a saved key fills: itself, or for ``modules_to_save`` its copy ``.modules_to_save.<adapter>.``."""
+    if key in targets:
+        return key
+    module, _, leaf = key.rpartition(".")
+    copied = f"{module}.modules_to_save.{adapter_name}.{leaf}"
+    return copied if copied in targets else key
+
+
+def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "default", **kwargs) -> None:
+    """Replace the coefficients (and ``modules_to_save`` tensors) of the loaded adapter ``adapter_name`` with those
+    saved in ``model_id`` (a folder or Hub id), in place: no re-injection, no new tensors, so a compiled model keeps
+    its graphs. The saved adapter must have the loaded one's grouping and base model (fingerprint); every check runs
+    before anything is copied, so a refused swap leaves the model as it was.
+
+    Example::
+
+        model = PeftModel.from_pretrained(base, "adapters/task-a")
+        hotswap_adapter(model, "adapters/task-b")  # now task b, same tensors
+    """
+    from peft.config import PeftConfig
+
+    from .model import coefficient_problem
+
+    tuner = model.base_model
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"No adapter '{adapter_name}' is loaded; hotswap replaces a loaded adapter's coefficients.")
+    config = PeftConfig.from_pretrained(model_id, **kwargs)
+    if not isinstance(config, RecastConfig):
+        raise ValueError(f"{model_id} holds a {type(config).__name__} adapter, not a RECAST one.")
+    loaded = tuner.peft_config[adapter_name]
+    problem = None
+    for name in GROUPING_FIELDS[:-1]:  # the fingerprint is compared with its tolerance below
+        if getattr(loaded, name) != getattr(config, name):
+            problem = f"`{name}` is {getattr(config, name)!r} in the file but {getattr(loaded, name)!r} in the adapter"
+            break
+    if problem is None and config.base_fingerprint is not None:
+        mismatch = fingerprint_mismatch(config.base_fingerprint, loaded.base_fingerprint)
+        if mismatch is not None:
+            problem = f"it was trained on another base model ({mismatch})"
+    if problem is None and sorted(config.modules_to_save or []) != sorted(loaded.modules_to_save or []):
+        problem = "its `modules_to_save` differ from the loaded adapter's"
+    if problem is not None:
+        raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Load it with "
+                         "`load_adapter` as an adapter of its own instead.")
+    state_dict = _insert_adapter_name_into_state_dict(
+        load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
+    )
+    targets = dict(model.named_parameters())
+    state_dict = {_live_key(key, adapter_name, targets): value for key, value in state_dict.items()}
+    layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
+    problem = coefficient_problem(layers, adapter_name, state_dict)
+    missing = [key for key in state_dict if key not in targets]
+    if problem is None and missing:
+        problem = f"the file holds tensors this model does not have, e.g. {missing[:3]}"
+    if problem is None:
+        for key, value in state_dict.items():
+            if tuple(value.shape) != tuple(targets[key].shape):
+                problem = f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(targets[key].shape)} here"
+                break
+    if problem is not None:
+        raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Nothing was changed.")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
+
+
+def load_adapters(
+    model: nn.Module, model_ids: Sequence[str], adapter_names: Optional[Sequence[str]] = None
+) -> list[str]:
+    """Load many saved RECAST adapters onto a ``PeftModel`` (for inference, as ``load_adapter`` with its default
+    ``is_trainable=False``), in time bounded by reading their files when they share the grouping of an adapter on
+    the model: each gets new coefficients beside that adapter's group and mixing, without PEFT's per-adapter pass
+    over the whole model. Others go through ``model.load_adapter``.
+
+    Args:
+        model (`PeftModel`): a model holding at least one RECAST adapter.
+        model_ids (`Sequence[str]`): adapter folders (or Hub ids).
+        adapter_names (`Sequence[str]`, *optional*): their names; default: each folder's last component.
+
+    Returns:
+        The names loaded. A file that does not load (another base model, a damaged file, a name in use) raises
+        ``ValueError`` and removes every adapter this call added, so the model is as it was.
+
+    Example::
+
+        names = load_adapters(model, [f"adapters/user-{i}" for i in range(1000)])
+        model(**batch, adapter_names=[names[i % 1000] for i in range(len(batch["input_ids"]))])
+    """
+    from peft.config import PeftConfig
+
+    from .model import coefficient_problem
+
+    names = list(adapter_names) if adapter_names is not None else [
+        os.path.basename(os.path.normpath(model_id)) for model_id in model_ids
+    ]
+    if len(names) != len(model_ids) or len(set(names)) != len(names):
+        raise ValueError("Pass one distinct adapter name per adapter folder.")
+    tuner = model.base_model
+    taken = [name for name in names if name in tuner.peft_config]
+    if taken:
+        raise ValueError(f"Adapter name(s) {taken[:3]} are in use on this model; pass other `adapter_names`.")
+    added: list[str] = []
+    try:
+        for model_id, name in zip(model_ids, names):
+            config = PeftConfig.from_pretrained(model_id)
+            if not isinstance(config, RecastConfig):
+                raise ValueError(f"{model_id} holds a {type(config).__name__} adapter, not a RECAST one.")
+            config.inference_mode = True
+            tuner.peft_config[name] = config
+            if not tuner._inject_like_existing(tuner.model, name):
+                del tuner.peft_config[name]
+                model.load_adapter(model_id, adapter_name=name)
+                added.append(name)
+                continue
+            added.append(name)
+            state = _insert_adapter_name_into_state_dict(
+                load_peft_weights(model_id), adapter_name=name, parameter_prefix=tuner.prefix
+            )
+            layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, name).items()}
+            problem = coefficient_problem(layers, name, state)
+            if problem is not None:
+                raise ValueError(f"Cannot load the RECAST adapter {model_id}: {problem}")
+            with torch.no_grad():
+                for key, value in state.items():
+                    target = layers[key[: key.index(".recast_coefficients")]].recast_coefficients[name]
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+    except BaseException:
+        for name in added:
+            model.delete_adapter(name)
+        for name in names:
+            if name not in added:
+                tuner.peft_config.pop(name, None)
+        raise
+    return names

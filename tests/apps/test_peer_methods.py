@@ -1,0 +1,75 @@
+"""The benchmark's tiny-budget peers (TinyLoRA tied and untied, UniLoRA, WaveFT, FourierFT): each trains exactly the
+count in its name on all-MiniLM-L6-v2, and each has a learning-rate grid wide enough to hold its best rate."""
+
+import copy
+import re
+import warnings
+
+import pytest
+import torch
+
+from peft_recast.apps.bench.methods import LADDER_SIZES, METHODS, PEER_METHODS, PEER_SIZES
+
+NEW_PEERS = [f"{peer}-{size}" for peer in ("tinylora-tied", "tinylora", "unilora", "waveft") for size in PEER_SIZES]
+
+
+def _count(name: str) -> int:
+    return int(re.search(r"-(\d+)$", name).group(1))
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from peft_recast.apps.encoder import load_encoder
+
+    return load_encoder(torch.device("cpu"))
+
+
+def test_peer_methods_cover_every_peer_at_every_rung():
+    assert set(NEW_PEERS) <= set(PEER_METHODS)
+    assert {f"fourierft-{size}" for size in LADDER_SIZES} <= set(PEER_METHODS)
+    assert len(PEER_METHODS) == len(set(PEER_METHODS)) == len(NEW_PEERS) + len(LADDER_SIZES)
+    assert all(name in METHODS and METHODS[name].kind == "peft" for name in PEER_METHODS)
+    assert set(PEER_SIZES) == {24, 48, 144, 216, 648} and set(PEER_SIZES) <= set(LADDER_SIZES)
+
+
+@pytest.mark.parametrize("name", NEW_PEERS)
+def test_new_peer_has_a_grid_of_at_least_five_rates_holding_its_default(name):
+    method = METHODS[name]
+    assert method.name == name and method.label
+    assert len(method.lrs) >= 5 and len(set(method.lrs)) == len(method.lrs)
+    assert list(method.lrs) == sorted(method.lrs) and all(lr > 0 for lr in method.lrs)
+    assert method.default_lr in method.lrs
+    # the measured best rate is inside the grid, not at its edge
+    assert method.lrs[0] < method.default_lr < method.lrs[-1]
+
+
+@pytest.mark.parametrize("name", NEW_PEERS)
+def test_new_peer_config_builds_fresh_on_query_and_value(name):
+    first, second = METHODS[name].config(), METHODS[name].config()
+    assert first is not second and first.to_dict() == second.to_dict()
+    assert set(first.target_modules) == {"query", "value"}
+
+
+@pytest.mark.parametrize("name", NEW_PEERS)
+def test_new_peer_trains_exactly_the_count_in_its_name_on_minilm(name, encoder):
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(encoder), METHODS[name].config())
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable == _count(name)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == _count(name)
+
+
+@pytest.mark.parametrize("peer", ["tinylora-tied", "tinylora"])
+def test_tinylora_tied_shares_one_vector_and_untied_has_one_per_module(peer, encoder):
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(encoder), METHODS[f"{peer}-48"].config())
+    vectors = model.base_model.tinylora_v["default"]
+    modules = [m for m in model.modules() if isinstance(m, peft.tuners.tinylora.layer.TinyLoraLayer)]
+    assert len(modules) == 12
+    assert [v.numel() for v in vectors.values()] == ([48] if peer == "tinylora-tied" else [4] * 12)
