@@ -200,6 +200,10 @@ class RecastConfig(PeftConfig):
         preset (`Optional[str]`, *optional*, defaults to `None`):
             The paper variant this config was made from (:meth:`from_preset`); target modules are resolved per model
             type at injection when ``target_modules`` is ``None``.
+        trainable_token_indices (`Optional[Union[list[int], dict[str, list[int]]]]`, *optional*, defaults to `None`):
+            Token ids whose rows of the input embedding train beside the coefficients and are saved with the adapter
+            (e.g. tokens a chat template adds), as in PEFT's LoRA: a list targets the input embedding, a dict maps
+            embedding module names to ids.
 
     Example:
 
@@ -273,6 +277,10 @@ class RecastConfig(PeftConfig):
     )
     preset: Optional[str] = field(
         default=None, metadata={"help": "Paper variant whose target modules are resolved per model type."}
+    )
+    trainable_token_indices: Optional[Union[list[int], dict[str, list[int]]]] = field(
+        default=None,
+        metadata={"help": "Token ids whose input-embedding rows train and are saved with the adapter (PEFT's meaning)."},
     )
 
     @classmethod
