@@ -20,19 +20,12 @@ from peft.utils import load_peft_weights
 from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
 from torch import nn
 
-from .config import GROUPING_FIELDS, RecastConfig
+from .config import GROUPING_FIELDS, RecastConfig, differing_field
 from .grouping import adapter_layers
 from .mimicry import fingerprint_mismatch
 
 if TYPE_CHECKING:
     from .model import RecastModel
-
-def _grouping_difference(first: RecastConfig, other: RecastConfig) -> Optional[str]:
-    for name in GROUPING_FIELDS:
-        if getattr(first, name) != getattr(other, name):
-            return f"`{name}` is {getattr(first, name)!r} for one and {getattr(other, name)!r} for the other"
-    return None
-
 
 def add_weighted_adapter(
     tuner: RecastModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
@@ -52,11 +45,12 @@ def add_weighted_adapter(
         raise ValueError(f"An adapter named '{adapter_name}' exists already; choose another `adapter_name`.")
     configs = [tuner.peft_config[name] for name in adapters]
     for name, config in zip(adapters[1:], configs[1:]):
-        problem = _grouping_difference(configs[0], config)
-        if problem is not None:
+        field = differing_field(configs[0], config)
+        if field is not None:
             raise ValueError(
-                f"Cannot combine RECAST adapters '{adapters[0]}' and '{name}': {problem}. Only adapters made with the "
-                "same grouping on the same base model share their templates, so only they add up exactly."
+                f"Cannot combine RECAST adapters '{adapters[0]}' and '{name}': `{field}` is "
+                f"{getattr(configs[0], field)!r} for one and {getattr(config, field)!r} for the other. Only adapters "
+                "made with the same grouping on the same base model share their templates, so only they add up exactly."
             )
     if configs[0].weight_form != "residual":
         raise ValueError(
@@ -83,6 +77,18 @@ def add_weighted_adapter(
             target.copy_(total.to(target.dtype).expand_as(target))
 
 
+def _saved_state(tuner: RecastModel, model_id: str, adapter_name: str) -> tuple[dict, dict, Optional[str]]:
+    """The saved tensors of ``model_id`` keyed as ``adapter_name``'s, that adapter's RECAST layers by prefixed key,
+    and the first problem of the saved coefficients against those layers (``coefficient_problem``)."""
+    from .model import coefficient_problem
+
+    state = _insert_adapter_name_into_state_dict(
+        load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
+    )
+    layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
+    return state, layers, coefficient_problem(layers, adapter_name, state)
+
+
 def _live_key(key: str, adapter_name: str, targets: dict[str, nn.Parameter]) -> str:
     """The parameter a saved key fills: itself, or for ``modules_to_save`` its copy ``.modules_to_save.<adapter>.``."""
     if key in targets:
@@ -105,8 +111,6 @@ def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "defaul
     """
     from peft.config import PeftConfig
 
-    from .model import coefficient_problem
-
     tuner = model.base_model
     if adapter_name not in tuner.peft_config:
         raise ValueError(f"No adapter '{adapter_name}' is loaded; hotswap replaces a loaded adapter's coefficients.")
@@ -114,11 +118,9 @@ def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "defaul
     if not isinstance(config, RecastConfig):
         raise ValueError(f"{model_id} holds a {type(config).__name__} adapter, not a RECAST one.")
     loaded = tuner.peft_config[adapter_name]
-    problem = None
-    for name in GROUPING_FIELDS[:-1]:  # the fingerprint is compared with its tolerance below
-        if getattr(loaded, name) != getattr(config, name):
-            problem = f"`{name}` is {getattr(config, name)!r} in the file but {getattr(loaded, name)!r} in the adapter"
-            break
+    problem, field = None, differing_field(loaded, config, GROUPING_FIELDS[:-1])  # fingerprint: with its tolerance
+    if field is not None:
+        problem = f"`{field}` is {getattr(config, field)!r} in the file but {getattr(loaded, field)!r} in the adapter"
     if problem is None and config.base_fingerprint is not None:
         mismatch = fingerprint_mismatch(config.base_fingerprint, loaded.base_fingerprint)
         if mismatch is not None:
@@ -128,13 +130,9 @@ def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "defaul
     if problem is not None:
         raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Load it with "
                          "`load_adapter` as an adapter of its own instead.")
-    state_dict = _insert_adapter_name_into_state_dict(
-        load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
-    )
+    state_dict, _, problem = _saved_state(tuner, model_id, adapter_name)
     targets = dict(model.named_parameters())
     state_dict = {_live_key(key, adapter_name, targets): value for key, value in state_dict.items()}
-    layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
-    problem = coefficient_problem(layers, adapter_name, state_dict)
     missing = [key for key in state_dict if key not in targets]
     if problem is None and missing:
         problem = f"the file holds tensors this model does not have, e.g. {missing[:3]}"
@@ -174,8 +172,6 @@ def load_adapters(
     """
     from peft.config import PeftConfig
 
-    from .model import coefficient_problem
-
     names = list(adapter_names) if adapter_names is not None else [
         os.path.basename(os.path.normpath(model_id)) for model_id in model_ids
     ]
@@ -199,11 +195,7 @@ def load_adapters(
                 added.append(name)
                 continue
             added.append(name)
-            state = _insert_adapter_name_into_state_dict(
-                load_peft_weights(model_id), adapter_name=name, parameter_prefix=tuner.prefix
-            )
-            layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, name).items()}
-            problem = coefficient_problem(layers, name, state)
+            state, layers, problem = _saved_state(tuner, model_id, name)
             if problem is not None:
                 raise ValueError(f"Cannot load the RECAST adapter {model_id}: {problem}")
             with torch.no_grad():

@@ -31,6 +31,14 @@ GROUPING_FIELDS = (
     "template_bank", "weight_form", "base_fingerprint",
 )
 
+def differing_field(
+    first: "RecastConfig", other: "RecastConfig", fields: tuple[str, ...] = GROUPING_FIELDS
+) -> Optional[str]:
+    """The first of ``fields`` on which two configs differ (``None``: they agree): adapters that agree on
+    :data:`GROUPING_FIELDS` share every layer's basis and mixing."""
+    return next((name for name in fields if getattr(first, name) != getattr(other, name)), None)
+
+
 def config_list(value: Optional[Union[str, int, list, set]]) -> list:
     """A ``layers_pattern`` or ``layers_to_transform`` value as a list: ``None`` -> ``[]``, ``"h"`` -> ``["h"]``,
     ``3`` -> ``[3]``."""

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .bank import BankGroup, TemplateBank, load_template_bank
-from .config import GROUPING_FIELDS, RecastConfig, config_list, preset_fields
+from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
 from .grouping import (
     adapter_layers,
     flat_cat,
@@ -225,7 +225,7 @@ class RecastModel(BaseTuner):
             name for name, other in self.peft_config.items()
             if name != adapter_name and isinstance(other, RecastConfig) and other.base_fingerprint is not None
             and not other.modules_to_save and other.bias == "none"
-            and all(getattr(other, field) == getattr(config, field) for field in GROUPING_FIELDS[:-1])
+            and differing_field(other, config, GROUPING_FIELDS[:-1]) is None
         ), None)
         layers = adapter_layers(model, template) if template is not None else {}
         if not layers or any(l.recast_group[template].fitted != l.recast_group[template].weights_state()
@@ -286,7 +286,7 @@ class RecastModel(BaseTuner):
         """Closed-form mimicry of one group's (units of) weights, fitted once: a later adapter with the same grouping
         reuses the fit (and so its templates and mixing) as long as none of the weights changed (by storage and
         version counter, so an in-place change or a merge refits)."""
-        key = (num_templates, tuple((w.data_ptr(), w._version, w.dtype, tuple(w.shape)) for unit in weights for w in unit))
+        key = (num_templates, tuple((w.data_ptr(), w._version, w.dtype, w.shape) for unit in weights for w in unit))
         fits = self.__dict__.setdefault("_group_fits", {})
         if key not in fits:
             fits[key] = fit_group([unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], num_templates)
