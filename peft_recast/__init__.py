@@ -7,10 +7,14 @@ and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 from ._version import __version__ as __version__
 from .adapters import hotswap_adapter, load_adapters
 from .config import RECOMMENDED_LR, RecastConfig
+from .fsdp import check_fsdp_wrapping, fsdp_auto_wrap_policy
 from .model import RecastModel
 from .registration import RECAST, register
 from .summary import RecastSummary, recast_summary
 
 register()
 
-__all__ = ["RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "hotswap_adapter", "load_adapters", "recast_summary"]
+__all__ = [
+    "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "check_fsdp_wrapping",
+    "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "recast_summary",
+]

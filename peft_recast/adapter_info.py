@@ -87,7 +87,7 @@ def inspect_adapter(path: str) -> dict[str, Any]:
         peft_version=config.get("peft_version"),
         settings={key: config.get(key) for key in (
             "target_modules", "layers_per_group", "num_groups", "num_templates", "num_coefficient_sets",
-            "coefficient_blocks", "coefficient_scale", "modules_to_save",
+            "coefficient_blocks", "coefficient_scale", "coefficient_bound", "modules_to_save",
         )},
         weight_file=os.path.basename(weight_path),
         weight_bytes=os.path.getsize(weight_path),

@@ -27,7 +27,8 @@ RECOMMENDED_LR = 1e-2
 # them are not vectors of one space.
 GROUPING_FIELDS = (
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
-    "num_templates", "coefficient_blocks", "coefficient_scale", "share_across_module_types", "fused_modules",
+    "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "share_across_module_types",
+    "fused_modules",
     "template_bank", "weight_form", "base_fingerprint",
 )
 
@@ -178,6 +179,10 @@ class RecastConfig(PeftConfig):
         coefficient_scale (`float`, defaults to `10.0`):
             ``s`` above: moving all ``n`` coefficients of a layer by ``c`` moves its weight by ``c s`` times its own
             Frobenius norm, whatever ``n`` is. Stored with the adapter, so files keep their meaning.
+        coefficient_bound (`Optional[float]`, *optional*, defaults to `None`):
+            ``b``: the layer uses ``b tanh(mean_K(theta) / b)`` in place of ``mean_K(theta)``, so no coefficient
+            moves its weight by more than ``b s`` times the weight's norm however far training pushes ``theta``
+            (near 0 the two agree to first order). ``None``: no bound. Residual form only.
         coefficient_blocks (`int`, defaults to `2`):
             ``B``: cut each module's output rows (``out`` of ``(out, in)``) into ``B`` contiguous blocks (e.g. one
             per attention head), each with its own ``K x n`` coefficients: ``delta_W`` rows of block ``b`` use
@@ -258,6 +263,9 @@ class RecastConfig(PeftConfig):
     num_coefficient_sets: int = field(default=1, metadata={"help": "Coefficient sets per module (their mean is used)."})
     coefficient_scale: float = field(
         default=10.0, metadata={"help": "A unit coefficient moves the weight by this many times its norm."}
+    )
+    coefficient_bound: Optional[float] = field(
+        default=None, metadata={"help": "Squash each coefficient to (-b, b) with b tanh(theta / b); None: no bound."}
     )
     coefficient_blocks: int = field(
         default=2, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
@@ -342,10 +350,15 @@ class RecastConfig(PeftConfig):
             raise ValueError(f"`weight_form` must be 'residual' or 'replace', got {self.weight_form!r}.")
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
-        if isinstance(self.coefficient_scale, bool) or not isinstance(self.coefficient_scale, (int, float)) or not (
-            0 < self.coefficient_scale < float("inf")
-        ):
-            raise ValueError(f"`coefficient_scale` must be a positive finite number, got {self.coefficient_scale!r}.")
+        for name in ("coefficient_scale", "coefficient_bound"):
+            value = getattr(self, name)
+            if (value is not None or name == "coefficient_scale") and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
+            ):
+                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+        if self.coefficient_bound is not None and self.weight_form != "residual":
+            raise ValueError("`coefficient_bound` bounds the change from the pretrained weight, which the 'replace' "
+                             "weight form does not have; use weight_form='residual' or coefficient_bound=None.")
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:

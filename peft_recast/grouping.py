@@ -72,7 +72,7 @@ def plan_groups(layers: dict[str, RecastLayer], config: RecastConfig) -> list[tu
             role, index = key.replace("{", "{{").replace("}", "}}"), 0
         elif config.share_across_module_types:
             role = role[: role.index("{}") + 2] + ".*"  # every module type of the layer, by shape
-        by_role[(role, tuple(layer.get_base_layer().weight.shape))].append((index, key, layer))
+        by_role[(role, layer.weight_shape())].append((index, key, layer))
     shapes_per_role = defaultdict(int)
     for role, _ in by_role:
         shapes_per_role[role] += 1

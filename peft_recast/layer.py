@@ -38,7 +38,7 @@ class RecastGroup:
 
     def weights_state(self) -> tuple:
         """The members' pretrained weights by storage and version counter: it changes when any of them does."""
-        return tuple((w.data_ptr(), w._version) for w in (member.pristine_weight() for member in self.members))
+        return tuple(member.weight_state() for member in self.members)
 
     def basis(self) -> list[torch.Tensor]:
         """The members' pretrained weights ``W_1..W_m`` (untouched by any merge), which span the templates."""
@@ -66,7 +66,7 @@ class RecastLayer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("recast_coefficients",)
-    other_param_names = ("recast_mixing", "recast_group", "recast_replace", "recast_tie")
+    other_param_names = ("recast_mixing", "recast_group", "recast_replace", "recast_tie", "recast_bound")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
@@ -77,6 +77,8 @@ class RecastLayer(BaseTunerLayer):
         self.recast_replace: dict[str, bool] = {}
         # fused modules (config.fused_modules): the layer whose coefficient tensor this one shares
         self.recast_tie: dict[str, RecastLayer] = {}
+        # config.coefficient_bound of each adapter that has one
+        self.recast_bound: dict[str, float] = {}
         # The base weight as it was before the first merge; siblings' templates and `unmerge` read it.
         self._pristine_weight: Optional[torch.Tensor] = None
         self._disable_adapters = False
@@ -95,6 +97,7 @@ class RecastLayer(BaseTunerLayer):
         """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B > 1`` coefficient blocks,
         ``B`` at most the module's output rows); the model attaches its template group after injection."""
         self.recast_coefficients[adapter_name] = nn.Parameter(self._new_coefficients(config))
+        self._set_bound(adapter_name, config)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -104,12 +107,17 @@ class RecastLayer(BaseTunerLayer):
         shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
         return torch.zeros(shape) if config.init_weights else torch.randn(shape) * RANDOM_INIT_STD
 
+    def _set_bound(self, adapter_name: str, config: RecastConfig) -> None:
+        if config.coefficient_bound is not None:
+            self.recast_bound[adapter_name] = float(config.coefficient_bound)
+
     def add_adapter_like(self, adapter_name: str, template: str, config: RecastConfig, trainable: bool) -> None:
         """Add ``adapter_name`` with the group, mixing and (fused) tie of ``template``, an adapter of the same grouping
         on this layer: no injection pass and no mimicry (the template's fit is this adapter's fit)."""
         like = self.recast_coefficients[template]
         coefficients = self._new_coefficients(config).to(device=like.device, dtype=like.dtype)
         self.recast_coefficients[adapter_name] = nn.Parameter(coefficients, requires_grad=trainable)
+        self._set_bound(adapter_name, config)
         self.attach_group(adapter_name, self.recast_group[template], self.recast_mixing[template])
         owner = self.recast_tie.get(template)
         if owner is not None:
@@ -166,19 +174,32 @@ class RecastLayer(BaseTunerLayer):
             return self.get_base_weight()
         return self.get_base_layer().weight.detach()
 
+    def weight_state(self) -> tuple[int, int]:
+        """The pristine weight's storage and version counter: a key that changes when the weight does."""
+        weight = self.pristine_weight()
+        return weight.data_ptr(), weight._version
+
+    def weight_shape(self) -> tuple[int, ...]:
+        """The base weight's shape in its stored layout (a quantized layer reports its unpacked shape)."""
+        return tuple(self.get_base_layer().weight.shape)
+
     def _blocks(self, num_blocks: int, device: torch.device) -> torch.Tensor:
         """The block of every output row (:func:`~peft_recast.combination.row_blocks`), computed once per device."""
         key = (num_blocks, device)
         if key not in self._row_blocks:
-            rows = self.get_base_layer().weight.shape[1 if getattr(self, "fan_in_fan_out", False) else 0]
+            rows = self.out_features
             with torch.inference_mode(False):  # kept for later calls, with gradients too: never an inference tensor
                 self._row_blocks[key] = row_blocks(rows, num_blocks, device)
         return self._row_blocks[key]
 
     def _mix(self, adapter: str) -> torch.Tensor:
-        """``mean_K(theta) @ R``: the weight of each basis member per block of output rows, ``(m, B)`` float32."""
+        """``mean_K(theta) @ R`` (``b tanh(mean_K(theta) / b) @ R`` with a coefficient bound ``b``): the weight of each
+        basis member per block of output rows, ``(m, B)`` float32."""
         owner = self.recast_tie.get(adapter, self)
         theta = owner.recast_coefficients[adapter].float().mean(0)  # (n) or (n, B)
+        bound = self.recast_bound.get(adapter)
+        if bound is not None:
+            theta = bound * torch.tanh(theta / bound)
         mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float())
         return mix.reshape(mix.shape[0], -1)
 

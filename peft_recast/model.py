@@ -30,6 +30,7 @@ from .grouping import (
 )
 from .layer import Conv2d, Linear, RecastGroup, RecastLayer
 from .mimicry import GroupFit, fingerprint_mismatch, fit_group
+from .quantized import QuantizedBase, QuantizedLinear, is_bnb_linear
 
 # Show a progress bar for mimicry once the targeted weights exceed this many elements (~a 100M-parameter model).
 PROGRESS_MIN_NUMEL = 100_000_000
@@ -96,7 +97,7 @@ def coefficient_problem(
     return None
 
 
-class RecastModel(BaseTuner):
+class RecastModel(QuantizedBase, BaseTuner):
     """Creates a RECAST model from a pretrained transformers model (use ``peft.get_peft_model``).
 
     Every adapter (task) gets ``K x n x B`` coefficients per target module; templates are rebuilt from the base
@@ -161,6 +162,8 @@ class RecastModel(BaseTuner):
     def _create_new_module(recast_config: RecastConfig, adapter_name: str, target: nn.Module) -> RecastLayer:
         """The RECAST layer for ``target``, chosen by the type of its base layer (the one dispatch of layer types)."""
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if is_bnb_linear(base_layer):  # bitsandbytes 4-bit and 8-bit layers subclass nn.Linear: before it
+            return QuantizedLinear(target, adapter_name, recast_config)
         if isinstance(base_layer, Conv1D):
             if not recast_config.fan_in_fan_out:
                 warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. Using True for it.")
@@ -275,18 +278,18 @@ class RecastModel(BaseTuner):
                     f"The base weights of '{name}' are on the meta device. RECAST builds its templates from the "
                     "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
                 )
-            fit = self._group_fit(weights, config.num_templates)
+            fit = self._group_fit(weights, config.num_templates, [m.weight_state() for unit in units for _, m in unit])
             fingerprint[name] = fit.fingerprint()
             self._attach_units(adapter_name, config, name, units, fit, bank)
         if config.base_fingerprint is not None:
             self._check_fingerprint(adapter_name, config, fingerprint)
         config.base_fingerprint = fingerprint
 
-    def _group_fit(self, weights: list[list[torch.Tensor]], num_templates: int) -> GroupFit:
+    def _group_fit(self, weights: list[list[torch.Tensor]], num_templates: int, states: list[tuple]) -> GroupFit:
         """Closed-form mimicry of one group's (units of) weights, fitted once: a later adapter with the same grouping
-        reuses the fit (and so its templates and mixing) as long as none of the weights changed (by storage and
-        version counter, so an in-place change or a merge refits)."""
-        key = (num_templates, tuple((w.data_ptr(), w._version, w.dtype, w.shape) for unit in weights for w in unit))
+        reuses the fit (and so its templates and mixing) as long as none of the weights changed (``states``: each
+        member's ``weight_state()``, storage and version counter, so an in-place change or a merge refits)."""
+        key = (num_templates, tuple(states), tuple((w.dtype, w.shape) for unit in weights for w in unit))
         fits = self.__dict__.setdefault("_group_fits", {})
         if key not in fits:
             fits[key] = fit_group([unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], num_templates)

@@ -96,7 +96,7 @@ def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSum
             GroupReport(
                 name=group.name,
                 modules=len(group.members),
-                shape=tuple(first.get_base_layer().weight.shape),
+                shape=first.weight_shape(),
                 templates=templates,
                 coefficients=owned[group.name],
                 relative_error=group.relative_error

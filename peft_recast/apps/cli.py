@@ -26,7 +26,15 @@ from typing import Optional, Sequence
 
 from .. import RECOMMENDED_LR
 from ..bank import MimicrySettings
-from .bench.methods import ALL_TASKS, LADDER_METHODS, METHODS, QUICK_METHODS, QUICK_TASKS
+from .bench.methods import (
+    ALL_TASKS,
+    LADDER_METHODS,
+    METHODS,
+    QUICK_METHODS,
+    QUICK_TASKS,
+    SMALL_DATA_EPOCHS,
+    SMALL_DATA_TRAIN,
+)
 from .bench.results import BenchSettings
 from .demo import DEFAULT_SWEEP_LRS, DEFAULT_TASKS
 from .loop import DEFAULT_HEAD_LR
@@ -180,6 +188,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"methods, from {', '.join(METHODS)} (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweep (default rates)")
+    parser.add_argument("--one-rate", action="store_true",
+                        help="report each method at one learning rate for every task (its best mean validation "
+                        "accuracy over the tuning tasks at the first seed); held-out tasks run at that rate only")
+    parser.add_argument("--small-data", action="store_true",
+                        help=f"the small-data protocol: {SMALL_DATA_TRAIN:,} training examples per task, "
+                        f"{SMALL_DATA_EPOCHS} epochs (where a user starts; the CPU runs it in full)")
     parser.add_argument("--no-costs", action="store_true", help="skip the step time / memory / latency measurements")
     parser.add_argument("--max-train", type=int, default=None, help="training examples per task (default: all, <= 2,000)")
     parser.add_argument("--max-eval", type=int, default=None, help="validation and test examples per task (default: all)")
@@ -221,6 +235,9 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
             setattr(settings, name, value)
     if args.no_sweep:
         settings.sweep = False
+    if args.small_data:
+        settings.max_train, settings.epochs = args.max_train or SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS
+    settings.one_rate = args.one_rate
     unknown = [task for task in settings.tasks if task not in TASKS]
     if unknown:
         raise SystemExit(f"Unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}.")

@@ -27,11 +27,11 @@ from .costs import measure_costs, training_memory
 from .methods import LADDER_METHODS, LADDER_SIZES, METHODS, QUICK_METHODS, QUICK_TASKS, Method
 from .models import load_head
 from .report import PLOT_FILE, TABLE_FILE
-from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, run_key
+from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, one_rate, run_key
 from .runner import check_forgetting, predictions, run_bench, train_run
 
 __all__ = [
     "LADDER_METHODS", "LADDER_SIZES", "METHODS", "PLOT_FILE", "QUICK_METHODS", "QUICK_TASKS", "RESULTS_FILE", "TABLE_FILE",
     "BenchSettings", "Method", "Results", "best_lr", "check_forgetting", "load_head", "lrs_to_run", "measure_costs",
-    "predictions", "run_bench", "run_key", "train_run", "training_memory",
+    "one_rate", "predictions", "run_bench", "run_key", "train_run", "training_memory",
 ]

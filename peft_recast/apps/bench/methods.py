@@ -19,7 +19,8 @@ class Method:
     ``lrs`` is the peak AdamW learning-rate grid of the adapter's parameters (swept on validation); ``default_lr``
     is used where no sweep runs (``--quick``). ``align_epochs``: a LayerNorm alignment stage (the two-stage PETL
     recipe, scale and shift first): for this many epochs only the adapter's LayerNorm copies (``modules_to_save``)
-    and the head train, then every adapter parameter does.
+    and the head train, then every adapter parameter does. ``head_first``: the head is first trained alone on the
+    frozen encoder (exactly the linear probe's run), then head and adapter train together from there (LP-FT).
     """
 
     name: str
@@ -29,6 +30,7 @@ class Method:
     default_lr: float
     config: Callable[[], object] = lambda: None
     align_epochs: int = 0
+    head_first: bool = False
 
 
 def _recast(**kwargs) -> Callable[[], object]:
@@ -97,6 +99,13 @@ METHODS: dict[str, Method] = {
                _recast(layers_per_group=6, num_templates=6, coefficient_blocks=6)),
         Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
                _recast(target_modules=QKVO, layers_per_group=6, num_templates=6, coefficient_blocks=6)),
+        # issue 16: a default that holds at one rate on every task; the head first (LP-FT), a bounded update
+        Method("recast-hf", "RECAST default, head first (probe, then head + coefficients)", "peft", WIDE_RECAST_LRS,
+               1e-2, _recast(**RECAST_LADDER["ladder-48"]), head_first=True),
+        Method("recast-b05", "RECAST default, coefficients bounded at 0.05", "peft", WIDE_RECAST_LRS, 1e-2,
+               _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05)),
+        Method("recast-hf-b05", "RECAST default, head first, coefficients bounded at 0.05", "peft", WIDE_RECAST_LRS,
+               1e-2, _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05), head_first=True),
         # the LayerNorm alignment stage (issue 9): RECAST with LayerNorm scale and shift, jointly or LayerNorms first
         Method("recast-ln", "RECAST default + all LayerNorms", "peft", (1e-2, 3e-2), 1e-2,
                _recast(modules_to_save=ALL_LAYERNORMS)),
@@ -155,7 +164,9 @@ METHODS: dict[str, Method] = {
 QUICK_METHODS = ("probe", "recast", "fourierft-48", "lora-r8")
 LADDER_METHODS = ("probe", *[f"recast-{size}" if size != 48 else "recast" for size in LADDER_SIZES],
                   *[f"fourierft-{size}" for size in LADDER_SIZES], "lora-r8")
-ALL_TASKS = ("trec6", "sms", "bbc", "tweets", "amazon")
+ALL_TASKS = ("trec6", "sms", "bbc", "tweets", "amazon", "election", "newsgroups", "clothing", "healthnews")
+# The small-data protocol (`bench --small-data`): where a user starts, and what the CPU runs in full (~96 steps a run).
+SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS = 1000, 3
 QUICK_TASKS = ("trec6", "sms")
 # The reference every cost ratio is taken against.
 REFERENCE_METHOD = "lora-r8"

@@ -6,12 +6,14 @@ import statistics
 from typing import Optional, Sequence
 
 from ...files import atomic_write
+from ..tasks import HELD_OUT_TASKS
 from .methods import METHODS
 from .results import BenchSettings, Results, best_lr, run_key
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_parameters.png"
 LR_PLOT_FILE = "accuracy_vs_learning_rate.png"
+BAND_PLOT_FILE = "gain_over_probe_vs_learning_rate.png"
 
 
 def summarise(settings: BenchSettings, results: Results) -> list[dict]:
@@ -28,6 +30,8 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
                 continue
             records = [results.runs.get(run_key(name, task, lr, seed, protocol)) for seed in settings.seeds]
             records = [r for r in records if r is not None]
+            if not records:
+                continue
             accuracies = [100 * r["test_accuracy"] for r in records]
             row["tasks"][task] = dict(mean=statistics.mean(accuracies),
                                       spread=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
@@ -36,7 +40,10 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
             row.update(trainable=records[0]["trainable"], adapter_bytes=records[0]["adapter_bytes"],
                        head_params=records[0]["head_params"])
         if len(row["tasks"]) == len(settings.tasks):
-            row["mean"] = statistics.mean(v["mean"] for v in row["tasks"].values())
+            tuning = [v["mean"] for t, v in row["tasks"].items() if t not in HELD_OUT_TASKS]
+            held_out = [v["mean"] for t, v in row["tasks"].items() if t in HELD_OUT_TASKS]
+            row["mean"] = statistics.mean(tuning or held_out)
+            row["held_out_mean"] = statistics.mean(held_out) if held_out and tuning else None
             rows.append(row)
     return rows
 
@@ -46,8 +53,16 @@ def _ratio(value: Optional[float]) -> str:
 
 
 def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
-    """Markdown: accuracy per task (mean +- spread over seeds) and mean, numbers, bytes, and the cost ratios."""
-    header = ["method", "trainable numbers", "adapter bytes", *tasks, "mean", "seeds", "step time vs LoRA r=8",
+    """Markdown: accuracy per task (mean +- spread over seeds) and mean, numbers, bytes, and the cost ratios; held-out
+    tasks (``HELD_OUT_TASKS``) come after the mean of the others, with a mean of their own."""
+    held_out = [t for t in tasks if t in HELD_OUT_TASKS]
+    tuning = [t for t in tasks if t not in HELD_OUT_TASKS]
+    if tuning and held_out:
+        tasks = [*tuning, *held_out]
+    apart = ["held-out mean"] if tuning and held_out else []
+    tuning_columns = len(tuning) if apart else len(tasks)
+    header = ["method", "trainable numbers", "adapter bytes", *tasks[:tuning_columns], "mean",
+              *[f"{t} (held out)" for t in tasks[tuning_columns:]], *apart, "seeds", "step time vs LoRA r=8",
               "train memory vs LoRA r=8", "latency unmerged / merged vs base", "mixed-task batch throughput vs one-task batch"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -57,7 +72,8 @@ def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
         latency = (f"{_ratio(cost.get('unmerged_latency_ratio'))} / {_ratio(cost.get('merged_latency_ratio'))}"
                    if cost else "")
         lines.append("| " + " | ".join([
-            row["label"], f"{row['trainable']:,}", f"{row['adapter_bytes']:,}", *accuracies, f"{row['mean']:.1f}",
+            row["label"], f"{row['trainable']:,}", f"{row['adapter_bytes']:,}", *accuracies[:tuning_columns],
+            f"{row['mean']:.1f}", *accuracies[tuning_columns:], *[f"{row['held_out_mean']:.1f}" for _ in apart],
             str(min(v["seeds"] for v in row["tasks"].values())),
             _ratio(cost.get("step_ratio")) if cost else "", _ratio(cost.get("memory_ratio")) if cost else "",
             latency, _ratio(cost.get("mixed_batch_throughput_ratio")) if cost else "",
@@ -93,8 +109,9 @@ def describe_protocol(settings: BenchSettings) -> str:
     """One sentence on what the table's accuracies are: seeds, learning rates and training examples."""
     seeds = (f"mean ± standard deviation over {len(settings.seeds)} seeds" if len(settings.seeds) > 1
              else f"one seed ({settings.seeds[0]})")
-    rates = ("learning rate chosen per task on validation from each method's grid" if settings.sweep
-             else "each method at its default learning rate (no sweep)")
+    rates = ("each method at one learning rate for every task, the best mean validation accuracy over the tuning "
+             "tasks at seed 0" if settings.one_rate else "learning rate chosen per task on validation from each "
+             "method's grid") if settings.sweep else "each method at its default learning rate (no sweep)"
     examples = f"{settings.max_train:,}" if settings.max_train else "up to 2,000"
     return f"Test accuracy (%), {seeds}; {rates}; {examples} training examples per task, {settings.epochs} epochs"
 
@@ -152,6 +169,64 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     axis.set_title("Learning-rate sensitivity, all-MiniLM-L6-v2 (seed 0)")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=7, ncol=2)
+    save_figure(figure, path)
+
+
+def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dict[str, dict[float, float]]:
+    """Per task, per rate of ``name``'s grid: its mean test accuracy over the seeds that ran there minus the linear
+    probe's (mean over the same seeds), in points; tasks or rates without runs are left out."""
+    protocol = settings.protocol()
+
+    def test_accuracies(method: str, task: str, lr: float) -> dict[int, float]:
+        records = {seed: results.runs.get(run_key(method, task, lr, seed, protocol)) for seed in settings.seeds}
+        return {seed: 100 * r["test_accuracy"] for seed, r in records.items() if r is not None}
+
+    gains = {}
+    for task in settings.tasks:
+        probe, points = test_accuracies("probe", task, 0.0), {}
+        for lr in METHODS[name].lrs:
+            seeds = [seed for seed in test_accuracies(name, task, lr) if seed in probe]
+            if seeds:
+                method = test_accuracies(name, task, lr)
+                points[lr] = statistics.mean(method[seed] - probe[seed] for seed in seeds)
+        if points:
+            gains[task] = points
+    return gains
+
+
+def plot_gain_bands(bands: dict[str, dict[str, dict[float, float]]], path: str) -> None:
+    """One panel per method: every task's test accuracy minus the probe's against the adapter's learning rate
+    (thin lines; held-out tasks dashed), the band from the worst to the best task shaded, the mean in bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(len(bands), 3)
+    rows = -(-len(bands) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, sharey=True)
+    for axis, (name, gains) in zip(axes.flat, bands.items()):
+        rates = sorted({lr for points in gains.values() for lr in points})
+        complete = [lr for lr in rates if all(lr in points for points in gains.values())]
+        for task, points in gains.items():
+            xs = sorted(points)
+            axis.plot(xs, [points[x] for x in xs], color="grey", linewidth=0.8,
+                      linestyle="--" if task in HELD_OUT_TASKS else "-")
+        if complete:
+            low = [min(points[lr] for points in gains.values()) for lr in complete]
+            high = [max(points[lr] for points in gains.values()) for lr in complete]
+            mean = [statistics.mean(points[lr] for points in gains.values()) for lr in complete]
+            axis.fill_between(complete, low, high, color="C3", alpha=0.2, label="worst to best task")
+            axis.plot(complete, mean, color="C3", linewidth=2, marker="o", label="mean over tasks")
+        axis.axhline(0.0, color="black", linewidth=0.8)
+        axis.set_xscale("log")
+        axis.set_title(short_label(METHODS[name].label) + f" ({name})", fontsize=9)
+        axis.set_xlabel("peak learning rate of the adapter")
+        axis.grid(True, which="both", alpha=0.3)
+    for axis in axes.flat[len(bands):]:
+        axis.set_visible(False)
+    axes[0][0].set_ylabel("test accuracy - probe (points)")
+    axes[0][0].legend(fontsize=7, loc="lower left")
     save_figure(figure, path)
 
 

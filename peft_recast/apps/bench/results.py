@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ...files import atomic_write
+from ..tasks import HELD_OUT_TASKS
 from .methods import ALL_TASKS, METHODS, Method
 
 RESULTS_FILE = "results.json"
@@ -33,6 +34,18 @@ class BenchSettings:
     output_dir: str = os.path.join("runs", "bench")
     cost_repeats: int = 5
     cost_length: int = 128
+    one_rate: bool = False
+
+    def tuning_tasks(self) -> list[str]:
+        """The tasks a learning rate may be chosen on: those of :attr:`tasks` not in ``HELD_OUT_TASKS``."""
+        return [task for task in self.tasks if task not in HELD_OUT_TASKS]
+
+    def chain_tasks(self) -> list[str]:
+        """The order tasks are trained in: :attr:`tasks`; with ``one_rate``, the tuning tasks first (their sweeps
+        choose the rate the held-out tasks then run at)."""
+        if not self.one_rate:
+            return list(self.tasks)
+        return self.tuning_tasks() + [task for task in self.tasks if task in HELD_OUT_TASKS]
 
     def protocol(self) -> dict:
         """The settings a run's result depends on (besides method, task, lr, seed)."""
@@ -57,6 +70,8 @@ def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str
     described = [protocol, config.to_dict() if config is not None else None]
     if METHODS[method].align_epochs:
         described.append({"align_epochs": METHODS[method].align_epochs})
+    if METHODS[method].head_first:
+        described.append({"head_first": True})
     digest = hashlib.sha1(json.dumps(described, sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{method}_{task}_lr{lr:g}_seed{seed}_{digest}")
 
@@ -102,24 +117,53 @@ class Results:
 
 def lrs_to_run(method: Method, task: str, seed: int, settings: BenchSettings, results: Results,
                 protocol: dict) -> list[float]:
-    """Seed 0 sweeps the grid (when ``settings.sweep``); later seeds run the rate chosen on validation."""
+    """Seed 0 sweeps the grid (when ``settings.sweep``); later seeds run the chosen rate (:func:`best_lr`). With
+    ``settings.one_rate`` seed 0 sweeps the tuning tasks only, and every held-out task runs at the one rate."""
     if method.kind == "probe":
         return [0.0]
     if not settings.sweep:
         return [method.default_lr]
-    if seed == settings.seeds[0]:
+    if seed == settings.seeds[0] and not (settings.one_rate and task in HELD_OUT_TASKS):
         return list(method.lrs)
     return [best_lr(method, task, settings, results, protocol)]
 
 
+def _validation_accuracy(method: Method, task: str, lr: float, settings: BenchSettings, results: Results,
+                         protocol: dict) -> Optional[float]:
+    record = results.runs.get(run_key(method.name, task, lr, settings.seeds[0], protocol))
+    return None if record is None else record["validation_accuracy"]
+
+
 def best_lr(method: Method, task: str, settings: BenchSettings, results: Results, protocol: dict) -> float:
-    """The rate with the best validation accuracy at the first seed (ties: the smaller rate)."""
-    candidates = lrs_to_run(method, task, settings.seeds[0], settings, results, protocol)
-    scored = []
-    for lr in candidates:
-        record = results.runs.get(run_key(method.name, task, lr, settings.seeds[0], protocol))
-        if record is not None:
-            scored.append((-record["validation_accuracy"], lr))
+    """The rate ``task`` is reported at: the best validation accuracy on ``task`` at the first seed, or with
+    ``settings.one_rate`` the method's one rate, :func:`one_rate` (ties: the smaller rate)."""
+    if method.kind == "probe":
+        return 0.0
+    if not settings.sweep:
+        return method.default_lr
+    if settings.one_rate:
+        return one_rate(method, settings, results, protocol)
+    scored = [(-value, lr) for lr in method.lrs
+              if (value := _validation_accuracy(method, task, lr, settings, results, protocol)) is not None]
     if not scored:
         raise RuntimeError(f"No finished seed-{settings.seeds[0]} run of {method.name} on {task} to choose from.")
+    return min(scored)[1]
+
+
+def one_rate(method: Method, settings: BenchSettings, results: Results, protocol: dict) -> float:
+    """The method's one learning rate for every task: the rate of its grid with the best mean validation accuracy
+    over the tuning tasks (:meth:`BenchSettings.tuning_tasks`) at the first seed; only rates that finished on every
+    tuning task compete (ties: the smaller rate)."""
+    tasks = settings.tuning_tasks()
+    if not tasks:
+        raise ValueError(f"One rate per method is chosen on tuning tasks, but every task of this run is held out "
+                         f"({', '.join(settings.tasks)}); add a task that is not in HELD_OUT_TASKS.")
+    scored = []
+    for lr in method.lrs:
+        values = [_validation_accuracy(method, task, lr, settings, results, protocol) for task in tasks]
+        if all(value is not None for value in values):
+            scored.append((-sum(values) / len(values), lr))
+    if not scored:
+        raise RuntimeError(f"No rate of {method.name} has finished seed-{settings.seeds[0]} runs on every tuning task "
+                           f"({', '.join(tasks)}) to choose one rate from.")
     return min(scored)[1]

@@ -21,14 +21,17 @@ from .costs import measure_costs
 from .methods import METHODS, Method
 from .models import MethodModel, load_head, save_run
 from .report import (
+    BAND_PLOT_FILE,
     LR_PLOT_FILE,
     PLOT_FILE,
     TABLE_FILE,
     changed_predictions,
     describe_protocol,
     format_table,
+    gain_over_probe,
     learning_rate_curves,
     plot_accuracy,
+    plot_gain_bands,
     plot_learning_rates,
     summarise,
 )
@@ -99,8 +102,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
         outer.set_postfix(method=method.name, seed=seed)
         model = MethodModel(method, device)
         embeddings: dict = {}
-        chosen = {}
-        for task in settings.tasks:
+        for task in settings.chain_tasks():
             data = datasets[task]
             lrs = lrs_to_run(method, task, seed, settings, results, protocol)
             for lr in lrs:
@@ -117,6 +119,8 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                     seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = None
                 else:
+                    if method.head_first:  # the probe's run on the frozen encoder, then both from there
+                        _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = train_run(encoder, head, data, lr, seed, settings,
                                              f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
                     seconds = None
@@ -134,7 +138,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 ))
                 if method.kind == "full":
                     del encoder
-            chosen[task] = best_lr(method, task, settings, results, protocol)
+        chosen = {task: best_lr(method, task, settings, results, protocol) for task in settings.chain_tasks()}
         report = check_forgetting(model, method, seed, chosen, datasets, settings, results, protocol, device)
         if report:  # saved at once: a benchmark stopped later keeps the chains it finished
             forgetting[f"{method.name}/seed{seed}"] = results.forgetting[f"{method.name}/seed{seed}"] = report
@@ -208,6 +212,11 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
         print(f"{'method':<16}" + "".join(f"{lr:>9g}" for lr in rates))
         for name, points in curves.items():
             print(f"{name:<16}" + "".join(f"{points[lr]:>9.1f}" if lr in points else f"{'':>9}" for lr in rates))
+    bands = {name: gain_over_probe(settings, results, name) for name in settings.methods
+             if METHODS[name].kind != "probe" and "probe" in settings.methods}
+    bands = {name: gains for name, gains in bands.items() if len({lr for p in gains.values() for lr in p}) > 1}
+    if bands:
+        plot_gain_bands(bands, os.path.join(settings.output_dir, BAND_PLOT_FILE))
     changed, changed_ever = changed_predictions(forgetting), changed_predictions(results.forgetting)
     print(f"\n{describe_protocol(settings)}:\n{table}")
     print(f"\nForgetting: {len(results.forgetting)} method x seed chains, every earlier task re-tested after the last "

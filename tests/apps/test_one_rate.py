@@ -1,0 +1,101 @@
+"""The one-rate protocol (`bench --one-rate`): one learning rate per method chosen on the tuning tasks' validation
+accuracy, held-out tasks run at that rate only and reported apart, and the gain-over-probe bands."""
+
+import pytest
+
+from peft_recast.apps import bench, cli
+from peft_recast.apps.bench import report
+from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
+from peft_recast.apps.tasks import HELD_OUT_TASKS
+
+
+def _record(results, method, task, lr, seed, protocol, validation, test):
+    key = bench.run_key(method, task, lr, seed, protocol)
+    results.add(dict(key=key, method=method, task=task, lr=lr, seed=seed, validation_accuracy=validation,
+                     test_accuracy=test, trainable=48, adapter_bytes=1816, head_params=770))
+
+
+def test_one_rate_is_the_best_mean_validation_over_tuning_tasks_only(tmp_path):
+    settings = bench.BenchSettings(tasks=["trec6", "sms", "clothing"], methods=["recast"], seeds=[0, 1],
+                                   one_rate=True)
+    results, protocol, method = bench.Results(str(tmp_path / "r.json")), settings.protocol(), bench.METHODS["recast"]
+    # per task the best rates differ (trec6: 3e-2, sms: 3e-3); the mean is best at 1e-2; the held-out task's
+    # validation (best at 1e-1) and every test accuracy must play no part
+    for lr, trec6, sms, clothing in [(3e-3, 0.70, 0.99, 0.5), (1e-2, 0.80, 0.97, 0.5), (3e-2, 0.84, 0.90, 0.5),
+                                     (1e-1, 0.60, 0.50, 0.99)]:
+        _record(results, "recast", "trec6", lr, 0, protocol, trec6, 1 - trec6)
+        _record(results, "recast", "sms", lr, 0, protocol, sms, 1 - sms)
+        _record(results, "recast", "clothing", lr, 0, protocol, clothing, 0.0)
+    assert settings.tuning_tasks() == ["trec6", "sms"]
+    assert bench.one_rate(method, settings, results, protocol) == 1e-2
+    for task in settings.tasks:
+        assert bench.best_lr(method, task, settings, results, protocol) == 1e-2
+    # per-task choice from the same records
+    per_task = bench.BenchSettings(tasks=settings.tasks, methods=["recast"], seeds=[0, 1])
+    assert [bench.best_lr(method, t, per_task, results, protocol) for t in ("trec6", "sms")] == [3e-2, 3e-3]
+    # seed 0 sweeps the tuning tasks only; the held-out task and later seeds run at the one rate
+    assert bench.lrs_to_run(method, "trec6", 0, settings, results, protocol) == list(method.lrs)
+    assert bench.lrs_to_run(method, "clothing", 0, settings, results, protocol) == [1e-2]
+    assert bench.lrs_to_run(method, "sms", 1, settings, results, protocol) == [1e-2]
+
+
+def test_a_rate_missing_on_a_tuning_task_does_not_compete(tmp_path):
+    settings = bench.BenchSettings(tasks=["trec6", "sms"], methods=["recast"], seeds=[0], one_rate=True)
+    results, protocol, method = bench.Results(str(tmp_path / "r.json")), settings.protocol(), bench.METHODS["recast"]
+    with pytest.raises(RuntimeError, match="every tuning task"):
+        bench.one_rate(method, settings, results, protocol)
+    _record(results, "recast", "trec6", 1e-1, 0, protocol, 0.99, 0.5)  # trec6 only
+    _record(results, "recast", "trec6", 3e-3, 0, protocol, 0.70, 0.5)
+    _record(results, "recast", "sms", 3e-3, 0, protocol, 0.70, 0.5)
+    assert bench.one_rate(method, settings, results, protocol) == 3e-3
+    held_out_only = bench.BenchSettings(tasks=list(HELD_OUT_TASKS), methods=["recast"], seeds=[0], one_rate=True)
+    with pytest.raises(ValueError, match="every task of this run is held out"):
+        bench.one_rate(method, held_out_only, results, protocol)
+
+
+def test_chain_puts_the_tuning_tasks_first_with_one_rate():
+    tasks = ["clothing", "trec6", "healthnews", "sms"]
+    assert bench.BenchSettings(tasks=tasks, one_rate=True).chain_tasks() == ["trec6", "sms", "clothing", "healthnews"]
+    assert bench.BenchSettings(tasks=tasks).chain_tasks() == tasks
+
+
+def test_table_reports_held_out_tasks_apart_and_bands_are_gains_over_the_probe(tmp_path):
+    settings = bench.BenchSettings(tasks=["clothing", "trec6", "sms"], methods=["probe", "recast"], seeds=[0, 1],
+                                   one_rate=True)
+    results, protocol = bench.Results(str(tmp_path / "r.json")), settings.protocol()
+    for task, probe in (("trec6", 0.70), ("sms", 0.90), ("clothing", 0.60)):
+        for seed in (0, 1):
+            _record(results, "probe", task, 0.0, seed, protocol, probe, probe + 0.01 * seed)
+            _record(results, "recast", task, 1e-2, seed, protocol, probe + 0.1, probe + 0.05 + 0.01 * seed)
+        _record(results, "recast", task, 3e-2, 0, protocol, probe, probe - 0.02)
+    rows = report.summarise(settings, results)
+    recast = next(row for row in rows if row["method"] == "recast")
+    assert recast["lrs"] == {"clothing": 1e-2, "trec6": 1e-2, "sms": 1e-2}
+    assert recast["mean"] == pytest.approx((75.5 + 95.5) / 2)  # tuning tasks only
+    assert recast["held_out_mean"] == pytest.approx(65.5)
+    table = report.format_table(rows, {}, settings.tasks)
+    header = table.splitlines()[0]
+    assert header.index("| trec6 |") < header.index("| sms |") < header.index("| mean |") < header.index(
+        "clothing (held out)") < header.index("held-out mean")
+    assert "| 75.5 ± 0.7 | 95.5 ± 0.7 | 85.5 | 65.5 ± 0.7 | 65.5 |" in table
+    gains = report.gain_over_probe(settings, results, "recast")
+    assert gains["trec6"][1e-2] == pytest.approx(5.0) and gains["trec6"][3e-2] == pytest.approx(-2.0)
+    assert set(gains) == {"clothing", "trec6", "sms"}
+    path = tmp_path / "band.png"
+    report.plot_gain_bands({"recast": gains}, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "one learning rate for every task" in report.describe_protocol(settings)
+
+
+def test_small_data_and_one_rate_options_set_the_protocol():
+    args = cli.build_parser().parse_args(["bench", "--small-data", "--one-rate", "--task", "trec6", "clothing"])
+    settings = cli.bench_settings(args)
+    assert (settings.max_train, settings.epochs, settings.one_rate) == (SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS, True)
+    assert settings.protocol()["max_train"] == 1000 and settings.protocol()["epochs"] == 3
+
+
+def test_head_first_changes_the_run_key_and_not_the_config():
+    plain, first = bench.METHODS["recast"], bench.METHODS["recast-hf"]
+    assert plain.config().to_dict() == first.config().to_dict() and first.head_first
+    keys = [bench.run_key(name, "trec6", 1e-2, 0, {"epochs": 3}) for name in ("recast", "recast-hf")]
+    assert keys[0].split("_")[-1] != keys[1].split("_")[-1]
