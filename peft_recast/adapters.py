@@ -25,7 +25,51 @@ from .grouping import adapter_layers
 from .mimicry import fingerprint_mismatch
 
 if TYPE_CHECKING:
+    from .layer import RecastLayer
     from .model import RecastModel
+
+
+def coefficient_problem(
+    layers: dict[str, RecastLayer], adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> Optional[str]:
+    """Check the ``recast_coefficients`` of a checkpoint (keys already mapped to the model's) against the RECAST
+    layers of ``adapter_name``; describe the first problem found, or return ``None``."""
+    suffix = f".recast_coefficients.{adapter_name}"
+    expected = {key + suffix: layer.recast_coefficients[adapter_name] for key, layer in layers.items()}
+    loaded = {key: value for key, value in state_dict.items() if ".recast_coefficients" in key}
+    pair = "adapter_model.safetensors and adapter_config.json do not belong together (or one was edited)"
+    unexpected = sorted(set(loaded) - set(expected))
+    if unexpected:
+        return (
+            f"the checkpoint holds coefficients for {len(unexpected)} module(s) that the adapter's config does not "
+            f"target, e.g. {unexpected[:3]}: {pair}. Load the adapter_config.json saved with these coefficients."
+        )
+    missing = sorted(set(expected) - set(loaded))
+    if missing:
+        return (
+            f"the checkpoint lacks the coefficients of {len(missing)} targeted module(s), e.g. {missing[:3]}: the file "
+            f"is incomplete or {pair}. Save the adapter again with save_pretrained, or restore the file."
+        )
+    for key in sorted(loaded):
+        value, target = loaded[key], expected[key]
+        if not value.is_floating_point():
+            return (
+                f"the coefficients '{key}' are {value.dtype}, not floating point: the file was not written by RECAST."
+            )
+        if tuple(value.shape) != tuple(target.shape):
+            return (
+                f"the coefficients '{key}' have shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} "
+                "(num_coefficient_sets x templates of its group) under the adapter's config: "
+                f"{pair}. Load the adapter_config.json saved with these coefficients."
+            )
+        if value.device.type != "meta" and not torch.isfinite(value).all():
+            bad = int((~torch.isfinite(value)).sum())
+            return (
+                f"the coefficients '{key}' hold {bad} NaN or infinite value(s): the file is damaged or the training "
+                "that wrote it diverged. Restore the file from a good checkpoint, or retrain with a lower learning "
+                "rate."
+            )
+    return None
 
 def add_weighted_adapter(
     tuner: RecastModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
@@ -34,7 +78,8 @@ def add_weighted_adapter(
     of the new adapter holds that sum), so that its update is the weighted sum of their updates, exactly.
 
     Raises ``ValueError`` (and adds nothing) when an adapter is unknown, the name is taken, the adapters differ in
-    grouping (:data:`GROUPING_FIELDS`), use the replacement form, or hold different ``modules_to_save``.
+    grouping (:data:`GROUPING_FIELDS`), use the replacement form or a ``coefficient_bound``, or hold
+    ``modules_to_save``.
     """
     if len(adapters) != len(weights) or not adapters:
         raise ValueError(f"Pass one weight per adapter: got {len(adapters)} adapter(s) and {len(weights)} weight(s).")
@@ -56,6 +101,12 @@ def add_weighted_adapter(
         raise ValueError(
             "Cannot combine RECAST adapters in the replacement form (`weight_form='replace'`): their weight is affine, "
             "not linear, in the coefficients. Combine residual adapters."
+        )
+    if configs[0].coefficient_bound is not None:
+        raise ValueError(
+            f"Cannot combine RECAST adapters with a `coefficient_bound` ({configs[0].coefficient_bound:g}): the bound "
+            "makes the update a nonlinear function (b tanh(theta / b)) of the coefficients, so sums of coefficients "
+            "are not sums of updates. Combine adapters made with coefficient_bound=None."
         )
     if any(config.modules_to_save for config in configs):
         raise ValueError(
@@ -80,7 +131,6 @@ def add_weighted_adapter(
 def _saved_state(tuner: RecastModel, model_id: str, adapter_name: str) -> tuple[dict, dict, Optional[str]]:
     """The saved tensors of ``model_id`` keyed as ``adapter_name``'s, that adapter's RECAST layers by prefixed key,
     and the first problem of the saved coefficients against those layers (``coefficient_problem``)."""
-    from .model import coefficient_problem
 
     state = _insert_adapter_name_into_state_dict(
         load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix

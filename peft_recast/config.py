@@ -27,9 +27,8 @@ RECOMMENDED_LR = 1e-2
 # them are not vectors of one space.
 GROUPING_FIELDS = (
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
-    "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "share_across_module_types",
-    "fused_modules",
-    "template_bank", "weight_form", "base_fingerprint",
+    "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "coefficient_sharing",
+    "share_across_module_types", "fused_modules", "template_bank", "weight_form", "base_fingerprint",
 )
 
 def differing_field(
@@ -183,6 +182,13 @@ class RecastConfig(PeftConfig):
             ``b``: the layer uses ``b tanh(mean_K(theta) / b)`` in place of ``mean_K(theta)``, so no coefficient
             moves its weight by more than ``b s`` times the weight's norm however far training pushes ``theta``
             (near 0 the two agree to first order). ``None``: no bound. Residual form only.
+        coefficient_sharing (`str`, defaults to `"module"`):
+            ``"module"``: every module trains its own ``K x n x B`` coefficients, so the count grows with depth (48 on
+            MiniLM-L6, 240 for q/v of a 30-layer model). ``"position"``: the modules of one role at the same position
+            of their groups (e.g. the first query of every pair of layers) share one coefficient tensor, each group
+            applying it to its own templates: ``roles x layers_per_group x K x n x B`` numbers whatever the depth
+            (q/v, 2 layers per group, 2 templates, 6 blocks: 48 on any model). A group with fewer templates uses the
+            first ``n`` of its shared coefficients.
         coefficient_blocks (`int`, defaults to `2`):
             ``B``: cut each module's output rows (``out`` of ``(out, in)``) into ``B`` contiguous blocks (e.g. one
             per attention head), each with its own ``K x n`` coefficients: ``delta_W`` rows of block ``b`` use
@@ -267,6 +273,11 @@ class RecastConfig(PeftConfig):
     coefficient_bound: Optional[float] = field(
         default=None, metadata={"help": "Squash each coefficient to (-b, b) with b tanh(theta / b); None: no bound."}
     )
+    coefficient_sharing: Literal["module", "position"] = field(
+        default="module",
+        metadata={"help": "'module': coefficients per module. 'position': one tensor per role and position in a group, "
+                  "shared by every group, so the count does not grow with depth."},
+    )
     coefficient_blocks: int = field(
         default=2, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
     )
@@ -348,6 +359,8 @@ class RecastConfig(PeftConfig):
             raise ValueError(f"Unknown RECAST preset {self.preset!r}; choose one of {sorted(RECAST_PRESETS)}.")
         if self.weight_form not in ("residual", "replace"):
             raise ValueError(f"`weight_form` must be 'residual' or 'replace', got {self.weight_form!r}.")
+        if self.coefficient_sharing not in ("module", "position"):
+            raise ValueError(f"`coefficient_sharing` must be 'module' or 'position', got {self.coefficient_sharing!r}.")
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
         for name in ("coefficient_scale", "coefficient_bound"):

@@ -153,7 +153,15 @@ class RecastLayer(BaseTunerLayer):
         self.recast_group[adapter_name] = group
 
     def tie_coefficients(self, adapter_name: str, owner: RecastLayer) -> None:
-        """Share ``owner``'s coefficient tensor (one fused weight, e.g. q/k/v as the paper's ``qkv``)."""
+        """Share ``owner``'s coefficient tensor (one fused weight, e.g. q/k/v as the paper's ``qkv``, or
+        ``coefficient_sharing="position"``)."""
+        if owner.recast_coefficients[adapter_name].shape[1] < self.recast_mixing[adapter_name].shape[0]:
+            raise ValueError(
+                f"Cannot share the coefficients of a group with {owner.recast_coefficients[adapter_name].shape[1]} "
+                f"template(s) with one of {self.recast_mixing[adapter_name].shape[0]}: with "
+                "coefficient_sharing='position' the first group of a role must have the most templates. Use "
+                "layers_per_group that divides the number of layers, or coefficient_sharing='module'."
+            )
         self.recast_tie[adapter_name] = owner
         parameter = owner.recast_coefficients[adapter_name]
         self.recast_coefficients[adapter_name] = parameter
@@ -196,11 +204,13 @@ class RecastLayer(BaseTunerLayer):
         """``mean_K(theta) @ R`` (``b tanh(mean_K(theta) / b) @ R`` with a coefficient bound ``b``): the weight of each
         basis member per block of output rows, ``(m, B)`` float32."""
         owner = self.recast_tie.get(adapter, self)
-        theta = owner.recast_coefficients[adapter].float().mean(0)  # (n) or (n, B)
+        mixing = self.recast_mixing[adapter]
+        # (n) or (n, B); coefficients shared with a group of more templates: their first n
+        theta = owner.recast_coefficients[adapter].float().mean(0)[: mixing.shape[0]]
         bound = self.recast_bound.get(adapter)
         if bound is not None:
             theta = bound * torch.tanh(theta / bound)
-        mix = torch.einsum("n...,nm->m...", theta, self.recast_mixing[adapter].float())
+        mix = torch.einsum("n...,nm->m...", theta, mixing.float())
         return mix.reshape(mix.shape[0], -1)
 
     def _terms(self, adapters: list[str], device: torch.device) -> tuple[list, list, list, list]:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .adapters import coefficient_problem
 from .bank import BankGroup, TemplateBank, load_template_bank
 from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
 from .grouping import (
@@ -26,6 +27,7 @@ from .grouping import (
     layer_index,
     layers_to_transform_problem,
     plan_groups,
+    role_and_index,
     warn_if_templates_exceed_groups,
 )
 from .layer import Conv2d, Linear, RecastGroup, RecastLayer
@@ -52,49 +54,6 @@ def _coefficient_unit(norm: float, config: RecastConfig, num_templates: int) -> 
     ``n`` coefficients by ``c`` moves the weight by ``c s ||W||_F`` whatever ``n`` is (AdamW moves every coefficient by
     about the learning rate per step, so the best learning rate does not depend on the number of templates)."""
     return norm * config.coefficient_scale / math.sqrt(num_templates)
-
-
-def coefficient_problem(
-    layers: dict[str, RecastLayer], adapter_name: str, state_dict: dict[str, torch.Tensor]
-) -> Optional[str]:
-    """Check the ``recast_coefficients`` of a checkpoint (keys already mapped to the model's) against the RECAST
-    layers of ``adapter_name``; describe the first problem found, or return ``None``."""
-    suffix = f".recast_coefficients.{adapter_name}"
-    expected = {key + suffix: layer.recast_coefficients[adapter_name] for key, layer in layers.items()}
-    loaded = {key: value for key, value in state_dict.items() if ".recast_coefficients" in key}
-    pair = "adapter_model.safetensors and adapter_config.json do not belong together (or one was edited)"
-    unexpected = sorted(set(loaded) - set(expected))
-    if unexpected:
-        return (
-            f"the checkpoint holds coefficients for {len(unexpected)} module(s) that the adapter's config does not "
-            f"target, e.g. {unexpected[:3]}: {pair}. Load the adapter_config.json saved with these coefficients."
-        )
-    missing = sorted(set(expected) - set(loaded))
-    if missing:
-        return (
-            f"the checkpoint lacks the coefficients of {len(missing)} targeted module(s), e.g. {missing[:3]}: the file "
-            f"is incomplete or {pair}. Save the adapter again with save_pretrained, or restore the file."
-        )
-    for key in sorted(loaded):
-        value, target = loaded[key], expected[key]
-        if not value.is_floating_point():
-            return (
-                f"the coefficients '{key}' are {value.dtype}, not floating point: the file was not written by RECAST."
-            )
-        if tuple(value.shape) != tuple(target.shape):
-            return (
-                f"the coefficients '{key}' have shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} "
-                "(num_coefficient_sets x templates of its group) under the adapter's config: "
-                f"{pair}. Load the adapter_config.json saved with these coefficients."
-            )
-        if value.device.type != "meta" and not torch.isfinite(value).all():
-            bad = int((~torch.isfinite(value)).sum())
-            return (
-                f"the coefficients '{key}' hold {bad} NaN or infinite value(s): the file is damaged or the training "
-                "that wrote it diverged. Restore the file from a good checkpoint, or retrain with a lower learning "
-                "rate."
-            )
-    return None
 
 
 class RecastModel(QuantizedBase, BaseTuner):
@@ -268,7 +227,7 @@ class RecastModel(QuantizedBase, BaseTuner):
         numel = sum(layer.get_base_layer().weight.numel() for layer in layers.values())
         units_per_group = fuse_groups(groups, layers, config)
         bank = load_template_bank(config.template_bank) if config.template_bank is not None else None
-        fingerprint = {}
+        fingerprint, shared = {}, {} if config.coefficient_sharing == "position" else None
         for name, units in tqdm(
             units_per_group, desc="RECAST mimicry", unit="group", disable=numel < PROGRESS_MIN_NUMEL
         ):
@@ -280,7 +239,7 @@ class RecastModel(QuantizedBase, BaseTuner):
                 )
             fit = self._group_fit(weights, config.num_templates, [m.weight_state() for unit in units for _, m in unit])
             fingerprint[name] = fit.fingerprint()
-            self._attach_units(adapter_name, config, name, units, fit, bank)
+            self._attach_units(adapter_name, config, name, units, fit, bank, shared)
         if config.base_fingerprint is not None:
             self._check_fingerprint(adapter_name, config, fingerprint)
         config.base_fingerprint = fingerprint
@@ -303,8 +262,11 @@ class RecastModel(QuantizedBase, BaseTuner):
         units: list[list[tuple[str, RecastLayer]]],
         fit: GroupFit,
         bank: Optional[TemplateBank],
+        shared: Optional[dict[tuple[str, int], RecastLayer]] = None,
     ) -> None:
-        """Give every module of one group its basis ``B``, mixing ``R`` and (replacement form) ``alpha_0``.
+        """Give every module of one group its basis ``B``, mixing ``R`` and (replacement form) ``alpha_0``; with
+        ``shared`` (``coefficient_sharing="position"``), the unit at position ``j`` of a role ties its coefficients to
+        the first such unit's (kept in ``shared``, by role and position).
 
         With ``u_l`` = :func:`_coefficient_unit` (``s ||W_l||_F / sqrt(n)``). Closed form: ``B`` = the members'
         pretrained weights, ``R_l = u_l M`` (residual) or ``M`` with ``alpha_0 = C_l = M^T[l] s^2`` (replace). Bank:
@@ -347,9 +309,11 @@ class RecastModel(QuantizedBase, BaseTuner):
             else:
                 mixing = torch.diag(_coefficient_unit(norm, config, len(template_norms)) / template_norms)
             owner = unit[0][1]
+            if shared is not None:
+                owner = shared.setdefault((role_and_index(unit[0][0], config.layers_pattern)[0], j), owner)
             for r, (_, member) in enumerate(unit):
                 member.attach_group(adapter_name, roles[r], mixing, initial=initial, replace=replace_form)
-                if r > 0:
+                if member is not owner:
                     member.tie_coefficients(adapter_name, owner)
 
     def plan_units(

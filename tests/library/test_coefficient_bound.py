@@ -80,3 +80,12 @@ def test_adapters_with_different_bounds_are_not_combined():
     with pytest.raises(ValueError, match="coefficient_bound"):
         model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
     assert "mix" not in model.peft_config
+
+
+def test_bounded_adapters_are_not_combined_even_with_equal_bounds():
+    """b tanh(theta / b) is not linear: a weighted sum of coefficients is not the weighted sum of the updates."""
+    model = get_peft_model(tiny_bert(), RecastConfig(coefficient_bound=BOUND))
+    model.add_adapter("other", RecastConfig(coefficient_bound=BOUND))
+    with pytest.raises(ValueError, match="nonlinear function"):
+        model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix")
+    assert "mix" not in model.peft_config

@@ -1,0 +1,84 @@
+"""`RecastConfig(coefficient_sharing="position")`: a number of coefficients that does not grow with depth."""
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from peft_recast import RecastConfig
+
+from ..models import llama_kwargs, model_output
+
+IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [30, 26, 22, 18, 14, 10]])
+
+
+def _llama(layers: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**llama_kwargs(layers=layers)))
+
+
+def _trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("layers", [2, 4, 5, 30])
+def test_count_is_roles_x_positions_x_templates_x_blocks_whatever_the_depth(layers):
+    shared = get_peft_model(_llama(layers), RecastConfig(coefficient_sharing="position", coefficient_blocks=6))
+    assert _trainable(shared) == 2 * 2 * 2 * 6  # q/v x 2 positions per group x 2 templates x 6 blocks = 48
+    per_module = get_peft_model(_llama(layers), RecastConfig(coefficient_blocks=6))
+    assert _trainable(per_module) == 2 * layers * 2 * 6 - (2 * 6 if layers % 2 else 0)  # a 1-layer group: 1 template
+
+
+def test_shared_coefficients_act_on_each_groups_own_templates(tmp_path):
+    """Equal to the per-module adapter whose every module holds its position's shared coefficients (a 1-layer last
+    group uses the first of them); trains, saves in PEFT's key format and reloads."""
+    shared = get_peft_model(_llama(5), RecastConfig(coefficient_sharing="position")).eval()
+    owners = {}
+    for name, parameter in shared.named_parameters():
+        if parameter.requires_grad:
+            owners[name] = parameter
+            parameter.data.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(len(owners))))
+    assert len(owners) == 4  # q and v, positions 0 and 1: layers 0 and 1 own them
+    assert all(".layers.0." in name or ".layers.1." in name for name in owners)
+    per_module = get_peft_model(_llama(5), RecastConfig()).eval()
+    for key, layer in per_module.base_model.named_modules():
+        if hasattr(layer, "recast_coefficients") and "default" in layer.recast_coefficients:
+            index = int(key.split(".layers.")[1].split(".")[0])
+            role = key.rsplit(".", 1)[1]
+            owner = next(p for n, p in owners.items() if f".layers.{index % 2}." in n and role in n)
+            target = layer.recast_coefficients["default"]
+            target.data.copy_(owner.data[:, : target.shape[1]])
+    expected = model_output(per_module, IDS)
+    torch.testing.assert_close(model_output(shared, IDS), expected)
+    shared.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(saved) == 10  # every module's key, as PEFT writes any adapter
+    reloaded = PeftModel.from_pretrained(_llama(5), tmp_path).eval()
+    torch.testing.assert_close(model_output(reloaded, IDS), expected)
+    assert _trainable(PeftModel.from_pretrained(_llama(5), tmp_path, is_trainable=True)) == 16
+    # one step moves every module through its shared tensor
+    shared.train()
+    model_output(shared, IDS).pow(2).mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in owners.values())
+
+
+def test_second_adapter_and_mixed_batch_keep_the_sharing():
+    model = get_peft_model(_llama(4), RecastConfig(coefficient_sharing="position", init_weights=False)).eval()
+    model.add_adapter("task_b", RecastConfig(coefficient_sharing="position", init_weights=False))
+    model.set_adapter("task_b")
+    assert _trainable(model) == 16
+    mixed = model_output(model, IDS, adapter_names=["default", "task_b"])
+    model.set_adapter("default")
+    torch.testing.assert_close(mixed[0], model_output(model, IDS)[0])
+    model.set_adapter("task_b")
+    torch.testing.assert_close(mixed[1], model_output(model, IDS)[1])
+
+
+def test_bad_sharing_is_refused():
+    with pytest.raises(ValueError, match="`coefficient_sharing` must be 'module' or 'position'"):
+        RecastConfig(coefficient_sharing="layer")
+    model = get_peft_model(_llama(4), RecastConfig(coefficient_sharing="position"))
+    model.add_adapter("per_module", RecastConfig())
+    with pytest.raises(ValueError, match="coefficient_sharing"):
+        model.add_weighted_adapter(["default", "per_module"], [0.5, 0.5], "mix")
