@@ -128,6 +128,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
     parser.add_argument("--resume-from-checkpoint", default=None, metavar="CHECKPOINT",
                         help="continue an interrupted run from OUTPUT_DIR/checkpoint-N ('last': the newest one)")
+    parser.add_argument("--no-head-first", action="store_true",
+                        help="train head and coefficients together from a random head (default: the head alone first, "
+                        "on the frozen encoder, then both)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

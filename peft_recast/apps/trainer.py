@@ -31,7 +31,16 @@ from .encoder import (
     recast_model,
     write_task_record,
 )
-from .loop import DEFAULT_HEAD_LR, accuracy, coefficient_groups, predict_logits, trainable_numbers
+from .loop import (
+    DEFAULT_HEAD_LR,
+    Settings,
+    accuracy,
+    coefficient_groups,
+    embed_texts,
+    predict_logits,
+    train_probe,
+    trainable_numbers,
+)
 from .tasks import TASKS, Batches, first_examples, load_task
 
 if TYPE_CHECKING:
@@ -81,6 +90,18 @@ def coefficient_optimizer(model: nn.Module, lr: float, head_lr: float) -> torch.
     return torch.optim.AdamW([{"params": params, "lr": rate} for params, rate in groups], weight_decay=0.0)
 
 
+def train_head_first(
+    model: PeftModel, texts: list[str], labels: torch.Tensor, max_length: int, settings: Settings
+) -> None:
+    """Train the classifier head alone on the frozen encoder (the adapter at its identity), exactly as the linear
+    probe does (``settings.epochs`` epochs at ``settings.head_lr`` on cached sentence embeddings), so that the
+    coefficients then start from a trained head rather than a random one (LP-FT)."""
+    batches = Batches(load_tokenizer(), texts, max_length, torch.device("cpu"))
+    features = embed_texts(model, batches, settings.batch_size, "head first: embed")
+    head = model.base_model.model.classifier  # PEFT's modules_to_save wrapper: its trainable copy learns
+    train_probe(head, features, labels, batches.lengths, settings, "head first")
+
+
 def _accuracy_metric(prediction) -> dict[str, float]:
     predicted = torch.from_numpy(np.argmax(prediction.predictions, -1))
     return {"accuracy": accuracy(predicted, torch.from_numpy(prediction.label_ids))}
@@ -98,8 +119,13 @@ def train_task(
     seed: int = 0,
     max_length: Optional[int] = None,
     resume_from_checkpoint: Optional[Union[str, bool]] = None,
+    head_first: bool = True,
 ) -> dict[str, Any]:
     """Train RECAST (+ head) on ``task`` with ``Trainer``; save the best adapter to ``output_dir/adapter``.
+
+    ``head_first`` (the recommended recipe, measured in docs/benchmarks.md): first the head alone on the frozen
+    encoder (:func:`train_head_first`), then head and coefficients together; skipped when resuming (the checkpoint
+    holds the head).
 
     Checkpoints go to ``output_dir/checkpoint-<step>`` (one per epoch, the best and the last kept); pass one of them,
     or ``True`` for the last, as ``resume_from_checkpoint`` to continue an interrupted run. ``max_eval`` caps the
@@ -118,6 +144,9 @@ def train_task(
         for split in ("train", "validation", "test")
     }
     model = recast_classifier(len(classes), seed=seed)
+    if head_first and not resume_from_checkpoint:
+        train_head_first(model, list(splits["train"]["text"]), torch.tensor(list(splits["train"]["label"])),
+                         max_length, Settings(epochs=epochs, batch_size=batch_size, head_lr=head_lr, seed=seed))
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -212,6 +241,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     result = train_task(
         args.task, args.output_dir, max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=args.seed, resume_from_checkpoint=resume,
+        head_first=not args.no_head_first,
     )
     print(
         f"{result['task']}: {result['train_examples']} training examples, {result['trainable_parameters']} trainable "

@@ -148,6 +148,10 @@ METHODS: dict[str, Method] = {
                    WAVEFT_LR, _peft("WaveFTConfig", n_frequency=size // 12, target_modules=QV))
             for size in PEER_SIZES
         ],
+        # the strongest tiny-budget peer with the same head-first recipe as recast-hf, so that the recipe is not
+        # credited to RECAST alone (issue 16)
+        Method("unilora-48-hf", "UniLoRA r=4, one shared vector of 48, q,v, head first", "peft", UNILORA_LRS,
+               UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=48, target_modules=QV), head_first=True),
         Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
                _peft("LNTuningConfig", target_modules=["LayerNorm"])),
         Method("ia3", "IA3 (key, value, output.dense)", "peft", (1e-3, 3e-3, 1e-2), 3e-3, _peft("IA3Config")),
