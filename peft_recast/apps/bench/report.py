@@ -196,8 +196,10 @@ def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dic
 
 def plot_gain_bands(bands: dict[str, dict[str, dict[float, float]]], path: str) -> None:
     """One panel per method: every task's test accuracy minus the probe's against the adapter's learning rate
-    (thin lines; held-out tasks dashed), the band from the worst to the best task shaded, the mean in bold."""
+    (thin lines; held-out tasks dashed with crosses), the band from the worst to the best tuning task shaded, their
+    mean in bold (tuning tasks run at that rate)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,19 +209,22 @@ def plot_gain_bands(bands: dict[str, dict[str, dict[float, float]]], path: str) 
     figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 3.4 * rows), squeeze=False, sharey=True)
     for axis, (name, gains) in zip(axes.flat, bands.items()):
         rates = sorted({lr for points in gains.values() for lr in points})
-        complete = [lr for lr in rates if all(lr in points for points in gains.values())]
         for task, points in gains.items():
             xs = sorted(points)
-            axis.plot(xs, [points[x] for x in xs], color="grey", linewidth=0.8,
-                      linestyle="--" if task in HELD_OUT_TASKS else "-")
+            held = task in HELD_OUT_TASKS
+            axis.plot(xs, [points[x] for x in xs], color="grey", linewidth=0.8, linestyle="--" if held else "-",
+                      marker="x" if held else None)
+        tuning = [points for task, points in gains.items() if task not in HELD_OUT_TASKS]
+        complete = [lr for lr in rates if sum(lr in points for points in tuning) > 1]
         if complete:
-            low = [min(points[lr] for points in gains.values()) for lr in complete]
-            high = [max(points[lr] for points in gains.values()) for lr in complete]
-            mean = [statistics.mean(points[lr] for points in gains.values()) for lr in complete]
-            axis.fill_between(complete, low, high, color="C3", alpha=0.2, label="worst to best task")
-            axis.plot(complete, mean, color="C3", linewidth=2, marker="o", label="mean over tasks")
+            low = [min(points[lr] for points in tuning if lr in points) for lr in complete]
+            high = [max(points[lr] for points in tuning if lr in points) for lr in complete]
+            mean = [statistics.mean(points[lr] for points in tuning if lr in points) for lr in complete]
+            axis.fill_between(complete, low, high, color="C3", alpha=0.2, label="worst to best tuning task")
+            axis.plot(complete, mean, color="C3", linewidth=2, marker="o", label="mean of the tuning tasks")
         axis.axhline(0.0, color="black", linewidth=0.8)
         axis.set_xscale("log")
+        axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_title(short_label(METHODS[name].label) + f" ({name})", fontsize=9)
         axis.set_xlabel("peak learning rate of the adapter")
         axis.grid(True, which="both", alpha=0.3)
