@@ -185,9 +185,9 @@ def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dic
     for task in settings.tasks:
         probe, points = test_accuracies("probe", task, 0.0), {}
         for lr in METHODS[name].lrs:
-            seeds = [seed for seed in test_accuracies(name, task, lr) if seed in probe]
+            method = test_accuracies(name, task, lr)
+            seeds = [seed for seed in method if seed in probe]
             if seeds:
-                method = test_accuracies(name, task, lr)
                 points[lr] = statistics.mean(method[seed] - probe[seed] for seed in seeds)
         if points:
             gains[task] = points
