@@ -8,6 +8,8 @@ from ._version import __version__ as __version__
 from .adapters import hotswap_adapter, load_adapters
 from .config import RECOMMENDED_LR, RecastConfig
 from .fsdp import check_fsdp_wrapping, fsdp_auto_wrap_policy
+from .gates import prune_gates
+from .importance import rank_channels
 from .model import RecastModel
 from .registration import RECAST, register
 from .summary import RecastSummary, recast_summary
@@ -16,5 +18,5 @@ register()
 
 __all__ = [
     "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "check_fsdp_wrapping",
-    "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "recast_summary",
+    "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "prune_gates", "rank_channels", "recast_summary",
 ]

@@ -32,44 +32,51 @@ if TYPE_CHECKING:
 def coefficient_problem(
     layers: dict[str, RecastLayer], adapter_name: str, state_dict: dict[str, torch.Tensor]
 ) -> Optional[str]:
-    """Check the ``recast_coefficients`` of a checkpoint (keys already mapped to the model's) against the RECAST
-    layers of ``adapter_name``; describe the first problem found, or return ``None``."""
-    suffix = f".recast_coefficients.{adapter_name}"
-    expected = {key + suffix: layer.recast_coefficients[adapter_name] for key, layer in layers.items()}
-    loaded = {key: value for key, value in state_dict.items() if ".recast_coefficients" in key}
+    """Check the ``recast_coefficients`` (and ``recast_gate_scores``) of a checkpoint (keys already mapped to the
+    model's) against the RECAST layers of ``adapter_name``; describe the first problem found, or return ``None``."""
+    for attribute, noun in (("recast_coefficients", "coefficients"), ("recast_gate_scores", "gate scores")):
+        expected = {f"{key}.{attribute}.{adapter_name}": getattr(layer, attribute)[adapter_name]
+                    for key, layer in layers.items() if adapter_name in getattr(layer, attribute)}
+        loaded = {key: value for key, value in state_dict.items() if f".{attribute}" in key}
+        problem = _tensors_problem(expected, loaded, noun)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _tensors_problem(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], noun: str) -> Optional[str]:
     pair = "adapter_model.safetensors and adapter_config.json do not belong together (or one was edited)"
     unexpected = sorted(set(loaded) - set(expected))
     if unexpected:
         return (
-            f"the checkpoint holds coefficients for {len(unexpected)} module(s) that the adapter's config does not "
-            f"target, e.g. {unexpected[:3]}: {pair}. Load the adapter_config.json saved with these coefficients."
+            f"the checkpoint holds {noun} for {len(unexpected)} module(s) that the adapter's config does not "
+            f"target, e.g. {unexpected[:3]}: {pair}. Load the adapter_config.json saved with these {noun}."
         )
     missing = sorted(set(expected) - set(loaded))
     if missing:
         return (
-            f"the checkpoint lacks the coefficients of {len(missing)} targeted module(s), e.g. {missing[:3]}: the file "
+            f"the checkpoint lacks the {noun} of {len(missing)} targeted module(s), e.g. {missing[:3]}: the file "
             f"is incomplete or {pair}. Save the adapter again with save_pretrained, or restore the file."
         )
     for key in sorted(loaded):
         value, target = loaded[key], expected[key]
         if not value.is_floating_point():
-            return (
-                f"the coefficients '{key}' are {value.dtype}, not floating point: the file was not written by RECAST."
-            )
+            return f"the {noun} '{key}' are {value.dtype}, not floating point: the file was not written by RECAST."
         if tuple(value.shape) != tuple(target.shape):
             return (
-                f"the coefficients '{key}' have shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} "
+                f"the {noun} '{key}' have shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} "
                 "(num_coefficient_sets x templates of its group) under the adapter's config: "
-                f"{pair}. Load the adapter_config.json saved with these coefficients."
+                f"{pair}. Load the adapter_config.json saved with these {noun}."
             )
         if value.device.type != "meta" and not torch.isfinite(value).all():
             bad = int((~torch.isfinite(value)).sum())
             return (
-                f"the coefficients '{key}' hold {bad} NaN or infinite value(s): the file is damaged or the training "
+                f"the {noun} '{key}' hold {bad} NaN or infinite value(s): the file is damaged or the training "
                 "that wrote it diverged. Restore the file from a good checkpoint, or retrain with a lower learning "
                 "rate."
             )
     return None
+
 
 def add_weighted_adapter(
     tuner: RecastModel, adapters: Sequence[str], weights: Sequence[float], adapter_name: str
@@ -107,6 +114,11 @@ def add_weighted_adapter(
             f"Cannot combine RECAST adapters with a `coefficient_bound` ({configs[0].coefficient_bound:g}): the bound "
             "makes the update a nonlinear function (b tanh(theta / b)) of the coefficients, so sums of coefficients "
             "are not sums of updates. Combine adapters made with coefficient_bound=None."
+        )
+    if configs[0].module_gates:
+        raise ValueError(
+            "Cannot combine RECAST adapters with `module_gates`: a gate multiplies its module's update by 0 or 1, which "
+            "sums of coefficients do not carry. Call peft_recast.prune_gates on each adapter first."
         )
     if any(config.modules_to_save for config in configs):
         raise ValueError(

@@ -28,7 +28,8 @@ RECOMMENDED_LR = 1e-2
 GROUPING_FIELDS = (
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
     "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "coefficient_sharing",
-    "share_across_module_types", "fused_modules", "template_bank", "weight_form", "base_fingerprint",
+    "share_across_module_types", "fused_modules", "template_bank", "weight_form", "channels", "module_gates", "gate_threshold", "inactive_modules",
+    "base_fingerprint",
 )
 
 def differing_field(
@@ -195,6 +196,34 @@ class RecastConfig(PeftConfig):
             ``theta[:, :, b]``. ``K x n x B`` coefficients per module. Blocks are equal when ``B`` divides ``out``,
             else they differ by one row (as ``torch.tensor_split``); a module with fewer than ``B`` rows gets one
             block per row. ``1``: one coefficient per template, as in the paper.
+        channels (`Optional[dict[str, list[int]]]`, *optional*, defaults to `None`):
+            Output rows (channels) that get coefficients of their own, by module key (as in ``named_modules()`` of
+            the base model), usually the rows :func:`peft_recast.rank_channels` ranks most important on the user's
+            data. Each listed row of a module leaves its row block and trains ``K x n`` coefficients over the group's
+            templates: ``delta_W[r] = s ||W||_F / sqrt(n) * sum_k theta[k, B + i] T_k[r]`` for the ``i``-th listed row
+            ``r``, so a module with ``c`` listed rows trains ``K x n x (B + c)`` numbers. Not with
+            ``coefficient_sharing="position"`` or ``fused_modules``.
+        module_gates (`bool`, defaults to `False`):
+            TAPS gates (Wallingford et al., arXiv 2203.16708): each module learns a score ``g`` and uses
+            ``1[g >= gate_threshold] * delta_W`` (straight-through gradient: ``d gate / d g = 1``), while
+            ``gate_penalty`` pushes every ``|g|`` down, so modules the task does not need switch off.
+            :func:`peft_recast.prune_gates` then drops the closed modules' coefficients (``inactive_modules``) and the
+            scores, so the saved adapter holds and counts only the open modules. Not with
+            ``coefficient_sharing="position"`` or ``fused_modules``.
+        gate_init (`float`, defaults to `0.15`):
+            Initial score of every gate (TAPS' released code: 0.15, open).
+        gate_threshold (`float`, defaults to `0.1`):
+            A gate is open while its score is at least this.
+        gate_penalty (`float`, defaults to `0.0`):
+            ``lambda``: the training loss is taken as ``L + lambda * sum_l |g_l| / M`` over the adapter's ``M`` gated
+            modules. The penalty enters as its gradient (``lambda sign(g) / M`` added to each score's gradient in every
+            backward pass), so it works in any training loop without changing the reported loss.
+        gate_warmup_steps (`int`, defaults to `0`):
+            Training forward passes (with gradients) of each module before the penalty starts (TAPS: two epochs):
+            the coefficients start at 0, where the task gives the scores no gradient yet.
+        inactive_modules (`Optional[list[str]]`, *optional*, defaults to `None`):
+            Module keys that keep their place in their template group (their pretrained weights still span the
+            group's templates) but hold no coefficients: the pretrained layer. Written by :func:`prune_gates`.
         share_across_module_types (`bool`, defaults to `False`):
             ``True``: all target modules of a group of layers that have the same weight shape (e.g. query, key,
             value and attention output) share one bank, so each module mixes templates built from all of them;
@@ -281,6 +310,18 @@ class RecastConfig(PeftConfig):
     coefficient_blocks: int = field(
         default=2, metadata={"help": "Blocks of output rows (e.g. attention heads) with coefficients of their own."}
     )
+    channels: Optional[dict[str, list[int]]] = field(
+        default=None,
+        metadata={"help": "Output rows with coefficients of their own, by module key (see peft_recast.rank_channels)."},
+    )
+    module_gates: bool = field(default=False, metadata={"help": "TAPS: a learned on/off gate per module."})
+    gate_init: float = field(default=0.15, metadata={"help": "Initial gate score (open when >= gate_threshold)."})
+    gate_threshold: float = field(default=0.1, metadata={"help": "A gate is open while its score is at least this."})
+    gate_penalty: float = field(default=0.0, metadata={"help": "lambda of the sparsity penalty lambda sum|g| / M."})
+    gate_warmup_steps: int = field(default=0, metadata={"help": "Training forward passes before the penalty acts."})
+    inactive_modules: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules in a template group without coefficients (written by prune_gates)."}
+    )
     share_across_module_types: bool = field(
         default=False, metadata={"help": "One bank for all target modules of a layer group with the same shape."}
     )
@@ -363,6 +404,8 @@ class RecastConfig(PeftConfig):
             raise ValueError(f"`coefficient_sharing` must be 'module' or 'position', got {self.coefficient_sharing!r}.")
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
+        self._check_channels()
+        self._check_gates()
         for name in ("coefficient_scale", "coefficient_bound"):
             value = getattr(self, name)
             if (value is not None or name == "coefficient_scale") and (
@@ -372,6 +415,52 @@ class RecastConfig(PeftConfig):
         if self.coefficient_bound is not None and self.weight_form != "residual":
             raise ValueError("`coefficient_bound` bounds the change from the pretrained weight, which the 'replace' "
                              "weight form does not have; use weight_form='residual' or coefficient_bound=None.")
+
+    def _check_channels(self) -> None:
+        """Validate ``channels`` and store it as a new dict of sorted row lists (the caller's dict is not touched)."""
+        if self.channels is None:
+            return
+        if not isinstance(self.channels, dict) or not all(isinstance(key, str) for key in self.channels):
+            raise ValueError(
+                f"`channels` must map module keys (str) to lists of output rows, e.g. "
+                f"{{'encoder.layer.0.attention.self.query': [3, 17]}}, got {self.channels!r}."
+            )
+        checked = {}
+        for key, rows in self.channels.items():
+            rows = list(rows) if isinstance(rows, (list, tuple, set)) else rows
+            if (not isinstance(rows, list) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rows)
+                    or len(set(rows)) != len(rows)):
+                raise ValueError(f"`channels[{key!r}]` must be a list of distinct row indices (integers >= 0), got "
+                                 f"{self.channels[key]!r}.")
+            if rows:
+                checked[key] = sorted(rows)
+        if self.coefficient_sharing != "module" or self.fused_modules:
+            raise ValueError("`channels` gives single modules coefficients of their own, which modules that share "
+                             "one coefficient tensor (coefficient_sharing='position' or fused_modules) cannot have; "
+                             "use coefficient_sharing='module' and no fused_modules with channels.")
+        self.channels = checked
+
+    def _check_gates(self) -> None:
+        """Validate the TAPS gate fields; ``inactive_modules`` is stored as a sorted list."""
+        for name in ("gate_init", "gate_threshold", "gate_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float(
+                    "inf") or (name == "gate_penalty" and value < 0):
+                raise ValueError(f"`{name}` must be a finite number{' >= 0' if name == 'gate_penalty' else ''}, "
+                                 f"got {value!r}.")
+        steps = self.gate_warmup_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"`gate_warmup_steps` must be an integer >= 0, got {steps!r}.")
+        if self.module_gates and (self.coefficient_sharing != "module" or self.fused_modules):
+            raise ValueError("`module_gates` switches single modules on and off, which modules that share one "
+                             "coefficient tensor (coefficient_sharing='position' or fused_modules) cannot be; use "
+                             "coefficient_sharing='module' and no fused_modules with module_gates.")
+        if self.inactive_modules is not None:
+            if isinstance(self.inactive_modules, str) or not all(isinstance(k, str) for k in self.inactive_modules):
+                raise ValueError(f"`inactive_modules` must be a list of module keys, got {self.inactive_modules!r}.")
+            if self.coefficient_sharing != "module" or self.fused_modules:
+                raise ValueError("`inactive_modules` needs coefficient_sharing='module' and no fused_modules.")
+            self.inactive_modules = sorted(set(self.inactive_modules)) or None
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:

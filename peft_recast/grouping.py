@@ -88,12 +88,14 @@ def plan_groups(layers: dict[str, RecastLayer], config: RecastConfig) -> list[tu
     return groups
 
 
-def adapter_layers(model: nn.Module, adapter_name: str) -> dict[str, RecastLayer]:
-    """The RECAST layers of ``model`` that hold ``adapter_name``, by module key."""
+def adapter_layers(model: nn.Module, adapter_name: str, members: bool = False) -> dict[str, RecastLayer]:
+    """The RECAST layers of ``model`` that hold coefficients of ``adapter_name``, by module key; ``members=True``: also
+    those in its template groups without coefficients (``config.inactive_modules``)."""
     return {
         key: module
         for key, module in model.named_modules()
-        if isinstance(module, RecastLayer) and adapter_name in module.recast_coefficients
+        if isinstance(module, RecastLayer) and (
+            adapter_name in module.recast_coefficients or (members and adapter_name in module.recast_group))
     }
 
 

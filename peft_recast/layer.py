@@ -14,6 +14,7 @@ from torch import nn
 
 from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
+from .gates import gate_value
 
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
@@ -65,12 +66,19 @@ class RecastLayer(BaseTunerLayer):
     version counters are part of the key) or the active adapters change.
     """
 
-    adapter_layer_names = ("recast_coefficients",)
-    other_param_names = ("recast_mixing", "recast_group", "recast_replace", "recast_tie", "recast_bound")
+    adapter_layer_names = ("recast_coefficients", "recast_gate_scores")
+    other_param_names = (
+        "recast_mixing", "recast_group", "recast_replace", "recast_tie", "recast_bound", "recast_channels",
+        "recast_gate",
+    )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
         self.recast_coefficients = nn.ParameterDict({})
+        # config.module_gates: the TAPS gate score ``g`` of each gated adapter, (1,)
+        self.recast_gate_scores = nn.ParameterDict({})
+        # per gated adapter: (gate_threshold, gate_penalty / gated modules, gate_warmup_steps, training forwards seen)
+        self.recast_gate: dict[str, list] = {}
         self.recast_mixing = BufferDict({}, persistent=False)
         self.recast_group: dict[str, RecastGroup] = {}
         # adapters in the paper's replacement form (delta_W = sum_k mean_K(theta)_k T_k - W_pre)
@@ -79,6 +87,8 @@ class RecastLayer(BaseTunerLayer):
         self.recast_tie: dict[str, RecastLayer] = {}
         # config.coefficient_bound of each adapter that has one
         self.recast_bound: dict[str, float] = {}
+        # config.channels: the output rows of this module with coefficients of their own, per adapter
+        self.recast_channels: dict[str, tuple[int, ...]] = {}
         # The base weight as it was before the first merge; siblings' templates and `unmerge` read it.
         self._pristine_weight: Optional[torch.Tensor] = None
         self._disable_adapters = False
@@ -89,7 +99,7 @@ class RecastLayer(BaseTunerLayer):
         self.in_features = in_features
         self.out_features = out_features
         self.kwargs = kwargs
-        self._row_blocks: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._row_blocks: dict[tuple, torch.Tensor] = {}
         self._weight_cache: Optional[tuple[tuple, list[torch.Tensor], torch.Tensor]] = None
         self._mixings: dict[tuple, torch.Tensor] = {}
 
@@ -98,6 +108,7 @@ class RecastLayer(BaseTunerLayer):
         ``B`` at most the module's output rows); the model attaches its template group after injection."""
         self.recast_coefficients[adapter_name] = nn.Parameter(self._new_coefficients(config))
         self._set_bound(adapter_name, config)
+        self._set_gate(adapter_name, config, trainable=True)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -111,6 +122,36 @@ class RecastLayer(BaseTunerLayer):
         if config.coefficient_bound is not None:
             self.recast_bound[adapter_name] = float(config.coefficient_bound)
 
+    def _set_gate(self, adapter_name: str, config: RecastConfig, trainable: bool) -> None:
+        """A gate score at ``config.gate_init`` (``module_gates``); the model sets the penalty's share afterwards
+        (:meth:`set_gate_penalty`)."""
+        if not config.module_gates:
+            return
+        like = self.recast_coefficients[adapter_name]
+        score = torch.full((1,), float(config.gate_init), dtype=like.dtype, device=like.device)
+        self.recast_gate_scores[adapter_name] = nn.Parameter(score, requires_grad=trainable and like.requires_grad)
+        self.recast_gate[adapter_name] = [float(config.gate_threshold), 0.0, int(config.gate_warmup_steps), 0]
+
+    def set_gate_penalty(self, adapter_name: str, weight: float) -> None:
+        """The penalty gradient this module's score gets once warm: ``gate_penalty / M`` (``M`` gated modules)."""
+        self.recast_gate[adapter_name][1] = float(weight)
+
+    def drop_gate(self, adapter_name: str, keep_coefficients: bool) -> None:
+        """Remove the gate (:func:`~peft_recast.gates.prune_gates`): an open module keeps its coefficients (its gate
+        was 1), a closed one loses them and computes the pretrained layer for this adapter."""
+        del self.recast_gate_scores[adapter_name]
+        del self.recast_gate[adapter_name]
+        if not keep_coefficients:
+            self.drop_coefficients(adapter_name)
+
+    def drop_coefficients(self, adapter_name: str) -> None:
+        """Keep this module in the adapter's template group (its weight still spans the templates) without
+        coefficients (``config.inactive_modules``)."""
+        del self.recast_coefficients[adapter_name]
+        self.recast_bound.pop(adapter_name, None)
+        self.recast_channels.pop(adapter_name, None)
+        self._weight_cache = None
+
     def add_adapter_like(self, adapter_name: str, template: str, config: RecastConfig, trainable: bool) -> None:
         """Add ``adapter_name`` with the group, mixing and (fused) tie of ``template``, an adapter of the same grouping
         on this layer: no injection pass and no mimicry (the template's fit is this adapter's fit)."""
@@ -118,6 +159,7 @@ class RecastLayer(BaseTunerLayer):
         coefficients = self._new_coefficients(config).to(device=like.device, dtype=like.dtype)
         self.recast_coefficients[adapter_name] = nn.Parameter(coefficients, requires_grad=trainable)
         self._set_bound(adapter_name, config)
+        self._set_gate(adapter_name, config, trainable)
         self.attach_group(adapter_name, self.recast_group[template], self.recast_mixing[template])
         owner = self.recast_tie.get(template)
         if owner is not None:
@@ -151,6 +193,23 @@ class RecastLayer(BaseTunerLayer):
         # adapters of one grouping get equal mixings: keep one tensor for all of them
         self.recast_mixing[adapter_name] = self._mixings.setdefault((mixing.shape, *mixing.flatten().tolist()), mixing)
         self.recast_group[adapter_name] = group
+
+    def add_channels(self, adapter_name: str, rows: list[int]) -> None:
+        """Give each of ``rows`` (output rows, ``config.channels``) ``K x n`` coefficients of its own: the coefficient
+        tensor grows from ``(K, n)`` or ``(K, n, B)`` to ``(K, n, B + c)``, each new entry starting as a copy of its
+        row's block, so that the layer computes exactly what it did before (the identity stays the identity)."""
+        if not rows:
+            return
+        bad = [row for row in rows if row >= self.out_features]
+        if bad:
+            raise ValueError(f"`channels` lists row(s) {bad[:5]} of a module with {self.out_features} output rows; "
+                             "row indices run from 0 to out_features - 1.")
+        coefficients = self.recast_coefficients[adapter_name]
+        values = coefficients.data if coefficients.dim() == 3 else coefficients.data.unsqueeze(-1)
+        of_rows = row_blocks(self.out_features, values.shape[-1], values.device)[list(rows)]
+        values = torch.cat([values, values[..., of_rows]], dim=-1)
+        self.recast_coefficients[adapter_name] = nn.Parameter(values, requires_grad=coefficients.requires_grad)
+        self.recast_channels[adapter_name] = tuple(rows)
 
     def tie_coefficients(self, adapter_name: str, owner: RecastLayer) -> None:
         """Share ``owner``'s coefficient tensor (one fused weight, e.g. q/k/v as the paper's ``qkv``, or
@@ -191,13 +250,18 @@ class RecastLayer(BaseTunerLayer):
         """The base weight's shape in its stored layout (a quantized layer reports its unpacked shape)."""
         return tuple(self.get_base_layer().weight.shape)
 
-    def _blocks(self, num_blocks: int, device: torch.device) -> torch.Tensor:
-        """The block of every output row (:func:`~peft_recast.combination.row_blocks`), computed once per device."""
-        key = (num_blocks, device)
+    def _blocks(self, adapter: str, num_blocks: int, device: torch.device) -> torch.Tensor:
+        """The block of every output row (:func:`~peft_recast.combination.row_blocks` of the ``num_blocks - c``
+        blocks; the ``i``-th of the adapter's ``c`` channels is block ``num_blocks - c + i``), computed once."""
+        channels = self.recast_channels.get(adapter, ())
+        key = (num_blocks, device, channels)
         if key not in self._row_blocks:
-            rows = self.out_features
             with torch.inference_mode(False):  # kept for later calls, with gradients too: never an inference tensor
-                self._row_blocks[key] = row_blocks(rows, num_blocks, device)
+                blocks = row_blocks(self.out_features, num_blocks - len(channels), device)
+                if channels:
+                    first = num_blocks - len(channels)
+                    blocks[list(channels)] = torch.arange(first, num_blocks, device=device)
+                self._row_blocks[key] = blocks
         return self._row_blocks[key]
 
     def _mix(self, adapter: str) -> torch.Tensor:
@@ -211,7 +275,20 @@ class RecastLayer(BaseTunerLayer):
         if bound is not None:
             theta = bound * torch.tanh(theta / bound)
         mix = torch.einsum("n...,nm->m...", theta, mixing.float())
-        return mix.reshape(mix.shape[0], -1)
+        mix = mix.reshape(mix.shape[0], -1)
+        if adapter in self.recast_gate_scores:
+            mix = mix * self._gate(adapter)
+        return mix
+
+    def _gate(self, adapter: str) -> torch.Tensor:
+        """The adapter's gate, 0 or 1 (:func:`~peft_recast.gates.gate_value`); training forwards are counted and the
+        penalty's gradient joins after ``gate_warmup_steps`` of them."""
+        score, state = self.recast_gate_scores[adapter], self.recast_gate[adapter]
+        threshold, penalty, warmup, seen = state
+        if torch.is_grad_enabled() and score.requires_grad:
+            state[3] = seen + 1
+            return gate_value(score.float(), threshold, penalty if seen >= warmup else 0.0)
+        return gate_value(score.float(), threshold)
 
     def _terms(self, adapters: list[str], device: torch.device) -> tuple[list, list, list, list]:
         """Per adapter: its mix (on ``device``), basis, row blocks and the weight it subtracts (replacement form)."""
@@ -220,7 +297,7 @@ class RecastLayer(BaseTunerLayer):
             mix = self._mix(adapter).to(device)
             mixes.append(mix)
             bases.append(self.recast_group[adapter].basis())
-            blocks.append(self._blocks(mix.shape[1], device))
+            blocks.append(self._blocks(adapter, mix.shape[1], device))
             subtract.append(self.pristine_weight() if self.recast_replace.get(adapter, False) else None)
         return mixes, bases, blocks, subtract
 
@@ -263,7 +340,9 @@ class RecastLayer(BaseTunerLayer):
     def unmerge(self) -> None:
         """Restore the base weight as it was before the first merge."""
         if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
+            if any(name in self.recast_coefficients for name in self.active_adapters):
+                # (a module an adapter keeps inactive had nothing to merge: no warning there)
+                warnings.warn("Already unmerged. Nothing to do.")
             return
         current = self.get_base_weight()
         self.set_base_weight(self._pristine_weight.to(current.device))
@@ -323,6 +402,9 @@ class Linear(nn.Module, RecastLayer):
             owner = self.recast_tie.get(adapter, self)
             coefficients, mixing = owner.recast_coefficients[adapter], self.recast_mixing[adapter]
             parts += [adapter, id(coefficients), coefficients._version, id(mixing), mixing._version]
+            if adapter in self.recast_gate_scores:
+                score = self.recast_gate_scores[adapter]
+                parts += [id(score), score._version]
             parts += [(member.data_ptr(), member._version) for member in self.recast_group[adapter].basis()]
         return tuple(parts)
 
@@ -333,6 +415,7 @@ class Linear(nn.Module, RecastLayer):
             return self._adapted_weight(adapters)
         key = self._cache_key(adapters)
         values = [self.recast_tie.get(a, self).recast_coefficients[a].detach() for a in adapters]
+        values += [self.recast_gate_scores[a].detach() for a in adapters if a in self.recast_gate_scores]
         cache = self._weight_cache
         if cache is None or cache[0] != key or not all(map(torch.equal, cache[1], values)):
             with torch.no_grad():
@@ -342,7 +425,9 @@ class Linear(nn.Module, RecastLayer):
     def _trains(self, adapters: list[str]) -> bool:
         """Whether this call must carry gradients to the coefficients of ``adapters``."""
         return torch.is_grad_enabled() and any(
-            self.recast_tie.get(a, self).recast_coefficients[a].requires_grad for a in adapters
+            self.recast_tie.get(a, self).recast_coefficients[a].requires_grad
+            or (a in self.recast_gate_scores and self.recast_gate_scores[a].requires_grad)
+            for a in adapters
         )
 
     def _adapted_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
@@ -426,6 +511,8 @@ class Linear(nn.Module, RecastLayer):
         ``benchmarks/mixed_batch_rule.py``) on top of one product over all tokens; sharing costs ``m - 1`` more
         products over all tokens (``m`` counts the base weight when it is not a basis member).
         """
+        if any(adapter in self.recast_channels for adapter in adapters):
+            return False  # the shared products cut the rows into contiguous blocks; channels are single rows
         basis = self.recast_group[adapters[0]].basis()
         weight = self.get_base_layer().weight
         if self._compute_dtype(weight.dtype, weight.device) != weight.dtype:

@@ -18,3 +18,19 @@ class TokenBatches:
 
     def in_length_order(self, batch_size: int) -> list[list[int]]:
         return [list(range(i, min(i + batch_size, len(self.lengths)))) for i in range(0, len(self.lengths), batch_size)]
+
+
+def check_mixed_batch(model, input_ids, expected, other: str = "other") -> None:
+    """A batch whose rows use the active adapter ``"default"`` (output ``expected``), ``other`` and the base model
+    gives each row what that adapter gives alone; ``"default"`` is active again afterwards."""
+    from .models import model_output
+
+    model.set_adapter(other)
+    alone = model_output(model, input_ids)
+    model.set_adapter("default")
+    mixed = model_output(model, input_ids, adapter_names=["default", other, "__base__"])
+    torch.testing.assert_close(mixed[0], expected[0])
+    torch.testing.assert_close(mixed[1], alone[1])
+    with model.disable_adapter():
+        bare = model_output(model, input_ids)
+    torch.testing.assert_close(mixed[2], bare[2])

@@ -320,3 +320,48 @@ def test_merge_keeps_forgetting_checks_of_other_tasks_of_the_same_chain(tmp_path
     for shard in ("a", "b"):
         merged.merge(str(tmp_path / shard / bench.RESULTS_FILE))
     assert merged.forgetting == {"recast/seed0": {"trec6": check, "sms": check}}
+
+
+def test_channel_methods_rank_on_the_task_train_their_count_and_reload(tmp_path):
+    settings = bench.BenchSettings(tasks=["trec6", "sms"], methods=["recast-ch-48"], seeds=[0], sweep=False,
+                                   epochs=1, max_train=64, max_eval=32, output_dir=str(tmp_path))
+    bench.run_bench(settings, costs=False)
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        saved = json.load(handle)
+    assert [run["trainable"] for run in saved["runs"].values()] == [48, 48]  # ladder-24 + 12 rows x 2 templates
+    chosen = []
+    for key in saved["runs"]:
+        with open(tmp_path / "runs" / key / "adapter_config.json") as handle:
+            channels = json.load(handle)["channels"]
+        assert sum(map(len, channels.values())) == 12
+        assert not any(name.endswith("_ranking") for name in os.listdir(tmp_path / "runs" / key))
+        chosen.append(channels)
+    assert chosen[0] != chosen[1]  # ranked on each task's own data
+    for task in saved["forgetting"]["recast-ch-48/seed0"].values():
+        assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+
+
+def test_gated_methods_prune_before_saving_and_count_the_open_modules(tmp_path, monkeypatch):
+    trained = runner.train_run
+
+    def train_and_close_two_gates(encoder, *args, **kwargs):  # as a penalty would on the full protocol
+        seconds = trained(encoder, *args, **kwargs)
+        for layer in (encoder.base_model.model.encoder.layer[5].attention.self.value,
+                      encoder.base_model.model.encoder.layer[0].attention.self.query):
+            layer.recast_gate_scores[encoder.active_adapter].data.fill_(0.0)
+        return seconds
+
+    monkeypatch.setattr(runner, "train_run", train_and_close_two_gates)
+    settings = bench.BenchSettings(tasks=["trec6"], methods=["recast-gates-48"], seeds=[0], sweep=False,
+                                   epochs=1, max_train=64, max_eval=32, output_dir=str(tmp_path))
+    bench.run_bench(settings, costs=False)
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        saved = json.load(handle)
+    (key, run), = saved["runs"].items()
+    with open(tmp_path / "runs" / key / "adapter_config.json") as handle:
+        config = json.load(handle)
+    assert config["inactive_modules"] == ["encoder.layer.0.attention.self.query", "encoder.layer.5.attention.self.value"]
+    assert not config["module_gates"]
+    assert run["trainable"] == 48 - 2 * 4  # 2 templates x 2 blocks per open module
+    for task in saved["forgetting"]["recast-gates-48/seed0"].values():
+        assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]

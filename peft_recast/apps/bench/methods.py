@@ -21,6 +21,8 @@ class Method:
     recipe, scale and shift first): for this many epochs only the adapter's LayerNorm copies (``modules_to_save``)
     and the head train, then every adapter parameter does. ``head_first``: the head is first trained alone on the
     frozen encoder (exactly the linear probe's run), then head and adapter train together from there (LP-FT).
+    ``channels``: after the head's run, this many output rows get coefficients of their own, the rows
+    :func:`~peft_recast.rank_channels` ranks highest on the task's first training batches (needs ``head_first``).
     """
 
     name: str
@@ -31,6 +33,7 @@ class Method:
     config: Callable[[], object] = lambda: None
     align_epochs: int = 0
     head_first: bool = False
+    channels: int = 0
 
 
 def _recast(**kwargs) -> Callable[[], object]:
@@ -70,6 +73,8 @@ TIED_TINYLORA_LRS, TIED_TINYLORA_LR = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), 3e-2
 TINYLORA_LRS, TINYLORA_LR = (1e-2, 3e-2, 1e-1, 3e-1, 1.0), 3e-1
 UNILORA_LRS, UNILORA_LR = (3e-2, 1e-1, 3e-1, 1.0, 3.0), 3e-1
 WAVEFT_LRS, WAVEFT_LR = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 1e-2
+# Trainable numbers -> Taylor-ranked rows of the recast-ch methods (issue 20).
+RANKED_CHANNELS = {48: 12, 144: 48, 216: 84, 648: 300, 1000: 476}
 METHODS: dict[str, Method] = {
     method.name: method
     for method in [
@@ -106,6 +111,24 @@ METHODS: dict[str, Method] = {
                _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05)),
         Method("recast-hf-b05", "RECAST default, head first, coefficients bounded at 0.05", "peft", WIDE_RECAST_LRS,
                1e-2, _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05), head_first=True),
+        # issue 20: the rows with the highest Taylor importance on the task get coefficients of their own (2 numbers
+        # a row); 48: ladder-24 + 12 rows, else the default (48) + (size - 48) / 2 rows; head first for the ranking
+        *[
+            Method(f"recast-ch-{size}", f"RECAST {'ladder-24' if size == 48 else 'default'}, head first, "
+                   f"{RANKED_CHANNELS[size]} Taylor-ranked rows of their own", "peft", WIDE_RECAST_LRS, 1e-2,
+                   _recast(**RECAST_LADDER["ladder-24" if size == 48 else "ladder-48"]), head_first=True,
+                   channels=RANKED_CHANNELS[size])
+            for size in RANKED_CHANNELS
+        ],
+        # issue 20: TAPS gates on the default (head first): lambda 0.5, the penalty from the second epoch of the
+        # small-data protocol (32 steps); closed modules are pruned before the adapter is saved and counted
+        Method("recast-gates-48", "RECAST default, head first, TAPS module gates (lambda 0.5), pruned", "peft",
+               WIDE_RECAST_LRS, 1e-2, _recast(module_gates=True, gate_penalty=0.5, gate_warmup_steps=32),
+               head_first=True),
+        Method("recast-gates-648", "RECAST ladder-648, head first, TAPS module gates (lambda 0.5), pruned", "peft",
+               (3e-3, 1e-2, 3e-2), 1e-2,
+               _recast(**RECAST_LADDER["ladder-648"], module_gates=True, gate_penalty=0.5, gate_warmup_steps=32),
+               head_first=True),
         # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups
         Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks", "peft",
                WIDE_RECAST_LRS, 1e-2, _recast(coefficient_sharing="position", coefficient_blocks=6)),

@@ -3,6 +3,7 @@ earlier task is re-tested (on that model and reloaded from disk); :func:`run_ben
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -13,8 +14,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ...files import atomic_write
+from ...gates import prune_gates
+from ...importance import rank_channels
 from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
-from ..loop import Settings, accuracy, by_batch, embed_texts, train, train_probe, trainable_numbers
+from ..loop import Settings, accuracy, batch_order, by_batch, embed_texts, train, train_probe, trainable_numbers
 from ..runtime import resolve_device
 from ..tasks import TaskData, load_task_data
 from .costs import measure_costs
@@ -81,6 +84,39 @@ def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, s
     return time.perf_counter() - started
 
 
+# Training batches the channels of a `channels` method are ranked on (the first of the run's own batch order).
+RANKING_BATCHES = 4
+
+
+def _ranked_adapter(model: MethodModel, method: Method, key: str, data: TaskData, seed: int, settings: BenchSettings,
+                    cache: dict) -> tuple[nn.Module, nn.Module]:
+    """A `channels` method's encoder and head: the head's probe run on the frozen encoder, then :func:`rank_channels`
+    with that head's loss on the run's first training batches, then a fresh adapter with the chosen rows."""
+    ranker = model.new_adapter(f"{key}_ranking")  # the method's grouping, coefficients 0: the pretrained encoder
+    head = new_head(ranker.config.hidden_size, len(data.classes), seed, model.device)
+    _probe_run(ranker, head, data, seed, settings, cache)
+    order = batch_order(data.train.lengths, Settings(epochs=1, batch_size=settings.batch_size, seed=seed))
+    channels = rank_channels(
+        ranker, order[:RANKING_BATCHES], method.channels,
+        loss_fn=lambda encoder, indices: nn.functional.cross_entropy(
+            sentence_logits(encoder, head, data.train(indices)), data.train_labels[indices]),
+    )
+    encoder = model.new_adapter(key, dataclasses.replace(method.config(), channels=channels))
+    encoder.delete_adapter(f"{key}_ranking")
+    return encoder, head
+
+
+def _prune(encoder: nn.Module, key: str) -> None:
+    """Drop the modules whose TAPS gate closed (:func:`prune_gates`), so that the run saves and counts the open ones;
+    a run whose gates all closed keeps them (its adapter is the pretrained encoder either way)."""
+    try:
+        closed = prune_gates(encoder, key)
+    except ValueError as error:
+        print(f"{key}: {error}")
+        return
+    print(f"{key}: {len(closed)} module(s) closed by their gates")
+
+
 def _prediction_digest(predicted: torch.Tensor) -> str:
     return hashlib.sha1(predicted.to(torch.int64).numpy().tobytes()).hexdigest()
 
@@ -113,17 +149,22 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 # methods that start from random values (LoRA's A, FourierFT's spectrum) draw them from the run's seed,
                 # not from whatever the process did before (other methods, tasks, imports)
                 torch.manual_seed(seed)
-                encoder = model.new_adapter(key)
-                head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
+                if method.channels:  # the head first, on which the ranking depends
+                    encoder, head = _ranked_adapter(model, method, key, data, seed, settings, embeddings)
+                else:
+                    encoder = model.new_adapter(key)
+                    head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
                 if method.kind == "probe":
                     seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = None
                 else:
-                    if method.head_first:  # the probe's run on the frozen encoder, then both from there
+                    if method.head_first and not method.channels:  # the probe's run on the frozen encoder, then both from there
                         _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = train_run(encoder, head, data, lr, seed, settings,
                                              f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
                     seconds = None
+                    if getattr(encoder.peft_config[key], "module_gates", False):
+                        _prune(encoder, key)
                 val = predictions(encoder, head, data.validation, settings.batch_size, "validation")
                 test = predictions(encoder, head, data.test, settings.batch_size, "test")
                 numbers = trainable_numbers(encoder) if method.kind != "probe" else 0
