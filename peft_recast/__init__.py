@@ -6,10 +6,10 @@ and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 
 from ._version import __version__ as __version__
 from .adapters import hotswap_adapter, load_adapters
+from .channels import rank_channels
 from .config import RECOMMENDED_LR, RecastConfig
 from .fsdp import check_fsdp_wrapping, fsdp_auto_wrap_policy
 from .gates import prune_gates
-from .importance import rank_channels
 from .model import RecastModel
 from .registration import RECAST, register
 from .summary import RecastSummary, recast_summary

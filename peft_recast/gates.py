@@ -12,10 +12,13 @@ backward (:class:`_PenaltyGradient`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from .config import RecastConfig
 
 
 class _PenaltyGradient(torch.autograd.Function):
@@ -43,6 +46,64 @@ def gate_value(score: torch.Tensor, threshold: float, penalty: float = 0.0) -> t
         score = _PenaltyGradient.apply(score, penalty)
     return hard + (score - score.detach())
 
+
+
+class GatedLayer:
+    """The gate part of :class:`~peft_recast.layer.RecastLayer`: ``recast_gate_scores`` (a ``(1,)`` parameter per gated
+    adapter) and ``recast_gate`` (per adapter: threshold, penalty share, warm-up forwards, training forwards seen).
+    ``drop_coefficients`` is the layer's own."""
+
+    recast_gate_scores: nn.ParameterDict
+    recast_gate: dict[str, list]
+    recast_coefficients: nn.ParameterDict
+
+    def _set_gate(self, adapter_name: str, config: RecastConfig, trainable: bool) -> None:
+        """A gate score at ``config.gate_init`` (``module_gates``); :func:`finish_gates` sets the penalty's share."""
+        if not config.module_gates:
+            return
+        like = self.recast_coefficients[adapter_name]
+        score = torch.full((1,), float(config.gate_init), dtype=like.dtype, device=like.device)
+        self.recast_gate_scores[adapter_name] = nn.Parameter(score, requires_grad=trainable and like.requires_grad)
+        self.recast_gate[adapter_name] = [float(config.gate_threshold), 0.0, int(config.gate_warmup_steps), 0]
+
+    def drop_gate(self, adapter_name: str, keep_coefficients: bool) -> None:
+        """Remove the gate (:func:`prune_gates`): an open module keeps its coefficients (its gate was 1), a closed one
+        loses them and computes the pretrained layer for this adapter."""
+        del self.recast_gate_scores[adapter_name]
+        del self.recast_gate[adapter_name]
+        if not keep_coefficients:
+            self.drop_coefficients(adapter_name)
+
+    def _gate(self, adapter: str) -> torch.Tensor:
+        """The adapter's gate, 0 or 1 (:func:`gate_value`); training forwards are counted and the penalty's gradient
+        joins after ``gate_warmup_steps`` of them."""
+        score, state = self.recast_gate_scores[adapter], self.recast_gate[adapter]
+        threshold, penalty, warmup, seen = state
+        if torch.is_grad_enabled() and score.requires_grad:
+            state[3] = seen + 1
+            return gate_value(score.float(), threshold, penalty if seen >= warmup else 0.0)
+        return gate_value(score.float(), threshold)
+
+
+def finish_gates(layers: dict, adapter_name: str, config: RecastConfig) -> None:
+    """After injection: drop the coefficients of ``config.inactive_modules`` (their weights stay in the groups'
+    templates) and give each gated module its share ``gate_penalty / M`` of the penalty (``layers``: the adapter's
+    RECAST layers by key). Raises ``ValueError`` for an inactive module the adapter does not adapt, or all of them."""
+    inactive = config.inactive_modules or []
+    unknown = sorted(set(inactive) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"`inactive_modules` names module(s) that the RECAST adapter '{adapter_name}' does not adapt, e.g. "
+            f"{unknown[:3]}: the adapter_config.json does not belong to this model or was edited."
+        )
+    if inactive and len(inactive) == len(layers):
+        raise ValueError(f"`inactive_modules` names every module of the RECAST adapter '{adapter_name}'; keep at "
+                         "least one module active.")
+    for key in inactive:
+        layers[key].drop_coefficients(adapter_name)
+    gated = [layer for layer in layers.values() if adapter_name in layer.recast_gate_scores]
+    for layer in gated:
+        layer.recast_gate[adapter_name][1] = config.gate_penalty / len(gated)
 
 def gate_states(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, bool]:
     """Whether each gated module of ``adapter_name`` (default: the active adapter) is open, by module key."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
-from .gates import gate_value
+from .gates import GatedLayer
 
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
@@ -49,7 +49,7 @@ class RecastGroup:
         return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
 
 
-class RecastLayer(BaseTunerLayer):
+class RecastLayer(GatedLayer, BaseTunerLayer):
     """Per-module RECAST state.
 
     For adapter ``a`` with coefficients ``theta`` (``K x n``) and group basis ``W_1..W_m`` (the group's pretrained
@@ -121,28 +121,6 @@ class RecastLayer(BaseTunerLayer):
     def _set_bound(self, adapter_name: str, config: RecastConfig) -> None:
         if config.coefficient_bound is not None:
             self.recast_bound[adapter_name] = float(config.coefficient_bound)
-
-    def _set_gate(self, adapter_name: str, config: RecastConfig, trainable: bool) -> None:
-        """A gate score at ``config.gate_init`` (``module_gates``); the model sets the penalty's share afterwards
-        (:meth:`set_gate_penalty`)."""
-        if not config.module_gates:
-            return
-        like = self.recast_coefficients[adapter_name]
-        score = torch.full((1,), float(config.gate_init), dtype=like.dtype, device=like.device)
-        self.recast_gate_scores[adapter_name] = nn.Parameter(score, requires_grad=trainable and like.requires_grad)
-        self.recast_gate[adapter_name] = [float(config.gate_threshold), 0.0, int(config.gate_warmup_steps), 0]
-
-    def set_gate_penalty(self, adapter_name: str, weight: float) -> None:
-        """The penalty gradient this module's score gets once warm: ``gate_penalty / M`` (``M`` gated modules)."""
-        self.recast_gate[adapter_name][1] = float(weight)
-
-    def drop_gate(self, adapter_name: str, keep_coefficients: bool) -> None:
-        """Remove the gate (:func:`~peft_recast.gates.prune_gates`): an open module keeps its coefficients (its gate
-        was 1), a closed one loses them and computes the pretrained layer for this adapter."""
-        del self.recast_gate_scores[adapter_name]
-        del self.recast_gate[adapter_name]
-        if not keep_coefficients:
-            self.drop_coefficients(adapter_name)
 
     def drop_coefficients(self, adapter_name: str) -> None:
         """Keep this module in the adapter's template group (its weight still spans the templates) without
@@ -279,16 +257,6 @@ class RecastLayer(BaseTunerLayer):
         if adapter in self.recast_gate_scores:
             mix = mix * self._gate(adapter)
         return mix
-
-    def _gate(self, adapter: str) -> torch.Tensor:
-        """The adapter's gate, 0 or 1 (:func:`~peft_recast.gates.gate_value`); training forwards are counted and the
-        penalty's gradient joins after ``gate_warmup_steps`` of them."""
-        score, state = self.recast_gate_scores[adapter], self.recast_gate[adapter]
-        threshold, penalty, warmup, seen = state
-        if torch.is_grad_enabled() and score.requires_grad:
-            state[3] = seen + 1
-            return gate_value(score.float(), threshold, penalty if seen >= warmup else 0.0)
-        return gate_value(score.float(), threshold)
 
     def _terms(self, adapters: list[str], device: torch.device) -> tuple[list, list, list, list]:
         """Per adapter: its mix (on ``device``), basis, row blocks and the weight it subtracts (replacement form)."""

@@ -19,7 +19,9 @@ from transformers.pytorch_utils import Conv1D
 
 from .adapters import coefficient_problem
 from .bank import BankGroup, TemplateBank, load_template_bank
+from .channels import attach_channels
 from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
+from .gates import finish_gates
 from .grouping import (
     adapter_layers,
     flat_cat,
@@ -165,49 +167,14 @@ class RecastModel(QuantizedBase, BaseTuner):
                     state_dict=state_dict,
                 )
                 self._fit_templates(model, adapter_name)
-            self._add_channels(model, adapter_name)
-            self._finish_gates(model, adapter_name)
+            config, layers = self.peft_config[adapter_name], adapter_layers(model, adapter_name)
+            attach_channels(layers, adapter_name, config.channels or {})
+            finish_gates(layers, adapter_name, config)
         except BaseException:
             self._remove_adapter_layers(model, adapter_name, adapter_layers(model, adapter_name, members=True))
             for parameter, flag in requires_grad:
                 parameter.requires_grad = flag
             raise
-
-    def _add_channels(self, model: nn.Module, adapter_name: str) -> None:
-        """Give the rows of ``config.channels`` coefficients of their own (:meth:`RecastLayer.add_channels`); a key
-        that names no module of the adapter raises ``ValueError``."""
-        channels = self.peft_config[adapter_name].channels or {}
-        layers = adapter_layers(model, adapter_name)
-        unknown = sorted(set(channels) - set(layers))
-        if unknown:
-            raise ValueError(
-                f"`channels` names module(s) that the RECAST adapter '{adapter_name}' does not adapt, e.g. "
-                f"{unknown[:3]}; use the keys of its modules (peft_recast.rank_channels returns them), e.g. "
-                f"{sorted(layers)[:2]}."
-            )
-        for key, rows in channels.items():
-            layers[key].add_channels(adapter_name, rows)
-
-    def _finish_gates(self, model: nn.Module, adapter_name: str) -> None:
-        """Drop the coefficients of ``config.inactive_modules`` (their weights stay in the groups' templates) and give
-        each gated module its share ``gate_penalty / M`` of the penalty."""
-        config = self.peft_config[adapter_name]
-        layers = adapter_layers(model, adapter_name)
-        inactive = config.inactive_modules or []
-        unknown = sorted(set(inactive) - set(layers))
-        if unknown:
-            raise ValueError(
-                f"`inactive_modules` names module(s) that the RECAST adapter '{adapter_name}' does not adapt, e.g. "
-                f"{unknown[:3]}: the adapter_config.json does not belong to this model or was edited."
-            )
-        if inactive and len(inactive) == len(layers):
-            raise ValueError(f"`inactive_modules` names every module of the RECAST adapter '{adapter_name}'; keep at "
-                             "least one module active.")
-        for key in inactive:
-            layers[key].drop_coefficients(adapter_name)
-        gated = [layer for layer in layers.values() if adapter_name in layer.recast_gate_scores]
-        for layer in gated:
-            layer.set_gate_penalty(adapter_name, config.gate_penalty / len(gated))
 
     def _inject_like_existing(self, model: nn.Module, adapter_name: str) -> bool:
         """The fast path of a new adapter whose grouping an adapter on the model has already (the usual case when one

@@ -7,7 +7,7 @@ import torch
 from peft import PeftModel, get_peft_model
 
 from peft_recast import RecastConfig, rank_channels
-from peft_recast.importance import channel_importance
+from peft_recast.channels import channel_importance
 
 from ..helpers import check_mixed_batch
 from ..models import model_output, tiny_bert

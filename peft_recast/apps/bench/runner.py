@@ -13,9 +13,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...channels import rank_channels
 from ...files import atomic_write
 from ...gates import prune_gates
-from ...importance import rank_channels
 from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
 from ..loop import Settings, accuracy, batch_order, by_batch, embed_texts, train, train_probe, trainable_numbers
 from ..runtime import resolve_device

@@ -1,4 +1,5 @@
-"""First-order Taylor importance of output channels, to choose ``RecastConfig.channels`` on the user's own data.
+"""Output rows with coefficients of their own (``RecastConfig.channels``): ranking them on the user's data by
+first-order Taylor importance, and attaching them to an adapter's layers.
 
 The importance of output row ``r`` of a module with output ``y`` (the two-stage PETL paper, Zhao et al.,
 arXiv 2303.07910) is the first-order change of the loss when the channel is switched off, summed over batches:
@@ -149,3 +150,17 @@ def rank_channels(
         key, row = owners[i]
         chosen.setdefault(key, []).append(row)
     return {key: sorted(rows) for key, rows in sorted(chosen.items())}
+
+
+def attach_channels(layers: dict, adapter_name: str, channels: dict[str, list[int]]) -> None:
+    """Give the rows of ``channels`` coefficients of their own (:meth:`RecastLayer.add_channels`; ``layers``: the
+    adapter's RECAST layers by key); a key that names no module of the adapter raises ``ValueError``."""
+    unknown = sorted(set(channels) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"`channels` names module(s) that the RECAST adapter '{adapter_name}' does not adapt, e.g. "
+            f"{unknown[:3]}; use the keys of its modules (peft_recast.rank_channels returns them), e.g. "
+            f"{sorted(layers)[:2]}."
+        )
+    for key, rows in channels.items():
+        layers[key].add_channels(adapter_name, rows)
