@@ -6,7 +6,7 @@ and the rest of PEFT's API accept :class:`RecastConfig` adapters.
 
 from ._version import __version__ as __version__
 from .adapters import hotswap_adapter, load_adapters
-from .channels import rank_channels
+from .channels import add_channels, rank_channels
 from .config import RECOMMENDED_LR, RecastConfig
 from .fsdp import check_fsdp_wrapping, fsdp_auto_wrap_policy
 from .gates import prune_gates
@@ -17,6 +17,6 @@ from .summary import RecastSummary, recast_summary
 register()
 
 __all__ = [
-    "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "check_fsdp_wrapping",
+    "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "add_channels", "check_fsdp_wrapping",
     "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "prune_gates", "rank_channels", "recast_summary",
 ]

@@ -10,6 +10,7 @@ arXiv 2303.07910) is the first-order change of the loss when the channel is swit
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -154,7 +155,8 @@ def rank_channels(
 
 def attach_channels(layers: dict, adapter_name: str, channels: dict[str, list[int]]) -> None:
     """Give the rows of ``channels`` coefficients of their own (:meth:`RecastLayer.add_channels`; ``layers``: the
-    adapter's RECAST layers by key); a key that names no module of the adapter raises ``ValueError``."""
+    adapter's RECAST layers by key); a key that names no module of the adapter, or a row past a module's output rows,
+    raises ``ValueError`` before any layer changes."""
     unknown = sorted(set(channels) - set(layers))
     if unknown:
         raise ValueError(
@@ -163,4 +165,55 @@ def attach_channels(layers: dict, adapter_name: str, channels: dict[str, list[in
             f"{sorted(layers)[:2]}."
         )
     for key, rows in channels.items():
+        too_far = [row for row in rows if row >= layers[key].out_features]
+        if too_far:
+            raise ValueError(f"`channels` lists row(s) {too_far[:5]} of '{key}', which has {layers[key].out_features} "
+                             "output rows; row indices run from 0 to out_features - 1.")
+    for key, rows in channels.items():
         layers[key].add_channels(adapter_name, rows)
+
+
+def add_channels(model: nn.Module, channels: dict[str, list[int]], adapter_name: Optional[str] = None) -> None:
+    """Give rows of an existing RECAST adapter coefficients of their own, in place (e.g. the rows
+    :func:`rank_channels` chose on the same model): each new coefficient starts as a copy of its row's block, so the
+    model computes exactly what it did; the adapter's config is replaced by a copy that lists the rows, so that
+    ``save_pretrained`` writes them and the adapter loads as it is. Create the optimizer afterwards (the adapter's
+    coefficient tensors are new).
+
+    Args:
+        model (`torch.nn.Module`): The PEFT model.
+        channels (`dict[str, list[int]]`): Rows per module key, as ``RecastConfig.channels``.
+        adapter_name (`str`, *optional*): Defaults to the active adapter.
+
+    Raises:
+        ValueError: bad rows or module keys, or an adapter that has channels already (nothing is changed then).
+
+    Example:
+
+        ```py
+        >>> import torch, peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertForSequenceClassification
+
+        >>> base = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        ...                                                 intermediate_size=64))
+        >>> model = get_peft_model(base, peft_recast.RecastConfig())  # 16 numbers
+        >>> batch = dict(input_ids=torch.tensor([[1, 2, 3], [4, 5, 6]]), labels=torch.tensor([0, 1]))
+        >>> peft_recast.add_channels(model, peft_recast.rank_channels(model, [batch], num_channels=8))
+        >>> model.get_nb_trainable_parameters()[0]  # + 8 rows x 2 templates
+        32
+
+        ```
+    """
+    from .grouping import adapter_layers
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = adapter_name or model.active_adapter
+    config = model.peft_config[name]
+    if config.channels:
+        raise ValueError(f"The RECAST adapter '{name}' has channels already ({sum(map(len, config.channels.values()))} "
+                         "rows); add rows to a fresh adapter, or list all of them in RecastConfig(channels=...).")
+    new_config = dataclasses.replace(config, channels=channels)  # validates the rows
+    layers = adapter_layers(base, name)
+    attach_channels(layers, name, new_config.channels or {})
+    model.peft_config[name] = new_config

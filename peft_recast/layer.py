@@ -178,10 +178,6 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         row's block, so that the layer computes exactly what it did before (the identity stays the identity)."""
         if not rows:
             return
-        bad = [row for row in rows if row >= self.out_features]
-        if bad:
-            raise ValueError(f"`channels` lists row(s) {bad[:5]} of a module with {self.out_features} output rows; "
-                             "row indices run from 0 to out_features - 1.")
         coefficients = self.recast_coefficients[adapter_name]
         values = coefficients.data if coefficients.dim() == 3 else coefficients.data.unsqueeze(-1)
         of_rows = row_blocks(self.out_features, values.shape[-1], values.device)[list(rows)]

@@ -131,6 +131,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-head-first", action="store_true",
                         help="train head and coefficients together from a random head (default: the head alone first, "
                         "on the frozen encoder, then both)")
+    parser.add_argument("--channels", type=int, default=0, metavar="N",
+                        help="after the head's run, give the N output rows that rank highest on the first training "
+                        "batches (first-order Taylor importance) coefficients of their own: 2 numbers each "
+                        "(default: 0)")
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

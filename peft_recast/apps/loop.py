@@ -25,6 +25,8 @@ if TYPE_CHECKING:
 
 # Peak learning rate of the classifier head, for every method.
 DEFAULT_HEAD_LR = 3e-3
+# Training batches that output rows are ranked on (`rank_channels`) before they get coefficients of their own.
+RANKING_BATCHES = 4
 
 
 @dataclass
@@ -139,11 +141,11 @@ def train_probe(
 
 
 def coefficient_groups(model: nn.Module, lr: float, head_lr: float) -> list[tuple[list[nn.Parameter], float]]:
-    """``(parameters, peak lr)`` groups of a RECAST-wrapped classifier: its coefficients at ``lr``, every other
-    trainable parameter (the head) at ``head_lr``; a group without parameters is left out."""
+    """``(parameters, peak lr)`` groups of a RECAST-wrapped classifier: its coefficients (and gate scores) at ``lr``,
+    every other trainable parameter (the head) at ``head_lr``; a group without parameters is left out."""
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    coefficients = [p for name, p in trainable if "recast_coefficients" in name]
-    others = [p for name, p in trainable if "recast_coefficients" not in name]
+    coefficients = [p for name, p in trainable if ".recast_" in name]
+    others = [p for name, p in trainable if ".recast_" not in name]
     return [(params, rate) for params, rate in ((coefficients, lr), (others, head_lr)) if params]
 
 

@@ -14,6 +14,7 @@ This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -33,6 +34,7 @@ from .encoder import (
 )
 from .loop import (
     DEFAULT_HEAD_LR,
+    RANKING_BATCHES,
     Settings,
     accuracy,
     coefficient_groups,
@@ -102,6 +104,31 @@ def train_head_first(
     train_probe(head, features, labels, batches.lengths, settings, "head first")
 
 
+def with_ranked_channels(model: PeftModel, train: datasets.Dataset, tokenizer: Any, num_channels: int,
+                         settings: Settings, output_dir: str, resume_from_checkpoint: Optional[Union[str, bool]]) -> None:
+    """Add the ``num_channels`` rows :func:`~peft_recast.rank_channels` ranks highest on ``RANKING_BATCHES`` batches of
+    ``train`` (tokenized, shuffled with ``settings.seed``) to the model's adapter; resuming: the checkpoint's rows."""
+    from transformers import DataCollatorWithPadding
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from .. import add_channels, rank_channels
+
+    if resume_from_checkpoint:
+        path = get_last_checkpoint(output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
+        if path is None:
+            raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
+        with open(os.path.join(path, "adapter_config.json")) as handle:
+            chosen = json.load(handle)["channels"]
+    else:
+        collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed)).tolist()
+        size = settings.batch_size
+        batches = [collate([train[i] for i in order[start:start + size]])
+                   for start in range(0, min(len(order), RANKING_BATCHES * size), size)]
+        chosen = rank_channels(model, [dict(batch) for batch in batches], num_channels)
+    add_channels(model, chosen)
+
+
 def _accuracy_metric(prediction) -> dict[str, float]:
     predicted = torch.from_numpy(np.argmax(prediction.predictions, -1))
     return {"accuracy": accuracy(predicted, torch.from_numpy(prediction.label_ids))}
@@ -120,12 +147,15 @@ def train_task(
     max_length: Optional[int] = None,
     resume_from_checkpoint: Optional[Union[str, bool]] = None,
     head_first: bool = True,
+    channels: int = 0,
 ) -> dict[str, Any]:
     """Train RECAST (+ head) on ``task`` with ``Trainer``; save the best adapter to ``output_dir/adapter``.
 
     ``head_first`` (the recommended recipe, measured in docs/benchmarks.md): first the head alone on the frozen
     encoder (:func:`train_head_first`), then head and coefficients together; skipped when resuming (the checkpoint
-    holds the head).
+    holds the head). ``channels``: then the this many output rows that :func:`~peft_recast.rank_channels` ranks
+    highest on the first training batches get coefficients of their own (:func:`with_ranked_channels`; when resuming,
+    the checkpoint's rows).
 
     Checkpoints go to ``output_dir/checkpoint-<step>`` (one per epoch, the best and the last kept); pass one of them,
     or ``True`` for the last, as ``resume_from_checkpoint`` to continue an interrupted run. ``max_eval`` caps the
@@ -144,9 +174,12 @@ def train_task(
         for split in ("train", "validation", "test")
     }
     model = recast_classifier(len(classes), seed=seed)
+    settings = Settings(epochs=epochs, batch_size=batch_size, head_lr=head_lr, seed=seed)
     if head_first and not resume_from_checkpoint:
         train_head_first(model, list(splits["train"]["text"]), torch.tensor(list(splits["train"]["label"])),
-                         max_length, Settings(epochs=epochs, batch_size=batch_size, head_lr=head_lr, seed=seed))
+                         max_length, settings)
+    if channels:
+        with_ranked_channels(model, data["train"], tokenizer, channels, settings, output_dir, resume_from_checkpoint)
     args = TrainingArguments(
         output_dir=output_dir,
         num_train_epochs=epochs,
@@ -237,11 +270,13 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+    if args.channels < 0:
+        raise SystemExit(f"--channels must be 0 (none) or a positive number of output rows, got {args.channels}.")
     resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
     result = train_task(
         args.task, args.output_dir, max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=args.seed, resume_from_checkpoint=resume,
-        head_first=not args.no_head_first,
+        head_first=not args.no_head_first, channels=args.channels,
     )
     print(
         f"{result['task']}: {result['train_examples']} training examples, {result['trainable_parameters']} trainable "

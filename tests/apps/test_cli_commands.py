@@ -79,6 +79,21 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     with pytest.raises(SystemExit, match="has 6"):
         cli.main(["eval", str(out / "adapter"), "--task", "trec6", "--max-eval", "4"])
 
+    # 6 ranked rows of their own (2 numbers each), kept when the run resumes, and eval of the saved adapter
+    ranked = tmp_path / "ranked"
+    common = ["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--batch-size", "8", "--output-dir",
+              str(ranked), "--threads", "1", "--channels", "6"]
+    assert cli.main([*common, "--epochs", "1"]) == 0
+    assert "sms: 24 training examples, 830 trainable parameters" in capsys.readouterr().out
+    rows = json.loads((ranked / "adapter" / "adapter_config.json").read_text())["channels"]
+    assert sum(map(len, rows.values())) == 6
+    assert cli.main([*common, "--epochs", "2", "--resume-from-checkpoint", "last"]) == 0
+    assert json.loads((ranked / "adapter" / "adapter_config.json").read_text())["channels"] == rows
+    assert cli.main(["eval", str(ranked / "adapter"), "--max-eval", "40", "--threads", "1"]) == 0
+    assert "sms test: accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--channels must be 0"):
+        cli.main([*common[:-2], "--channels", "-1"])
+
     assert cli.main(["inspect", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["coefficients"] == 48 and len(info["groups"]) == 6

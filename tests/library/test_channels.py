@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 
-from peft_recast import RecastConfig, rank_channels
+from peft_recast import RecastConfig, add_channels, rank_channels
 from peft_recast.channels import channel_importance
 
 from ..helpers import check_mixed_batch
@@ -169,3 +169,28 @@ def test_rank_channels_picks_the_rows_the_loss_reads():
         rank_channels(model, [_ids(1)], num_channels=10_000, loss_fn=_linear_loss(weights))
     with pytest.raises(ValueError, match="no `loss`"):
         rank_channels(model, [dict(input_ids=_ids(1))], num_channels=1)
+
+
+def test_add_channels_in_place_keeps_the_function_and_saves_the_rows(tmp_path):
+    model = get_peft_model(tiny_bert(), RecastConfig(init_weights=False)).eval()
+    ids = _ids()
+    before = model_output(model, ids)
+    config = model.peft_config["default"]
+    with pytest.raises(ValueError, match="output rows"):
+        add_channels(model, {QUERY0: [1], VALUE2: [99]})
+    with pytest.raises(ValueError, match="does not adapt"):
+        add_channels(model, {QUERY0: [1], "encoder.layer.1.attention.self.key": [1]})
+    assert model.peft_config["default"] is config and _layer(model, QUERY0).recast_coefficients["default"].dim() == 3
+    assert tuple(_layer(model, QUERY0).recast_coefficients["default"].shape) == (1, 2, 2)  # untouched by the failures
+    add_channels(model, CHANNELS)
+    assert config.channels is None and model.peft_config["default"].channels == CHANNELS
+    torch.testing.assert_close(model_output(model, ids), before)
+    assert tuple(_layer(model, QUERY0).recast_coefficients["default"].shape) == (1, 2, 5)
+    with pytest.raises(ValueError, match="has channels already"):
+        add_channels(model, {QUERY0: [1]})
+    with torch.no_grad():
+        _layer(model, QUERY0).recast_coefficients["default"][..., 3] += 0.5
+    after = model_output(model, ids)
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    torch.testing.assert_close(model_output(loaded, ids), after)

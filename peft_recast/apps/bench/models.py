@@ -24,9 +24,8 @@ class MethodModel:
     def _base(self) -> nn.Module:
         return load_encoder(self.device)
 
-    def new_adapter(self, name: str, config: Optional[object] = None) -> nn.Module:
-        """The encoder with a fresh adapter ``name`` (``config``, default the method's) added and made the only
-        active (and trainable) one."""
+    def new_adapter(self, name: str) -> nn.Module:
+        """The encoder with a fresh adapter ``name`` added and made the only active (and trainable) one."""
         if self.method.kind == "full":
             encoder = self._base()
             encoder.requires_grad_(True)
@@ -37,9 +36,9 @@ class MethodModel:
         if self.encoder is None:
             import peft
 
-            self.encoder = peft.get_peft_model(self._base(), config or self.method.config(), adapter_name=name)
+            self.encoder = peft.get_peft_model(self._base(), self.method.config(), adapter_name=name)
         else:
-            self.encoder.add_adapter(name, config or self.method.config())
+            self.encoder.add_adapter(name, self.method.config())
             self.encoder.set_adapter(name)
         return self.encoder
 

@@ -3,7 +3,6 @@ earlier task is re-tested (on that model and reloaded from disk); :func:`run_ben
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import time
@@ -13,11 +12,21 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...channels import rank_channels
+from ...channels import add_channels, rank_channels
 from ...files import atomic_write
 from ...gates import prune_gates
 from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
-from ..loop import Settings, accuracy, batch_order, by_batch, embed_texts, train, train_probe, trainable_numbers
+from ..loop import (
+    RANKING_BATCHES,
+    Settings,
+    accuracy,
+    batch_order,
+    by_batch,
+    embed_texts,
+    train,
+    train_probe,
+    trainable_numbers,
+)
 from ..runtime import resolve_device
 from ..tasks import TaskData, load_task_data
 from .costs import measure_costs
@@ -84,25 +93,20 @@ def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, s
     return time.perf_counter() - started
 
 
-# Training batches the channels of a `channels` method are ranked on (the first of the run's own batch order).
-RANKING_BATCHES = 4
-
-
 def _ranked_adapter(model: MethodModel, method: Method, key: str, data: TaskData, seed: int, settings: BenchSettings,
                     cache: dict) -> tuple[nn.Module, nn.Module]:
     """A `channels` method's encoder and head: the head's probe run on the frozen encoder, then :func:`rank_channels`
-    with that head's loss on the run's first training batches, then a fresh adapter with the chosen rows."""
-    ranker = model.new_adapter(f"{key}_ranking")  # the method's grouping, coefficients 0: the pretrained encoder
-    head = new_head(ranker.config.hidden_size, len(data.classes), seed, model.device)
-    _probe_run(ranker, head, data, seed, settings, cache)
+    with that head's loss on the run's first training batches, and the chosen rows added to the adapter."""
+    encoder = model.new_adapter(key)  # coefficients 0: the pretrained encoder
+    head = new_head(encoder.config.hidden_size, len(data.classes), seed, model.device)
+    _probe_run(encoder, head, data, seed, settings, cache)
     order = batch_order(data.train.lengths, Settings(epochs=1, batch_size=settings.batch_size, seed=seed))
     channels = rank_channels(
-        ranker, order[:RANKING_BATCHES], method.channels,
+        encoder, order[:RANKING_BATCHES], method.channels,
         loss_fn=lambda encoder, indices: nn.functional.cross_entropy(
             sentence_logits(encoder, head, data.train(indices)), data.train_labels[indices]),
     )
-    encoder = model.new_adapter(key, dataclasses.replace(method.config(), channels=channels))
-    encoder.delete_adapter(f"{key}_ranking")
+    add_channels(encoder, channels, key)
     return encoder, head
 
 
