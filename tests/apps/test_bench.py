@@ -365,3 +365,15 @@ def test_gated_methods_prune_before_saving_and_count_the_open_modules(tmp_path, 
     assert run["trainable"] == 48 - 2 * 4  # 2 templates x 2 blocks per open module
     for task in saved["forgetting"]["recast-gates-48/seed0"].values():
         assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+
+
+def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm():
+    import peft
+
+    from peft_recast.apps.encoder import load_encoder
+
+    for name, size in (("recast-144-hf", 144), ("recast-1008-blocks", 1008)):
+        model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
+        assert model.get_nb_trainable_parameters()[0] == size, name
+    assert {name: bench.METHODS[name].channels for name in bench.METHODS if name.startswith("recast-ch-")} == {
+        f"recast-ch-{size}": (size - (24 if size == 48 else 48)) // 2 for size in (48, 144, 216, 648, 1000)}

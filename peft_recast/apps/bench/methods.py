@@ -123,6 +123,9 @@ METHODS: dict[str, Method] = {
         # the control of recast-ch-144: the same count and recipe from more row blocks instead of ranked rows
         Method("recast-144-hf", "RECAST ladder-144 (6 row blocks), head first", "peft", WIDE_RECAST_LRS, 1e-2,
                _recast(**RECAST_LADDER["ladder-144"]), head_first=True),
+        # ... and of recast-ch-1000: 1,008 numbers from 42 contiguous row blocks per q,v module
+        Method("recast-1008-blocks", "RECAST q,v, 2 templates, 42 row blocks, head first", "peft", WIDE_RECAST_LRS,
+               1e-2, _recast(coefficient_blocks=42), head_first=True),
         # issue 20: TAPS gates on the default (head first), the penalty from the second epoch of the small-data protocol
         # (32 steps); closed modules are pruned before the adapter is saved and counted. TAPS' lambda 0.5 closed 10 of
         # 12 gates on trec6 and all 12 on sms (AdamW moves a score by about the rate per step whatever the gradient's
