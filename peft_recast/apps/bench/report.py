@@ -120,12 +120,14 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
     figure, axis = new_figure()
     kinds = {True: ("RECAST", "o", "C3"), False: ("PEFT's tuners, probe, full fine-tuning", "s", "C0")}
-    for row in rows:
+    shorts = [short_label(row["label"]) for row in rows]
+    for row, short in zip(rows, shorts):
         x = max(row["trainable"], 1)
         spread = statistics.mean(v["spread"] for v in row["tasks"].values())
         label, marker, color = kinds[row["method"].startswith("recast")]
         axis.errorbar(x, row["mean"], yerr=spread, fmt=marker, color=color, capsize=3, label=label)
-        axis.annotate(short_label(row["label"]), (x, row["mean"]), textcoords="offset points", xytext=(5, 4),
+        name = short if shorts.count(short) == 1 else f"{short} ({row['method']})"  # the method name tells twins apart
+        axis.annotate(name, (x, row["mean"]), textcoords="offset points", xytext=(5, 4),
                       fontsize=8)
     handles, labels = axis.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
