@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .grouping import adapter_layers
+from .grouping import peft_adapter_layers
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -49,9 +49,7 @@ def channel_importance(
         `dict[str, torch.Tensor]`: per module key (as in the base model's ``named_modules()``), ``(out_features,)``
         float64 scores. The model's parameters, gradients and train/eval mode are left as they were.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = adapter_name or getattr(model, "active_adapter", None)
-    layers = adapter_layers(base, name)
+    name, layers = peft_adapter_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"The model has no RECAST modules for adapter {name!r}: add a RECAST adapter "
                          "(get_peft_model(base, RecastConfig(...))) before ranking its channels.")
@@ -205,15 +203,11 @@ def add_channels(model: nn.Module, channels: dict[str, list[int]], adapter_name:
 
         ```
     """
-    from .grouping import adapter_layers
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = adapter_name or model.active_adapter
+    name, layers = peft_adapter_layers(model, adapter_name)
     config = model.peft_config[name]
     if config.channels:
         raise ValueError(f"The RECAST adapter '{name}' has channels already ({sum(map(len, config.channels.values()))} "
                          "rows); add rows to a fresh adapter, or list all of them in RecastConfig(channels=...).")
     new_config = dataclasses.replace(config, channels=channels)  # validates the rows
-    layers = adapter_layers(base, name)
     attach_channels(layers, name, new_config.channels or {})
     model.peft_config[name] = new_config

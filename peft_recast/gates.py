@@ -47,7 +47,6 @@ def gate_value(score: torch.Tensor, threshold: float, penalty: float = 0.0) -> t
     return hard + (score - score.detach())
 
 
-
 class GatedLayer:
     """The gate part of :class:`~peft_recast.layer.RecastLayer`: ``recast_gate_scores`` (a ``(1,)`` parameter per gated
     adapter) and ``recast_gate`` (per adapter: threshold, penalty share, warm-up forwards, training forwards seen).
@@ -105,15 +104,15 @@ def finish_gates(layers: dict, adapter_name: str, config: RecastConfig) -> None:
     for layer in gated:
         layer.recast_gate[adapter_name][1] = config.gate_penalty / len(gated)
 
+
 def gate_states(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, bool]:
     """Whether each gated module of ``adapter_name`` (default: the active adapter) is open, by module key."""
-    name, layers = _gated_layers(model, adapter_name)
-    states = {}
-    for key, layer in layers.items():
-        if name in layer.recast_gate_scores:
-            threshold = layer.recast_gate[name][0]
-            states[key] = bool(layer.recast_gate_scores[name].detach().item() >= threshold)
-    return states
+    return _open_gates(*_gated_layers(model, adapter_name))
+
+
+def _open_gates(name: str, layers: dict) -> dict[str, bool]:
+    return {key: bool(layer.recast_gate_scores[name].detach().item() >= layer.recast_gate[name][0])
+            for key, layer in layers.items() if name in layer.recast_gate_scores}
 
 
 def prune_gates(model: nn.Module, adapter_name: Optional[str] = None) -> list[str]:
@@ -154,7 +153,7 @@ def prune_gates(model: nn.Module, adapter_name: Optional[str] = None) -> list[st
     config = model.peft_config[name]
     if not config.module_gates:
         raise ValueError(f"The RECAST adapter '{name}' has no gates to prune: it was made without module_gates=True.")
-    states = gate_states(model, name)
+    states = _open_gates(name, layers)
     closed = sorted(key for key, is_open in states.items() if not is_open)
     if len(closed) == len(layers):
         raise ValueError(f"Every gate of the RECAST adapter '{name}' is closed, so pruning would leave the pretrained "
@@ -170,11 +169,7 @@ def prune_gates(model: nn.Module, adapter_name: Optional[str] = None) -> list[st
 
 
 def _gated_layers(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, dict]:
-    """The adapter's name and its RECAST layers by key (imported here: :mod:`peft_recast.layer` imports this module)."""
-    from .grouping import adapter_layers
+    """:func:`~peft_recast.grouping.peft_adapter_layers`, imported here: :mod:`peft_recast.layer` imports this module."""
+    from .grouping import peft_adapter_layers
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    name = adapter_name or model.active_adapter
-    if name not in model.peft_config:
-        raise ValueError(f"Adapter {name!r} does not exist; this model has {sorted(model.peft_config)}.")
-    return name, adapter_layers(base, name)
+    return peft_adapter_layers(model, adapter_name)

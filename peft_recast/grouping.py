@@ -99,6 +99,16 @@ def adapter_layers(model: nn.Module, adapter_name: str, members: bool = False) -
     }
 
 
+def peft_adapter_layers(model: nn.Module, adapter_name: Optional[str] = None) -> tuple[str, dict[str, RecastLayer]]:
+    """``adapter_name`` (default: the active adapter) of a PEFT model and its RECAST layers by key (as in the base
+    model's ``named_modules()``); an adapter the model does not have raises ``ValueError``."""
+    name, configs = adapter_name or getattr(model, "active_adapter", None), getattr(model, "peft_config", {})
+    if name not in configs:
+        raise ValueError(f"Adapter {name!r} does not exist; this model has {sorted(configs)}.")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return name, adapter_layers(base, name)
+
+
 def layer_index(key: str, layers_pattern: Optional[Union[str, list[str]]]) -> Optional[int]:
     """The layer index that PEFT's ``layers_to_transform`` filter reads from a module key.
 

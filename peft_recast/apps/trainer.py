@@ -14,7 +14,6 @@ This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Optional, Union
@@ -23,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import RECOMMENDED_LR
+from .. import RECOMMENDED_LR, RecastConfig, add_channels, rank_channels
 from .encoder import (
     SentenceClassifier,
     load_tokenizer,
@@ -111,14 +110,11 @@ def with_ranked_channels(model: PeftModel, train: datasets.Dataset, tokenizer: A
     from transformers import DataCollatorWithPadding
     from transformers.trainer_utils import get_last_checkpoint
 
-    from .. import add_channels, rank_channels
-
     if resume_from_checkpoint:
         path = get_last_checkpoint(output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
         if path is None:
             raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
-        with open(os.path.join(path, "adapter_config.json")) as handle:
-            chosen = json.load(handle)["channels"]
+        chosen = RecastConfig.from_pretrained(path).channels
     else:
         collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed)).tolist()
@@ -153,7 +149,7 @@ def train_task(
 
     ``head_first`` (the recommended recipe, measured in docs/benchmarks.md): first the head alone on the frozen
     encoder (:func:`train_head_first`), then head and coefficients together; skipped when resuming (the checkpoint
-    holds the head). ``channels``: then the this many output rows that :func:`~peft_recast.rank_channels` ranks
+    holds the head). ``channels``: then this many output rows that :func:`~peft_recast.rank_channels` ranks
     highest on the first training batches get coefficients of their own (:func:`with_ranked_channels`; when resuming,
     the checkpoint's rows).
 

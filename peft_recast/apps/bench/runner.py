@@ -93,13 +93,10 @@ def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, s
     return time.perf_counter() - started
 
 
-def _ranked_adapter(model: MethodModel, method: Method, key: str, data: TaskData, seed: int, settings: BenchSettings,
-                    cache: dict) -> tuple[nn.Module, nn.Module]:
-    """A `channels` method's encoder and head: the head's probe run on the frozen encoder, then :func:`rank_channels`
-    with that head's loss on the run's first training batches, and the chosen rows added to the adapter."""
-    encoder = model.new_adapter(key)  # coefficients 0: the pretrained encoder
-    head = new_head(encoder.config.hidden_size, len(data.classes), seed, model.device)
-    _probe_run(encoder, head, data, seed, settings, cache)
+def _add_ranked_rows(encoder: nn.Module, head: nn.Module, method: Method, key: str, data: TaskData, seed: int,
+                     settings: BenchSettings) -> None:
+    """A `channels` method, after the head's probe run: :func:`rank_channels` with that head's loss on the run's first
+    training batches, and the chosen rows added to the adapter ``key``."""
     order = batch_order(data.train.lengths, Settings(epochs=1, batch_size=settings.batch_size, seed=seed))
     channels = rank_channels(
         encoder, order[:RANKING_BATCHES], method.channels,
@@ -107,7 +104,6 @@ def _ranked_adapter(model: MethodModel, method: Method, key: str, data: TaskData
             sentence_logits(encoder, head, data.train(indices)), data.train_labels[indices]),
     )
     add_channels(encoder, channels, key)
-    return encoder, head
 
 
 def _prune(encoder: nn.Module, key: str) -> None:
@@ -153,17 +149,16 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 # methods that start from random values (LoRA's A, FourierFT's spectrum) draw them from the run's seed,
                 # not from whatever the process did before (other methods, tasks, imports)
                 torch.manual_seed(seed)
-                if method.channels:  # the head first, on which the ranking depends
-                    encoder, head = _ranked_adapter(model, method, key, data, seed, settings, embeddings)
-                else:
-                    encoder = model.new_adapter(key)
-                    head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
+                encoder = model.new_adapter(key)
+                head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
                 if method.kind == "probe":
                     seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = None
                 else:
-                    if method.head_first and not method.channels:  # the probe's run on the frozen encoder, then both from there
+                    if method.head_first:  # the probe's run on the frozen encoder, then both from there
                         _probe_run(encoder, head, data, seed, settings, embeddings)
+                    if method.channels:  # ranked with the head's loss
+                        _add_ranked_rows(encoder, head, method, key, data, seed, settings)
                     step_seconds = train_run(encoder, head, data, lr, seed, settings,
                                              f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
                     seconds = None
