@@ -44,6 +44,35 @@ def coefficient_problem(
     return None
 
 
+def shared_coefficient_keys(layers: dict[str, RecastLayer], adapter_name: str) -> dict[str, str]:
+    """The coefficient keys of ``adapter_name``'s modules that share another module's tensor (the later roles of a
+    fused weight; the later groups under ``coefficient_sharing="position"``), each mapped to its owner's key.
+
+    A saved adapter holds each shared tensor once, under its owner's key: ``N`` shared tensors of ``K x n`` numbers
+    cost ``N`` entries of the safetensors header, not one per module.
+    """
+    keys = {id(layer): key for key, layer in layers.items()}
+    shared = {}
+    for key, layer in layers.items():
+        owner = layer.recast_tie.get(adapter_name)
+        if owner is not None and id(owner) in keys:
+            shared[f"{key}.recast_coefficients.{adapter_name}"] = f"{keys[id(owner)]}.recast_coefficients.{adapter_name}"
+    return shared
+
+
+def fill_shared_coefficients(
+    layers: dict[str, RecastLayer], adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``state_dict`` (keys mapped to the model's) with each module that shares its owner's coefficient tensor given
+    the owner's saved entry where the file holds only the owner's (see :func:`shared_coefficient_keys`); files that
+    hold every module's entry, as written before, are returned as they are."""
+    filled = dict(state_dict)
+    for key, owner_key in shared_coefficient_keys(layers, adapter_name).items():
+        if key not in filled and owner_key in filled:
+            filled[key] = filled[owner_key]
+    return filled
+
+
 def _tensors_problem(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], noun: str) -> Optional[str]:
     pair = "adapter_model.safetensors and adapter_config.json do not belong together (or one was edited)"
     unexpected = sorted(set(loaded) - set(expected))
@@ -148,6 +177,7 @@ def _saved_state(tuner: RecastModel, model_id: str, adapter_name: str) -> tuple[
         load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
     )
     layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
+    state = fill_shared_coefficients(layers, adapter_name, state)
     return state, layers, coefficient_problem(layers, adapter_name, state)
 
 
@@ -193,7 +223,7 @@ def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "defaul
         raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Load it with "
                          "`load_adapter` as an adapter of its own instead.")
     state_dict, _, problem = _saved_state(tuner, model_id, adapter_name)
-    targets = dict(model.named_parameters())
+    targets = dict(model.named_parameters(remove_duplicate=False))  # shared tensors under each module's key
     state_dict = {_live_key(key, adapter_name, targets): value for key, value in state_dict.items()}
     missing = [key for key in state_dict if key not in targets]
     if problem is None and missing:

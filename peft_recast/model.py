@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import coefficient_problem
+from .adapters import coefficient_problem, fill_shared_coefficients, shared_coefficient_keys
 from .bank import BankGroup, TemplateBank, load_template_bank
 from .channels import attach_channels
 from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
@@ -402,13 +402,35 @@ class RecastModel(QuantizedBase, BaseTuner):
                     )
 
     @classmethod
+    def _get_adapter_state_dict(
+        cls,
+        model: nn.Module,
+        config: RecastConfig,
+        adapter_name: str,
+        state_dict: dict[str, torch.Tensor],
+        unwanted_adapter_names: list[str],
+    ) -> dict[str, torch.Tensor]:
+        """PEFT's selection of the adapter's entries, each shared coefficient tensor once (under its owner's key;
+        :func:`~peft_recast.adapters.shared_coefficient_keys`): PEFT's key format, fewer header entries."""
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        layers = {
+            key.replace("_fsdp_wrapped_module.", ""): layer for key, layer in adapter_layers(model, adapter_name).items()
+        }
+        for key, owner_key in shared_coefficient_keys(layers, adapter_name).items():
+            if owner_key in selected:
+                selected.pop(key, None)
+        return selected
+
+    @classmethod
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: RecastConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """PEFT's key remapping, then a check of the coefficients before they are loaded: a missing, unexpected,
-        misshapen, non-float or non-finite coefficient tensor raises ``ValueError`` and removes the adapter again."""
+        """PEFT's key remapping (a shared coefficient tensor saved once fills every module that shares it), then a
+        check of the coefficients before they are loaded: a missing, unexpected, misshapen, non-float or non-finite
+        coefficient tensor raises ``ValueError`` and removes the adapter again."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = adapter_layers(model, adapter_name)
+        state_dict = fill_shared_coefficients(layers, adapter_name, state_dict)
         problem = coefficient_problem(layers, adapter_name, state_dict)
         if problem is not None:
             cls._remove_adapter_layers(model, adapter_name, adapter_layers(model, adapter_name, members=True))

@@ -1,24 +1,16 @@
 """`benchmarks/decoder_lr.py` at a tiny size: the default trains a (briefly pretrained) decoder LM at the recommended
 rate and at three times it: the held-back loss falls and never rises more than 5 % above its start."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from peft_recast import RECOMMENDED_LR
 
-REPO = Path(__file__).resolve().parents[2]
+from ..helpers import import_benchmark
 
 
 @pytest.fixture(scope="module")
 def decoder_lr():
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import decoder_lr
-    finally:
-        sys.path.pop(0)
-    return decoder_lr
+    return import_benchmark("decoder_lr")
 
 
 @pytest.mark.parametrize("factor", [1, 3])

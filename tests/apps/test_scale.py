@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..helpers import import_benchmark
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,11 +25,7 @@ def _llama_targets(hidden: int, intermediate: int, layers: int, heads: int, kv_h
 
 
 def test_quick_scale_benchmark(tmp_path):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import scale
-    finally:
-        sys.path.pop(0)
+    scale = import_benchmark("scale")
     output = tmp_path / "scale.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "scale.py"), "--quick", "--threads", "1", "--json", str(output)],

@@ -3,10 +3,10 @@
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_recast import RecastConfig
+from peft_recast import RecastConfig, hotswap_adapter, load_adapters
 
 from ..models import llama_kwargs, model_output
 
@@ -53,7 +53,8 @@ def test_shared_coefficients_act_on_each_groups_own_templates(tmp_path):
     torch.testing.assert_close(model_output(shared, IDS), expected)
     shared.save_pretrained(tmp_path)
     saved = load_file(tmp_path / "adapter_model.safetensors")
-    assert len(saved) == 10  # every module's key, as PEFT writes any adapter
+    # each shared tensor once, under its owner's key in PEFT's format (not 10 entries, one per module)
+    assert sorted(saved) == sorted(name.replace(".default", "") for name in owners)
     reloaded = PeftModel.from_pretrained(_llama(5), tmp_path).eval()
     torch.testing.assert_close(model_output(reloaded, IDS), expected)
     assert _trainable(PeftModel.from_pretrained(_llama(5), tmp_path, is_trainable=True)) == 16
@@ -82,3 +83,46 @@ def test_bad_sharing_is_refused():
     model.add_adapter("per_module", RecastConfig())
     with pytest.raises(ValueError, match="coefficient_sharing"):
         model.add_weighted_adapter(["default", "per_module"], [0.5, 0.5], "mix")
+
+
+def _every_module_key(model, folder):
+    """Rewrite ``folder``'s adapter as files were written before: every module's key, tied ones included."""
+    tensors = {
+        name.replace(".default", ""): parameter.detach().clone()
+        for name, parameter in model.named_parameters()
+        if ".recast_coefficients." in name
+    }
+    tensors.update({
+        f"base_model.model.{key}.recast_coefficients": layer.recast_coefficients["default"].detach().clone()
+        for key, layer in model.base_model.model.named_modules()
+        if hasattr(layer, "recast_tie") and "default" in layer.recast_tie
+    })
+    save_file(tensors, folder / "adapter_model.safetensors")
+    return tensors
+
+
+@pytest.mark.parametrize("settings", [
+    {"coefficient_sharing": "position"},
+    {"target_modules": ["q_proj", "k_proj", "v_proj"], "fused_modules": ["q_proj", "k_proj", "v_proj"]},
+], ids=["position", "fused"])
+def test_files_hold_each_shared_tensor_once_and_older_files_still_load(tmp_path, settings):
+    model = get_peft_model(_llama(4), RecastConfig(init_weights=False, **settings)).eval()
+    expected = model_output(model, IDS)
+    model.save_pretrained(tmp_path / "new")
+    saved = load_file(tmp_path / "new" / "adapter_model.safetensors")
+    assert len(saved) == sum(1 for p in model.parameters() if p.requires_grad)  # one entry per distinct tensor
+    assert all(key.endswith(".recast_coefficients") for key in saved)
+    (tmp_path / "old").mkdir()
+    model.peft_config["default"].save_pretrained(tmp_path / "old")
+    old = _every_module_key(model, tmp_path / "old")
+    assert len(old) > len(saved)
+    for folder in ("new", "old"):
+        reloaded = PeftModel.from_pretrained(_llama(4), tmp_path / folder).eval()
+        torch.testing.assert_close(model_output(reloaded, IDS), expected)
+        # hotswap and bulk loading read the same files
+        fresh = get_peft_model(_llama(4), RecastConfig(**settings)).eval()
+        hotswap_adapter(fresh, str(tmp_path / folder), "default")
+        torch.testing.assert_close(model_output(fresh, IDS), expected)
+        load_adapters(fresh, [str(tmp_path / folder)], ["loaded"])
+        fresh.set_adapter("loaded")
+        torch.testing.assert_close(model_output(fresh, IDS), expected)

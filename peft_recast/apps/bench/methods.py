@@ -137,9 +137,11 @@ METHODS: dict[str, Method] = {
                (3e-3, 1e-2, 3e-2), 1e-2,
                _recast(**RECAST_LADDER["ladder-648"], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
                head_first=True),
-        # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups
-        Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks", "peft",
-               WIDE_RECAST_LRS, 1e-2, _recast(coefficient_sharing="position", coefficient_blocks=6)),
+        # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups,
+        # with the default's recipe (head first)
+        Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks, head first",
+               "peft", WIDE_RECAST_LRS, 1e-2, _recast(coefficient_sharing="position", coefficient_blocks=6),
+               head_first=True),
         # the LayerNorm alignment stage (issue 9): RECAST with LayerNorm scale and shift, jointly or LayerNorms first
         Method("recast-ln", "RECAST default + all LayerNorms", "peft", (1e-2, 3e-2), 1e-2,
                _recast(modules_to_save=ALL_LAYERNORMS)),

@@ -1,0 +1,239 @@
+"""RECAST on a decoder LM against the base model, LoRA r=8, TinyLoRA and UniLoRA: a real task posed as generation.
+
+Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decoder_task.py [--out runs/decoder_task]` (resumable: every
+finished run is kept in ``<out>/results.json``; the tokenizer and the pretrained model are cached in ``<out>``).
+``--quick`` is the CI smoke run (a tiny model, a few steps, one rate per method).
+
+No pip package found here ships a pretrained causal LM, so the base is built and pretrained here, as large as this
+2-core CPU trains in minutes:
+
+1. Tokenizer: a byte-level BPE of ``--vocab`` tokens trained on the corpus.
+2. Corpus: the texts (not the labels) of every task in ``peft_recast.apps.tasks`` except the two evaluated, cut to
+   ``MAX_CHARS``; the base model is a Llama (grouped-query attention) trained in full on ``--context``-token windows
+   of it for ``--pretrain-steps`` (AdamW, one-cycle), so its weights carry the structure of text.
+3. Tasks posed as generation: a prompt ``"<text>\\nlabel:"`` and the answer, one token: the class word
+   (:data:`CLASS_WORDS`, the first candidate that is one token). Training is supervised fine-tuning on the answer
+   token (cross-entropy of the model's own next-token logits over the whole vocabulary); accuracy is greedy
+   generation of one token equal to the class word ("among the classes": the class word with the highest logit).
+4. Protocol: the encoder benchmark's one-rate protocol on the small-data split (1,000 training examples, 3 epochs,
+   batch 32, the one training loop of ``peft_recast.apps.loop``): each method's rate grid runs on ``trec6`` at seed
+   0, the rate with the best validation accuracy is the method's one rate, seeds 0-2 run at it; ``sms`` is held
+   out (never used to choose; run at that rate). The base model is evaluated without training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+from peft import LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
+from tqdm.auto import tqdm
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from peft_recast import RecastConfig
+from peft_recast.apps.bench.methods import TIED_TINYLORA_LRS, UNILORA_LRS, WIDE_LORA_LRS, WIDE_RECAST_LRS
+from peft_recast.apps.loop import Settings, accuracy, make_optimizer, optimizer_step, train, trainable_numbers
+from peft_recast.apps.tasks import TASKS, load_task
+
+TUNING_TASK, HELD_OUT_TASK = "trec6", "sms"
+MAX_CHARS, PROMPT, SEEDS = 2000, "\nlabel:", (0, 1, 2)
+# Per class, candidate answer words; the first that the tokenizer keeps as one token is the answer.
+CLASS_WORDS = {
+    "trec6": [["abbreviation", "acronym", "short"], ["description", "definition", "reason"],
+              ["entity", "thing", "object"], ["person", "human", "people"], ["location", "place", "where"],
+              ["number", "amount", "count"]],
+    "sms": [["normal", "ok", "fine"], ["spam", "junk", "advert"]],
+}
+QV = ["q_proj", "v_proj"]
+METHODS = {  # name: (PEFT config, rate grid)
+    "RECAST default": (lambda: RecastConfig(task_type="CAUSAL_LM"), WIDE_RECAST_LRS),
+    "TinyLoRA tied, u=48": (
+        lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=48, weight_tying=1.0, target_modules=QV),
+        TIED_TINYLORA_LRS,
+    ),
+    "UniLoRA, 48": (lambda: UniLoraConfig(task_type="CAUSAL_LM", r=4, theta_d_length=48, target_modules=QV),
+                    UNILORA_LRS),
+    "LoRA r=8": (lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=QV), WIDE_LORA_LRS),
+}
+
+
+def corpus() -> list[str]:
+    """The texts of every task but the evaluated two, each cut to ``MAX_CHARS`` characters."""
+    texts = []
+    for name, spec in TASKS.items():
+        if name not in (TUNING_TASK, HELD_OUT_TASK):
+            texts.extend(text[:MAX_CHARS] for text in spec.reader()[0])
+    return texts
+
+
+def build_tokenizer(texts: list[str], vocab: int, path: str) -> PreTrainedTokenizerFast:
+    """A byte-level BPE of ``vocab`` tokens trained on ``texts`` (cached at ``path``)."""
+    if not os.path.exists(path):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<eos>"],
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tokenizer.train_from_iterator(texts, trainer)
+        tokenizer.save(path)
+    return PreTrainedTokenizerFast(tokenizer_file=path, pad_token="<pad>", eos_token="<eos>")
+
+
+def pretrained_base(args, tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> LlamaForCausalLM:
+    """The Llama pretrained on ``texts`` (cached in ``args.out``; trained in full on first use)."""
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
+                         num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64), num_key_value_heads=2,
+                         max_position_embeddings=args.context, tie_word_embeddings=True,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    path = os.path.join(args.out, f"base-{base_tag(args)}.pt")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path))
+        return model.eval()
+    stream = [token for ids in tokenizer(texts)["input_ids"] for token in ids + [tokenizer.eos_token_id]]
+    windows = torch.tensor(stream[: len(stream) // args.context * args.context]).view(-1, args.context)
+    generator = torch.Generator().manual_seed(0)
+    optimizer, scheduler = make_optimizer([(list(model.parameters()), 3e-3)], args.pretrain_steps)
+    progress = tqdm(range(args.pretrain_steps), desc=f"pretraining ({len(windows):,} windows)", unit="step")
+    model.train()
+    for _ in progress:
+        batch = windows[torch.randint(0, len(windows), (16,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer_step(loss, optimizer, scheduler, [list(model.parameters())], 1.0)
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    torch.save(model.state_dict(), path)
+    return model.eval()
+
+
+def base_tag(args) -> str:
+    """What fixes the pretrained base: vocabulary, width, depth, context and pretraining steps."""
+    return f"v{args.vocab}-h{args.hidden}-l{args.layers}-c{args.context}-s{args.pretrain_steps}"
+
+
+def answer_tokens(task: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """The answer token of each class of ``task``: its first candidate word that is one token (after a space)."""
+    chosen = []
+    for candidates in CLASS_WORDS[task]:
+        ids = [tokenizer(" " + word)["input_ids"] for word in candidates]
+        single = [row[0] for row in ids if len(row) == 1]
+        if not single:
+            raise ValueError(f"None of {candidates} is one token of this tokenizer; add a candidate that is.")
+        chosen.append(single[0])
+    return chosen
+
+
+class Prompts:
+    """``"<text>\\nlabel:"`` token ids (the text cut to ``max_length`` tokens), left-padded per batch so that every
+    row's answer position is the last one; called with indices, returns the next-token logits there, ``(B, V)``."""
+
+    def __init__(self, tokenizer, texts: list[str], max_length: int) -> None:
+        suffix = tokenizer(PROMPT)["input_ids"]
+        self.ids = [row[:max_length] + suffix for row in tokenizer(list(texts))["input_ids"]]
+        self.lengths, self.pad = [len(row) for row in self.ids], tokenizer.pad_token_id
+
+    def logits(self, model, indices: list[int]) -> torch.Tensor:
+        width = max(self.lengths[i] for i in indices)
+        ids = torch.tensor([[self.pad] * (width - self.lengths[i]) + self.ids[i] for i in indices])
+        mask = (torch.arange(width) >= width - torch.tensor([self.lengths[i] for i in indices])[:, None]).long()
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+
+    @torch.no_grad()
+    def predict(self, model, answers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy next tokens ``(N,)`` and the class with the highest answer logit ``(N,)``."""
+        order = sorted(range(len(self.ids)), key=lambda i: self.lengths[i])
+        greedy, among = torch.empty(len(order), dtype=torch.long), torch.empty(len(order), dtype=torch.long)
+        for start in range(0, len(order), 64):
+            batch = order[start : start + 64]
+            logits = self.logits(model, batch)
+            greedy[batch], among[batch] = logits.argmax(-1), logits[:, answers].argmax(-1)
+        return greedy, among
+
+
+def run(args, base_state: dict, model_config, tokenizer, task: str, method: str, lr: float, seed: int) -> dict:
+    """One fine-tuning run (or the base model's evaluation, ``method == "base model"``): accuracies and counts."""
+    data = load_task(task, max_train=1000)
+    answers = answer_tokens(task, tokenizer)
+    model = LlamaForCausalLM(model_config)
+    model.load_state_dict(base_state)
+    model.eval()
+    numbers, seconds = 0, 0.0
+    if method != "base model":
+        torch.manual_seed(seed)
+        model = get_peft_model(model, METHODS[method][0]()).eval()
+        numbers = trainable_numbers(model)
+        prompts = Prompts(tokenizer, data["train"]["text"], TASKS[task].max_length)
+        labels = torch.tensor([answers[label] for label in list(data["train"]["label"])])
+        settings = Settings(epochs=args.epochs, lr=lr, seed=seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        seconds = train(lambda indices: prompts.logits(model, indices), labels, prompts.lengths, [(params, lr)],
+                        settings, f"{method} {task} lr {lr:g} seed {seed}")
+    record = {"method": method, "task": task, "lr": lr, "seed": seed, "numbers": numbers, "seconds_per_step": seconds}
+    for split in ("validation", "test"):
+        greedy, among = Prompts(tokenizer, data[split]["text"], TASKS[task].max_length).predict(model, answers)
+        targets = torch.tensor(list(data[split]["label"]))
+        record[f"{split}_generated"] = accuracy(greedy, torch.tensor(answers)[targets])
+        record[f"{split}_among_classes"] = accuracy(among, targets)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="runs/decoder_task")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--pretrain-steps", type=int, default=600)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny model, 1 epoch, one rate")
+    args = parser.parse_args()
+    if args.quick:
+        args.hidden, args.layers, args.pretrain_steps, args.epochs = 64, 2, 20, 1
+    os.makedirs(args.out, exist_ok=True)
+    texts = corpus()
+    tokenizer = build_tokenizer(texts, args.vocab, os.path.join(args.out, f"tokenizer-{args.vocab}.json"))
+    base = pretrained_base(args, tokenizer, texts)
+    base_state, model_config = base.state_dict(), base.config
+    path = os.path.join(args.out, "results.json" if not args.quick else "quick.json")
+    records = json.load(open(path)) if os.path.exists(path) else {}
+
+    def record(task: str, method: str, lr: float, seed: int) -> dict:
+        key = f"{base_tag(args)}/{args.epochs}/{task}/{method}/{lr:g}/{seed}"
+        if key not in records:
+            records[key] = run(args, base_state, model_config, tokenizer, task, method, lr, seed)
+            with open(path + ".tmp", "w") as handle:
+                json.dump(records, handle, indent=1)
+            os.replace(path + ".tmp", path)
+        return records[key]
+
+    rows = [("base model", 0, [record(task, "base model", 0.0, 0) for task in (TUNING_TASK, HELD_OUT_TASK)])]
+    for method, (_, grid) in METHODS.items():
+        grid = grid[len(grid) // 2 :][:1] if args.quick else grid
+        best = max(grid, key=lambda lr: record(TUNING_TASK, method, lr, 0)["validation_generated"])
+        seeds = SEEDS[:1] if args.quick else SEEDS
+        rows.append((method, best, [record(task, method, best, s) for s in seeds for task in (TUNING_TASK, HELD_OUT_TASK)]))
+    print(f"\nbase: {args.hidden} hidden x {args.layers} layers, {sum(p.numel() for p in base.parameters()):,} parameters, pretrained "
+          f"{args.pretrain_steps} steps; {len(SEEDS) if not args.quick else 1} seed(s), test accuracy, mean (sd)\n")
+    print(f"| method | one rate | numbers | {TUNING_TASK}: generated | {TUNING_TASK}: among classes | "
+          f"{HELD_OUT_TASK} (held out): generated | {HELD_OUT_TASK}: among classes |")
+    print("|---|---|---|---|---|---|---|")
+    for method, lr, runs in rows:
+        cells = []
+        for task in (TUNING_TASK, HELD_OUT_TASK):
+            for metric in ("test_generated", "test_among_classes"):
+                values = [100 * r[metric] for r in runs if r["task"] == task]
+                spread = statistics.stdev(values) if len(set(values)) > 1 else 0.0
+                cells.append(f"{statistics.mean(values):.1f} ({spread:.1f})")
+        numbers = runs[0]["numbers"]
+        print(f"| {method} | {lr:g} | {numbers:,} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
