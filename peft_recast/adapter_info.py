@@ -31,9 +31,11 @@ def _group_matcher(name: str) -> tuple[str, int, int]:
 def inspect_adapter(path: str) -> dict[str, Any]:
     """Summarise the RECAST adapter in ``path`` (an adapter directory, or a file inside one).
 
-    Returns a JSON-serialisable dict: the config's main fields, the weight file's size and tensors, and one entry
-    per template group (its modules, coefficients and the fingerprint, i.e. the singular values of the group's
-    pretrained weights).
+    Returns a JSON-serialisable dict: the config's main fields, the rows with coefficients of their own per module
+    (``channels``), the weight file's size and tensors, and one entry per template group (the modules whose
+    coefficients it stores, their numbers and the fingerprint, i.e. the singular values of the group's pretrained weights). A tensor
+    shared by several modules (``fused_modules``, ``coefficient_sharing="position"``) is stored once, under the first
+    of them, and counted there.
     """
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     config_path = os.path.join(directory, CONFIG_NAME)
@@ -62,9 +64,12 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     groups = {name: dict(name=name, modules=0, coefficients=0, singular_values=values)
               for name, values in fingerprint.items()}
     matchers = {name: _group_matcher(name) for name in groups}
-    coefficients, others = 0, {}
+    coefficients, gate_scores, others = 0, 0, {}
     for key, shape in sorted(shapes.items()):
         numel = math.prod(shape)
+        if key.endswith(".recast_gate_scores"):
+            gate_scores += numel
+            continue
         if not key.endswith(".recast_coefficients"):
             others[key] = shape
             continue
@@ -87,11 +92,14 @@ def inspect_adapter(path: str) -> dict[str, Any]:
         peft_version=config.get("peft_version"),
         settings={key: config.get(key) for key in (
             "target_modules", "layers_per_group", "num_groups", "num_templates", "num_coefficient_sets",
-            "coefficient_blocks", "coefficient_scale", "coefficient_bound", "modules_to_save",
+            "coefficient_blocks", "coefficient_scale", "coefficient_bound", "modules_to_save", "fused_modules",
+            "coefficient_sharing", "module_gates", "inactive_modules",
         )},
+        channels={key: len(rows) for key, rows in (config.get("channels") or {}).items()},
         weight_file=os.path.basename(weight_path),
         weight_bytes=os.path.getsize(weight_path),
         coefficients=coefficients,
+        gate_scores=gate_scores,
         other_parameters=others,
         groups=list(groups.values()),
         task=task,
@@ -101,15 +109,19 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 def format_inspection(info: dict[str, Any]) -> str:
     """Human-readable text of :func:`inspect_adapter`'s result."""
     other = sum(math.prod(shape) for shape in info["other_parameters"].values())
+    gates = f", {info['gate_scores']} gate scores" if info["gate_scores"] else ""
     lines = [
         f"RECAST adapter in {info['path']}",
         f"base model: {info['base_model']}   task type: {info['task_type']}   saved with PEFT {info['peft_version']}",
-        "settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items() if v is not None),
+        "settings: " + ", ".join(f"{k}={v}" for k, v in info["settings"].items() if v not in (None, False)),
         (
             f"{info['weight_file']}: {info['weight_bytes']:,} bytes; {info['coefficients']} RECAST coefficients in "
-            f"{len(info['groups'])} groups, {other:,} other parameters"
+            f"{len(info['groups'])} groups{gates}, {other:,} other parameters"
         ),
     ]
+    if info["channels"]:
+        lines.append(f"rows with coefficients of their own: {sum(info['channels'].values())} in "
+                     f"{len(info['channels'])} modules")
     for key, shape in info["other_parameters"].items():
         lines.append(f"  other: {key} {tuple(shape)}")
     lines.append(f"{'group':<56} {'modules':>7} {'coef':>5}  fingerprint (singular values of the pretrained weights)")

@@ -34,11 +34,14 @@ def coefficient_problem(
 ) -> Optional[str]:
     """Check the ``recast_coefficients`` (and ``recast_gate_scores``) of a checkpoint (keys already mapped to the
     model's) against the RECAST layers of ``adapter_name``; describe the first problem found, or return ``None``."""
-    for attribute, noun in (("recast_coefficients", "coefficients"), ("recast_gate_scores", "gate scores")):
+    for attribute, noun, shape in (
+        ("recast_coefficients", "coefficients", "num_coefficient_sets x templates of its group"),
+        ("recast_gate_scores", "gate scores", "one score per gated module"),
+    ):
         expected = {f"{key}.{attribute}.{adapter_name}": getattr(layer, attribute)[adapter_name]
                     for key, layer in layers.items() if adapter_name in getattr(layer, attribute)}
         loaded = {key: value for key, value in state_dict.items() if f".{attribute}" in key}
-        problem = _tensors_problem(expected, loaded, noun)
+        problem = _tensors_problem(expected, loaded, noun, shape)
         if problem is not None:
             return problem
     return None
@@ -73,7 +76,9 @@ def fill_shared_coefficients(
     return filled
 
 
-def _tensors_problem(expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], noun: str) -> Optional[str]:
+def _tensors_problem(
+    expected: dict[str, torch.Tensor], loaded: dict[str, torch.Tensor], noun: str, shape: str
+) -> Optional[str]:
     pair = "adapter_model.safetensors and adapter_config.json do not belong together (or one was edited)"
     unexpected = sorted(set(loaded) - set(expected))
     if unexpected:
@@ -94,7 +99,7 @@ def _tensors_problem(expected: dict[str, torch.Tensor], loaded: dict[str, torch.
         if tuple(value.shape) != tuple(target.shape):
             return (
                 f"the {noun} '{key}' have shape {tuple(value.shape)} in the checkpoint but {tuple(target.shape)} "
-                "(num_coefficient_sets x templates of its group) under the adapter's config: "
+                f"({shape}) under the adapter's config: "
                 f"{pair}. Load the adapter_config.json saved with these {noun}."
             )
         if value.device.type != "meta" and not torch.isfinite(value).all():

@@ -8,13 +8,14 @@ import re
 
 import pytest
 from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_recast import RecastConfig, recast_summary
+from peft_recast import RecastConfig, add_channels, recast_summary
 from peft_recast.apps import cli
 from peft_recast.apps.encoder import BASE_MODEL_ID
 from peft_recast.bank import load_template_bank
 
-from ..models import tiny_bert, tiny_bert_classifier
+from ..models import llama_kwargs, tiny_bert, tiny_bert_classifier
 
 
 def test_inspect_reads_groups_coefficients_bytes_and_fingerprint(tmp_path, capsys):
@@ -37,6 +38,27 @@ def test_inspect_reads_groups_coefficients_bytes_and_fingerprint(tmp_path, capsy
     text = capsys.readouterr().out
     assert "32 RECAST coefficients in 4 groups, 99 other parameters" in text
     assert re.search(r"bert\.encoder\.layer\.2-3\.attention\.self\.key\s+2\s+8\s+\[", text)
+
+
+def test_inspect_shows_sharing_rows_and_gate_scores(tmp_path, capsys):
+    shared = get_peft_model(LlamaForCausalLM(LlamaConfig(**llama_kwargs(layers=4))),
+                            RecastConfig(coefficient_sharing="position"))
+    shared.save_pretrained(tmp_path / "shared")
+    assert cli.main(["inspect", str(tmp_path / "shared")]) == 0
+    text = capsys.readouterr().out
+    assert "coefficient_sharing=position" in text
+    assert "16 RECAST coefficients in 4 groups" in text  # each shared tensor once: q, v x 2 positions x 4 numbers
+
+    model = get_peft_model(tiny_bert(), RecastConfig(module_gates=True))
+    add_channels(model, {"encoder.layer.0.attention.self.query": [3, 5, 7]})
+    model.save_pretrained(tmp_path / "rows")
+    assert cli.main(["inspect", str(tmp_path / "rows"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["channels"] == {"encoder.layer.0.attention.self.query": 3}
+    assert info["gate_scores"] == 8 and info["settings"]["module_gates"] is True
+    assert info["other_parameters"] == {}
+    assert cli.main(["inspect", str(tmp_path / "rows")]) == 0
+    assert "rows with coefficients of their own: 3 in 1 modules" in capsys.readouterr().out
 
 
 def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path):

@@ -142,6 +142,11 @@ def test_an_unpruned_gated_adapter_saves_and_loads_its_scores(tmp_path):
     with pytest.raises(ValueError, match="lacks the gate scores of 2 targeted module"):
         PeftModel.from_pretrained(base, tmp_path)
     assert not any("recast" in name for name, _ in base.named_modules())  # removed again
+    save_file({k: v.expand(2).clone() if "gate" in k else v for k, v in state.items()},
+              tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"gate scores .* have shape \(2,\) in the checkpoint but \(1,\) \(one score "
+                                         r"per gated module\)"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path)
 
 
 def test_gate_errors_are_clear_and_change_nothing(tmp_path):
