@@ -48,16 +48,18 @@ CLASS_WORDS = {
     "sms": [["normal", "ok", "fine"], ["spam", "junk", "advert"]],
 }
 QV = ["q_proj", "v_proj"]
-METHODS = {  # name: (PEFT config, rate grid)
+METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was the grid's largest)
     "RECAST default": (lambda: RecastConfig(task_type="CAUSAL_LM"), WIDE_RECAST_LRS),
-    "RECAST, 42 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=42), WIDE_RECAST_LRS),
+    "RECAST, 42 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=42),
+                              (*WIDE_RECAST_LRS, 0.3)),
     "TinyLoRA tied, u=48": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=48, weight_tying=1.0, target_modules=QV),
         TIED_TINYLORA_LRS,
     ),
     "UniLoRA, 48": (lambda: UniLoraConfig(task_type="CAUSAL_LM", r=4, theta_d_length=48, target_modules=QV),
                     UNILORA_LRS),
-    "LoRA r=8": (lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=QV), WIDE_LORA_LRS),
+    "LoRA r=8": (lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=QV),
+                 (*WIDE_LORA_LRS, 3e-2)),
 }
 
 
@@ -231,6 +233,13 @@ def main() -> None:
     print(f"| method | one rate | numbers | {TUNING_TASK}: generated | {TUNING_TASK}: among classes | "
           f"{HELD_OUT_TASK} (held out): generated | {HELD_OUT_TASK}: among classes |")
     print("|---|---|---|---|---|---|---|")
+    majority = []
+    for task in (TUNING_TASK, HELD_OUT_TASK):
+        data = load_task(task, max_train=1000)
+        most = statistics.mode(list(data["train"]["label"]))
+        share = 100 * accuracy(torch.full((len(data["test"]),), most), torch.tensor(list(data["test"]["label"])))
+        majority += [f"{share:.1f}"] * 2
+    print("| always the most frequent training class (reference) | | 0 | " + " | ".join(majority) + " |")
     for method, lr, runs in rows:
         cells = []
         for task in (TUNING_TASK, HELD_OUT_TASK):
