@@ -89,8 +89,9 @@ def build_tokenizer(texts: list[str], vocab: int, path: str) -> PreTrainedTokeni
 
 def pretrained_base(args, tokenizer: PreTrainedTokenizerFast, texts: list[str]) -> LlamaForCausalLM:
     """The Llama pretrained on ``texts`` (cached in ``args.out``; trained in full on first use)."""
+    heads = max(4, args.hidden // 64)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=args.hidden, intermediate_size=args.hidden * 8 // 3,
-                         num_hidden_layers=args.layers, num_attention_heads=max(4, args.hidden // 64), num_key_value_heads=2,
+                         num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=2,
                          max_position_embeddings=args.context, tie_word_embeddings=True,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     path = os.path.join(args.out, f"base-{base_tag(args)}.pt")
@@ -227,9 +228,11 @@ def main() -> None:
         grid = grid[len(grid) // 2 :][:1] if args.quick else grid
         best = max(grid, key=lambda lr: validation(record(TUNING_TASK, method, lr, 0)))
         seeds = SEEDS[:1] if args.quick else SEEDS
-        rows.append((method, best, [record(task, method, best, s) for s in seeds for task in (TUNING_TASK, HELD_OUT_TASK)]))
-    print(f"\nbase: {args.hidden} hidden x {args.layers} layers, {sum(p.numel() for p in base.parameters()):,} parameters, pretrained "
-          f"{args.pretrain_steps} steps; {len(SEEDS) if not args.quick else 1} seed(s), test accuracy, mean (sd)\n")
+        runs = [record(task, method, best, seed) for seed in seeds for task in (TUNING_TASK, HELD_OUT_TASK)]
+        rows.append((method, best, runs))
+    size = sum(p.numel() for p in base.parameters())
+    print(f"\nbase: {args.hidden} hidden x {args.layers} layers, {size:,} parameters, pretrained {args.pretrain_steps} "
+          f"steps; {len(SEEDS) if not args.quick else 1} seed(s), test accuracy, mean (sd)\n")
     print(f"| method | one rate | numbers | {TUNING_TASK}: generated | {TUNING_TASK}: among classes | "
           f"{HELD_OUT_TASK} (held out): generated | {HELD_OUT_TASK}: among classes |")
     print("|---|---|---|---|---|---|---|")

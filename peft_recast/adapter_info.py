@@ -33,9 +33,9 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 
     Returns a JSON-serialisable dict: the config's main fields, the rows with coefficients of their own per module
     (``channels``), the weight file's size and tensors, and one entry per template group (the modules whose
-    coefficients it stores, their numbers and the fingerprint, i.e. the singular values of the group's pretrained weights). A tensor
-    shared by several modules (``fused_modules``, ``coefficient_sharing="position"``) is stored once, under the first
-    of them, and counted there.
+    coefficients it stores, their numbers and the fingerprint, i.e. the singular values of the group's pretrained
+    weights). A tensor shared by several modules (``fused_modules``, ``coefficient_sharing="position"``) is stored
+    once, under the first of them, and counted there.
     """
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     config_path = os.path.join(directory, CONFIG_NAME)

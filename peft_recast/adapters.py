@@ -59,7 +59,8 @@ def shared_coefficient_keys(layers: dict[str, RecastLayer], adapter_name: str) -
     for key, layer in layers.items():
         owner = layer.recast_tie.get(adapter_name)
         if owner is not None and id(owner) in keys:
-            shared[f"{key}.recast_coefficients.{adapter_name}"] = f"{keys[id(owner)]}.recast_coefficients.{adapter_name}"
+            suffix = f".recast_coefficients.{adapter_name}"
+            shared[key + suffix] = keys[id(owner)] + suffix
     return shared
 
 

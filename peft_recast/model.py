@@ -413,9 +413,8 @@ class RecastModel(QuantizedBase, BaseTuner):
         """PEFT's selection of the adapter's entries, each shared coefficient tensor once (under its owner's key;
         :func:`~peft_recast.adapters.shared_coefficient_keys`): PEFT's key format, fewer header entries."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        layers = {
-            key.replace("_fsdp_wrapped_module.", ""): layer for key, layer in adapter_layers(model, adapter_name).items()
-        }
+        layers = adapter_layers(model, adapter_name)
+        layers = {key.replace("_fsdp_wrapped_module.", ""): layer for key, layer in layers.items()}
         for key, owner_key in shared_coefficient_keys(layers, adapter_name).items():
             if owner_key in selected:
                 selected.pop(key, None)
