@@ -13,7 +13,6 @@ end, and the worst loss as a change from the start. ``--text DIR``: the same on 
 from __future__ import annotations
 
 import argparse
-import os
 from typing import Optional
 
 import torch
@@ -86,10 +85,7 @@ def text_base_and_windows(out: str) -> tuple[LlamaForCausalLM, torch.Tensor]:
     ``LENGTH`` tokens of the texts it never saw (TREC-6 questions and SMS messages, shuffled with a fixed seed)."""
     import decoder_task
 
-    args = argparse.Namespace(out=out, hidden=256, layers=6, vocab=8192, context=128, pretrain_steps=600)
-    texts = decoder_task.corpus()
-    tokenizer = decoder_task.build_tokenizer(texts, args.vocab, os.path.join(out, f"tokenizer-{args.vocab}.json"))
-    base = decoder_task.pretrained_base(args, tokenizer, texts)
+    tokenizer, base = decoder_task.tokenizer_and_base(decoder_task.arguments(["--out", out]))
     unseen = [text for name in (decoder_task.TUNING_TASK, decoder_task.HELD_OUT_TASK)
               for text in decoder_task.TASKS[name].reader()[0]]
     order = torch.randperm(len(unseen), generator=torch.Generator().manual_seed(3)).tolist()

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+from typing import Optional
 
 import torch
 from peft import LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
@@ -193,7 +194,8 @@ def run(args, base_state: dict, model_config, tokenizer, task: str, method: str,
     return record
 
 
-def main() -> None:
+def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The command line (``argv``; default ``sys.argv``), with ``--quick``'s sizes filled in."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/decoder_task")
     parser.add_argument("--hidden", type=int, default=256)
@@ -203,13 +205,23 @@ def main() -> None:
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny model, 1 epoch, one rate")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.pretrain_steps, args.epochs = 64, 2, 20, 1
+    return args
+
+
+def tokenizer_and_base(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """The tokenizer and the pretrained Llama of ``args`` (both cached in ``args.out``, made on first use)."""
     os.makedirs(args.out, exist_ok=True)
     texts = corpus()
     tokenizer = build_tokenizer(texts, args.vocab, os.path.join(args.out, f"tokenizer-{args.vocab}.json"))
-    base = pretrained_base(args, tokenizer, texts)
+    return tokenizer, pretrained_base(args, tokenizer, texts)
+
+
+def main() -> None:
+    args = arguments()
+    tokenizer, base = tokenizer_and_base(args)
     base_state, model_config = base.state_dict(), base.config
     path = os.path.join(args.out, "results.json" if not args.quick else "quick.json")
     records = json.load(open(path)) if os.path.exists(path) else {}

@@ -54,12 +54,11 @@ def shared_coefficient_keys(layers: dict[str, RecastLayer], adapter_name: str) -
     A saved adapter holds each shared tensor once, under its owner's key: ``N`` shared tensors of ``K x n`` numbers
     cost ``N`` entries of the safetensors header, not one per module.
     """
-    keys = {id(layer): key for key, layer in layers.items()}
+    keys, suffix = {id(layer): key for key, layer in layers.items()}, f".recast_coefficients.{adapter_name}"
     shared = {}
     for key, layer in layers.items():
         owner = layer.recast_tie.get(adapter_name)
         if owner is not None and id(owner) in keys:
-            suffix = f".recast_coefficients.{adapter_name}"
             shared[key + suffix] = keys[id(owner)] + suffix
     return shared
 

@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..helpers import import_benchmark
+from ..helpers import REPO, import_benchmark
 
-REPO = Path(__file__).resolve().parents[2]
 TEXTS = ["what is the capital of france ?", "who wrote hamlet ?", "how many legs does a spider have ?",
          "call me later , the number is new"] * 20
 

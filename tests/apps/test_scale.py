@@ -5,11 +5,8 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from ..helpers import import_benchmark
-
-REPO = Path(__file__).resolve().parents[2]
+from ..helpers import REPO, import_benchmark
 
 
 def _llama_targets(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int) -> dict[str, int]:
