@@ -20,7 +20,8 @@ import safetensors.torch
 import torch
 
 from .files import atomic_write
-from .layer import RecastGroup, RecastLayer
+from .grouping import RecastGroup
+from .layer import RecastLayer
 from .mimicry import fingerprint_mismatch
 
 BANK_FILE = "recast_template_bank.safetensors"

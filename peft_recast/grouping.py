@@ -22,6 +22,30 @@ from .layer import RecastLayer
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 
 
+class RecastGroup:
+    """The modules whose templates are built from one another's pretrained weights (one per adapter and group).
+
+    A plain object, not an ``nn.Module``: it holds references to its member layers without adding entries to the
+    model's ``state_dict`` or module tree.
+    """
+
+    def __init__(self, name: str, members: list[RecastLayer]) -> None:
+        self.name = name
+        self.members = members
+        self.fitted = self.weights_state()  # the weights the group's templates were fitted to
+
+    def weights_state(self) -> tuple:
+        """The members' pretrained weights by storage and version counter: it changes when any of them does."""
+        return tuple(member.weight_state() for member in self.members)
+
+    def basis(self) -> list[torch.Tensor]:
+        """The members' pretrained weights ``W_1..W_m`` (untouched by any merge), which span the templates."""
+        return [member.pristine_weight() for member in self.members]
+
+    def __repr__(self) -> str:
+        return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
+
+
 def role_and_index(key: str, layers_pattern: Optional[Union[str, list[str]]] = None) -> tuple[str, Optional[int]]:
     """Split a module key at its first numeric component: ``"enc.layer.3.q"`` -> ``("enc.layer.{}.q", 3)``; with
     ``layers_pattern`` at the component after it (``"stages.1.layers.3.conv"``, ``"layers"`` -> index 3)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,9 @@ from .combination import AdaptedCall, Operation, combine, row_blocks, shared_pro
 from .config import RecastConfig
 from .gates import GatedLayer
 
+if TYPE_CHECKING:
+    from .grouping import RecastGroup
+
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
 RANDOM_INIT_STD = 0.02
@@ -23,30 +26,6 @@ RANDOM_INIT_STD = 0.02
 # on MiniLM-L6's 384 x 384 query/value on a 2-core CPU: the crossover falls at 2, ~40 and ~650 adapters for batches
 # of 64, 2,048 and 32,768 tokens) or takes the group's shared products: see `Linear._prefers_shared_products`.
 REBUILD_TOKENS_PER_MEMBER = 25
-
-
-class RecastGroup:
-    """The modules whose templates are built from one another's pretrained weights (one per adapter and group).
-
-    A plain object, not an ``nn.Module``: it holds references to its member layers without adding entries to the
-    model's ``state_dict`` or module tree.
-    """
-
-    def __init__(self, name: str, members: list[RecastLayer]) -> None:
-        self.name = name
-        self.members = members
-        self.fitted = self.weights_state()  # the weights the group's templates were fitted to
-
-    def weights_state(self) -> tuple:
-        """The members' pretrained weights by storage and version counter: it changes when any of them does."""
-        return tuple(member.weight_state() for member in self.members)
-
-    def basis(self) -> list[torch.Tensor]:
-        """The members' pretrained weights ``W_1..W_m`` (untouched by any merge), which span the templates."""
-        return [member.pristine_weight() for member in self.members]
-
-    def __repr__(self) -> str:
-        return f"RecastGroup({self.name!r}, {len(self.members)} modules)"
 
 
 class RecastLayer(GatedLayer, BaseTunerLayer):

@@ -23,6 +23,7 @@ from .channels import attach_channels
 from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
 from .gates import finish_gates
 from .grouping import (
+    RecastGroup,
     adapter_layers,
     flat_cat,
     fuse_groups,
@@ -32,7 +33,7 @@ from .grouping import (
     role_and_index,
     warn_if_templates_exceed_groups,
 )
-from .layer import Conv2d, Linear, RecastGroup, RecastLayer
+from .layer import Conv2d, Linear, RecastLayer
 from .mimicry import GroupFit, fingerprint_mismatch, fit_group
 from .quantized import QuantizedBase, QuantizedLinear, is_bnb_linear
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from .bank import BankGroup
 from .config import RecastConfig
-from .layer import RecastGroup, RecastLayer
+from .grouping import RecastGroup
+from .layer import RecastLayer
 from .mimicry import reconstruction_error
 
 
