@@ -32,8 +32,8 @@ def test_peer_methods_cover_every_peer_at_every_rung():
     assert set(PEER_SIZES) == {24, 48, 144, 216, 648} and set(PEER_SIZES) <= set(LADDER_SIZES)
 
 
-@pytest.mark.parametrize("name", NEW_PEERS)
-def test_new_peer_has_a_grid_of_at_least_five_rates_holding_its_default(name):
+@pytest.mark.parametrize("name", [*NEW_PEERS, *[f"fourierft-{size}" for size in LADDER_SIZES], "fourierft-48-hf"])
+def test_peer_has_a_grid_of_at_least_five_rates_holding_its_default(name):
     method = METHODS[name]
     assert method.name == name and method.label
     assert len(method.lrs) >= 5 and len(set(method.lrs)) == len(method.lrs)
