@@ -75,7 +75,8 @@ UNILORA_LRS, UNILORA_LR = (3e-2, 1e-1, 3e-1, 1.0, 3.0), 3e-1
 WAVEFT_LRS, WAVEFT_LR = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 1e-2
 # FourierFT's grid stopped at 0.1 until 2026-11-30, where its validation accuracy was still rising at every rung on
 # the H200 (48: 83.3 / 85.7 / 88.0 at 1e-2 / 3e-2 / 0.1). On the small-data protocol at 48 (seed 0, six tuning tasks;
-# gain over the probe) it peaks at 3.0 (+0.10 at 3e-2, +0.57 at 1.0, +4.0 at 3.0, +2.8 at 10): with n_frequency per
+# mean test gain over the probe) it peaks at 3.0 (+0.10 at 3e-2, +0.57 at 1.0, +2.08 at 3.0, +1.10 at 10; chosen on
+# validation, 81.10 at 3.0; head first +4.77 at 3.0): with n_frequency per
 # 384 x 384 weight, each coefficient's change is scaled by scaling / (384 * 384), so it needs a large step.
 FOURIERFT_LRS, FOURIERFT_LR = (1e-1, 3e-1, 1.0, 3.0, 10.0), 3.0
 # Trainable numbers -> Taylor-ranked rows of the recast-ch methods (issue 20).
