@@ -372,8 +372,26 @@ def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm
 
     from peft_recast.apps.encoder import load_encoder
 
-    for name, size in (("recast-144-hf", 144), ("recast-1008-blocks", 1008)):
+    controls = [*[(f"recast-{size}-hf", size) for size in (24, 144, 216, 648)], ("recast-1008-blocks", 1008),
+                ("recast-48-b4-hf", 48)]
+    for name, size in controls:
         model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
         assert model.get_nb_trainable_parameters()[0] == size, name
+        assert bench.METHODS[name].head_first, name
     assert {name: bench.METHODS[name].channels for name in bench.METHODS if name.startswith("recast-ch-")} == {
         f"recast-ch-{size}": (size - (24 if size == 48 else 48)) // 2 for size in (48, 144, 216, 648, 1000)}
+
+
+def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_minilm():
+    import peft
+
+    from peft_recast.apps.encoder import load_encoder
+
+    gated = {name for name in bench.METHODS if name.startswith("recast-gates-")}
+    assert gated == {f"recast-gates-{size}" for size in (48, 144, 216, 648, 1000)}
+    for size in (144, 1000):  # 12 q,v modules: their coefficients plus one gate score each
+        method = bench.METHODS[f"recast-gates-{size}"]
+        config = method.config()
+        assert config.module_gates and method.head_first
+        model = peft.get_peft_model(load_encoder(torch.device("cpu")), config)
+        assert model.get_nb_trainable_parameters()[0] == (144 if size == 144 else 1008) + 12

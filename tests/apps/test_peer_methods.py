@@ -32,7 +32,10 @@ def test_peer_methods_cover_every_peer_at_every_rung():
     assert set(PEER_SIZES) == {24, 48, 144, 216, 648} and set(PEER_SIZES) <= set(LADDER_SIZES)
 
 
-@pytest.mark.parametrize("name", [*NEW_PEERS, *[f"fourierft-{size}" for size in LADDER_SIZES], "fourierft-48-hf"])
+HEAD_FIRST_PEERS = [f"{peer}-{size}-hf" for peer in ("unilora", "fourierft") for size in PEER_SIZES]
+
+
+@pytest.mark.parametrize("name", [*NEW_PEERS, *[f"fourierft-{size}" for size in LADDER_SIZES], *HEAD_FIRST_PEERS])
 def test_peer_has_a_grid_of_at_least_five_rates_holding_its_default(name):
     method = METHODS[name]
     assert method.name == name and method.label
@@ -73,3 +76,11 @@ def test_tinylora_tied_shares_one_vector_and_untied_has_one_per_module(peer, enc
     modules = [m for m in model.modules() if isinstance(m, peft.tuners.tinylora.layer.TinyLoraLayer)]
     assert len(modules) == 12
     assert [v.numel() for v in vectors.values()] == ([48] if peer == "tinylora-tied" else [4] * 12)
+
+
+@pytest.mark.parametrize("name", HEAD_FIRST_PEERS)
+def test_head_first_peer_is_its_plain_peer_with_the_head_first(name):
+    plain, first = METHODS[name[: -len("-hf")]], METHODS[name]
+    assert first.head_first and not plain.head_first
+    assert first.config().to_dict() == plain.config().to_dict()
+    assert (first.lrs, first.default_lr) == (plain.lrs, plain.default_lr)

@@ -81,6 +81,10 @@ WAVEFT_LRS, WAVEFT_LR = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 1e-2
 FOURIERFT_LRS, FOURIERFT_LR = (1e-1, 3e-1, 1.0, 3.0, 10.0), 3.0
 # Trainable numbers -> Taylor-ranked rows of the recast-ch methods (issue 20).
 RANKED_CHANNELS = {48: 12, 144: 48, 216: 84, 648: 300, 1000: 476}
+# Trainable numbers -> (name, config) of the rung the recast-gates methods gate (issue 20): the gates decide how many
+# of its modules' numbers are kept (1000: 42 row blocks, 1,008 numbers, recast-1008-blocks' config).
+GATED_BASES = {**{size: (f"ladder-{size}", RECAST_LADDER[f"ladder-{size}"]) for size in (48, 144, 216, 648)},
+               1000: ("q,v with 42 row blocks", {"coefficient_blocks": 42})}
 METHODS: dict[str, Method] = {
     method.name: method
     for method in [
@@ -117,6 +121,9 @@ METHODS: dict[str, Method] = {
                _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05)),
         Method("recast-hf-b05", "RECAST default, head first, coefficients bounded at 0.05", "peft", WIDE_RECAST_LRS,
                1e-2, _recast(**RECAST_LADDER["ladder-48"], coefficient_bound=0.05), head_first=True),
+        # the same 48 numbers spent on more row blocks (the lever of the small-data ladder) instead of a 2nd template
+        Method("recast-48-b4-hf", "RECAST q,v; 2 layers/group, 1 template, 4 row blocks, head first", "peft",
+               WIDE_RECAST_LRS, 1e-2, _recast(num_templates=1, coefficient_blocks=4), head_first=True),
         # issue 20: the rows with the highest Taylor importance on the task get coefficients of their own (2 numbers
         # a row); 48: ladder-24 + 12 rows, else the default (48) + (size - 48) / 2 rows; head first for the ranking
         *[
@@ -126,9 +133,12 @@ METHODS: dict[str, Method] = {
                    channels=RANKED_CHANNELS[size])
             for size in RANKED_CHANNELS
         ],
-        # the control of recast-ch-144: the same count and recipe from more row blocks instead of ranked rows
-        Method("recast-144-hf", "RECAST ladder-144 (6 row blocks), head first", "peft", WIDE_RECAST_LRS, 1e-2,
-               _recast(**RECAST_LADDER["ladder-144"]), head_first=True),
+        # the controls of the ranked rows and gates at 24-648: the ladder's rung with the same recipe (head first)
+        *[
+            Method(f"recast-{size}-hf", f"RECAST ladder-{size}, head first", "peft", WIDE_RECAST_LRS, 1e-2,
+                   _recast(**RECAST_LADDER[f"ladder-{size}"]), head_first=True)
+            for size in (24, 144, 216, 648)
+        ],
         # ... and of recast-ch-1000: 1,008 numbers from 42 contiguous row blocks per q,v module
         Method("recast-1008-blocks", "RECAST q,v, 2 templates, 42 row blocks, head first", "peft", WIDE_RECAST_LRS,
                1e-2, _recast(coefficient_blocks=42), head_first=True),
@@ -136,13 +146,13 @@ METHODS: dict[str, Method] = {
         # (32 steps); closed modules are pruned before the adapter is saved and counted. TAPS' lambda 0.5 closed 10 of
         # 12 gates on trec6 and all 12 on sms (AdamW moves a score by about the rate per step whatever the gradient's
         # size, so the penalty wins wherever the task's gradient is smaller): lambda 0.05 here
-        Method("recast-gates-48", "RECAST default, head first, TAPS module gates (lambda 0.05), pruned", "peft",
-               WIDE_RECAST_LRS, 1e-2, _recast(module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
-               head_first=True),
-        Method("recast-gates-648", "RECAST ladder-648, head first, TAPS module gates (lambda 0.05), pruned", "peft",
-               (3e-3, 1e-2, 3e-2), 1e-2,
-               _recast(**RECAST_LADDER["ladder-648"], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
-               head_first=True),
+        *[
+            Method(f"recast-gates-{size}", f"RECAST {GATED_BASES[size][0]}, head first, TAPS module gates (lambda 0.05), "
+                   "pruned", "peft", WIDE_RECAST_LRS if size <= 144 else (3e-3, 1e-2, 3e-2), 1e-2,
+                   _recast(**GATED_BASES[size][1], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
+                   head_first=True)
+            for size in GATED_BASES
+        ],
         # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups,
         # with the default's recipe (head first)
         Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks, head first",
@@ -189,10 +199,18 @@ METHODS: dict[str, Method] = {
         ],
         # the strongest tiny-budget peers with the same head-first recipe as recast-hf, so that the recipe is not
         # credited to RECAST alone (issue 16)
-        Method("unilora-48-hf", "UniLoRA r=4, one shared vector of 48, q,v, head first", "peft", UNILORA_LRS,
-               UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=48, target_modules=QV), head_first=True),
-        Method("fourierft-48-hf", "FourierFT, 4 frequencies, q,v, head first", "peft", FOURIERFT_LRS, FOURIERFT_LR,
-               _peft("FourierFTConfig", n_frequency=4, target_modules=QV), head_first=True),
+        *[
+            Method(f"unilora-{size}-hf", f"UniLoRA r=4, one shared vector of {size}, q,v, head first", "peft",
+                   UNILORA_LRS, UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV),
+                   head_first=True)
+            for size in PEER_SIZES
+        ],
+        *[
+            Method(f"fourierft-{size}-hf", f"FourierFT, {size // 12} frequencies, q,v, head first", "peft",
+                   FOURIERFT_LRS, FOURIERFT_LR, _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV),
+                   head_first=True)
+            for size in PEER_SIZES
+        ],
         Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
                _peft("LNTuningConfig", target_modules=["LayerNorm"])),
         Method("ia3", "IA3 (key, value, output.dense)", "peft", (1e-3, 3e-3, 1e-2), 3e-3, _peft("IA3Config")),
