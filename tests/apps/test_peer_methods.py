@@ -32,7 +32,8 @@ def test_peer_methods_cover_every_peer_at_every_rung():
     assert set(PEER_SIZES) == {24, 48, 144, 216, 648} and set(PEER_SIZES) <= set(LADDER_SIZES)
 
 
-HEAD_FIRST_PEERS = [f"{peer}-{size}-hf" for peer in ("unilora", "fourierft") for size in PEER_SIZES]
+HEAD_FIRST_PEERS = [f"{peer}-{size}-hf" for peer in ("tinylora-tied", "tinylora", "unilora", "waveft", "fourierft")
+                    for size in PEER_SIZES]
 
 
 @pytest.mark.parametrize("name", [*NEW_PEERS, *[f"fourierft-{size}" for size in LADDER_SIZES], *HEAD_FIRST_PEERS])

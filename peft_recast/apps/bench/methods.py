@@ -6,6 +6,7 @@ config), so earlier results stay valid.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -85,6 +86,38 @@ RANKED_CHANNELS = {48: 12, 144: 48, 216: 84, 648: 300, 1000: 476}
 # of its modules' numbers are kept (1000: 42 row blocks, 1,008 numbers, recast-1008-blocks' config).
 GATED_BASES = {**{size: (f"ladder-{size}", RECAST_LADDER[f"ladder-{size}"]) for size in (48, 144, 216, 648)},
                1000: ("q,v with 42 row blocks", {"coefficient_blocks": 42})}
+# PEFT's tuners made for tiny budgets, plain (a random head trains with them): FourierFT at every rung of the ladder,
+# and at the counts of the RECAST rungs (PEER_SIZES) TinyLoRA with all 12 q,v modules tied to one vector of u numbers,
+# and untied (one vector per module, u = count / 12), UniLoRA's one shared vector, WaveFT's wavelet coefficients
+# (count / 12 per module).
+PLAIN_PEERS: list[Method] = [
+    *[
+        Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", FOURIERFT_LRS,
+               FOURIERFT_LR, _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
+        for size in LADDER_SIZES
+    ],
+    *[
+        Method(f"tinylora-tied-{size}", f"TinyLoRA r=2, one vector of u={size} tied over all q,v", "peft",
+               TIED_TINYLORA_LRS, TIED_TINYLORA_LR,
+               _peft("TinyLoraConfig", r=2, u=size, weight_tying=1.0, target_modules=QV))
+        for size in PEER_SIZES
+    ],
+    *[
+        Method(f"tinylora-{size}", f"TinyLoRA r=2, untied: u={size // 12} per q,v module", "peft", TINYLORA_LRS,
+               TINYLORA_LR, _peft("TinyLoraConfig", r=2, u=size // 12, weight_tying=0.0, target_modules=QV))
+        for size in PEER_SIZES
+    ],
+    *[
+        Method(f"unilora-{size}", f"UniLoRA r=4, one shared vector of {size}, q,v", "peft", UNILORA_LRS,
+               UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV))
+        for size in PEER_SIZES
+    ],
+    *[
+        Method(f"waveft-{size}", f"WaveFT, {size // 12} wavelet coefficients per module, q,v", "peft", WAVEFT_LRS,
+               WAVEFT_LR, _peft("WaveFTConfig", n_frequency=size // 12, target_modules=QV))
+        for size in PEER_SIZES
+    ],
+]
 METHODS: dict[str, Method] = {
     method.name: method
     for method in [
@@ -147,8 +180,9 @@ METHODS: dict[str, Method] = {
         # 12 gates on trec6 and all 12 on sms (AdamW moves a score by about the rate per step whatever the gradient's
         # size, so the penalty wins wherever the task's gradient is smaller): lambda 0.05 here
         *[
-            Method(f"recast-gates-{size}", f"RECAST {GATED_BASES[size][0]}, head first, TAPS module gates (lambda 0.05), "
-                   "pruned", "peft", WIDE_RECAST_LRS if size <= 144 else (3e-3, 1e-2, 3e-2), 1e-2,
+            Method(f"recast-gates-{size}",
+                   f"RECAST {GATED_BASES[size][0]}, head first, TAPS module gates (lambda 0.05), pruned", "peft",
+                   WIDE_RECAST_LRS if size <= 144 else (3e-3, 1e-2, 3e-2), 1e-2,
                    _recast(**GATED_BASES[size][1], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
                    head_first=True)
             for size in GATED_BASES
@@ -168,48 +202,12 @@ METHODS: dict[str, Method] = {
         Method("recast-984-2stage", "RECAST ladder-216 + embedding LayerNorm, LayerNorm alone for epoch 1", "peft",
                (1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
                align_epochs=1),
+        # every tiny-budget peer with the same head-first recipe as recast-hf (`<peer>-<size>-hf`), so that the recipe
+        # is not credited to RECAST alone (issue 16)
+        *PLAIN_PEERS,
         *[
-            Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", FOURIERFT_LRS,
-                   FOURIERFT_LR, _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
-            for size in LADDER_SIZES
-        ],
-        # PEFT's tuners made for tiny budgets, at the counts of the RECAST rungs (PEER_SIZES): TinyLoRA with all 12
-        # q,v modules tied to one vector of u numbers, and untied (one vector per module, u = count / 12); UniLoRA's
-        # one shared vector; WaveFT's wavelet coefficients (count / 12 per module).
-        *[
-            Method(f"tinylora-tied-{size}", f"TinyLoRA r=2, one vector of u={size} tied over all q,v", "peft",
-                   TIED_TINYLORA_LRS, TIED_TINYLORA_LR,
-                   _peft("TinyLoraConfig", r=2, u=size, weight_tying=1.0, target_modules=QV))
-            for size in PEER_SIZES
-        ],
-        *[
-            Method(f"tinylora-{size}", f"TinyLoRA r=2, untied: u={size // 12} per q,v module", "peft", TINYLORA_LRS,
-                   TINYLORA_LR, _peft("TinyLoraConfig", r=2, u=size // 12, weight_tying=0.0, target_modules=QV))
-            for size in PEER_SIZES
-        ],
-        *[
-            Method(f"unilora-{size}", f"UniLoRA r=4, one shared vector of {size}, q,v", "peft", UNILORA_LRS,
-                   UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV))
-            for size in PEER_SIZES
-        ],
-        *[
-            Method(f"waveft-{size}", f"WaveFT, {size // 12} wavelet coefficients per module, q,v", "peft", WAVEFT_LRS,
-                   WAVEFT_LR, _peft("WaveFTConfig", n_frequency=size // 12, target_modules=QV))
-            for size in PEER_SIZES
-        ],
-        # the strongest tiny-budget peers with the same head-first recipe as recast-hf, so that the recipe is not
-        # credited to RECAST alone (issue 16)
-        *[
-            Method(f"unilora-{size}-hf", f"UniLoRA r=4, one shared vector of {size}, q,v, head first", "peft",
-                   UNILORA_LRS, UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV),
-                   head_first=True)
-            for size in PEER_SIZES
-        ],
-        *[
-            Method(f"fourierft-{size}-hf", f"FourierFT, {size // 12} frequencies, q,v, head first", "peft",
-                   FOURIERFT_LRS, FOURIERFT_LR, _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV),
-                   head_first=True)
-            for size in PEER_SIZES
+            dataclasses.replace(peer, name=f"{peer.name}-hf", label=f"{peer.label}, head first", head_first=True)
+            for peer in PLAIN_PEERS if int(peer.name.rsplit("-", 1)[1]) in PEER_SIZES
         ],
         Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
                _peft("LNTuningConfig", target_modules=["LayerNorm"])),
@@ -237,6 +235,4 @@ QUICK_TASKS = ("trec6", "sms")
 # The reference every cost ratio is taken against.
 REFERENCE_METHOD = "lora-r8"
 # Every tiny-budget peer of RECAST at every rung it runs at: FourierFT, TinyLoRA tied and untied, UniLoRA, WaveFT.
-PEER_METHODS = (*[f"fourierft-{size}" for size in LADDER_SIZES],
-                *[f"{peer}-{size}" for peer in ("tinylora-tied", "tinylora", "unilora", "waveft")
-                  for size in PEER_SIZES])
+PEER_METHODS = tuple(peer.name for peer in PLAIN_PEERS)
