@@ -1,6 +1,7 @@
 """`peft-recast bench`: the protocol's bookkeeping, the cost measurements, and a short end-to-end run that resumes."""
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -379,7 +380,8 @@ def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm
         assert model.get_nb_trainable_parameters()[0] == size, name
         assert bench.METHODS[name].head_first, name
     assert {name: bench.METHODS[name].channels for name in bench.METHODS if name.startswith("recast-ch-")} == {
-        f"recast-ch-{size}": (size - (24 if size == 48 else 48)) // 2 for size in (48, 144, 216, 648, 1000)}
+        **{f"recast-ch-{size}": (size - (24 if size == 48 else 48)) // 2 for size in (48, 144, 216, 648, 1000)},
+        "recast-ch-984-ln": (984 - 48 - 768) // 2}
 
 
 def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_minilm():
@@ -395,3 +397,38 @@ def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_mi
         assert config.module_gates and method.head_first
         model = peft.get_peft_model(load_encoder(torch.device("cpu")), config)
         assert model.get_nb_trainable_parameters()[0] == (144 if size == 144 else 1008) + 12
+
+
+def test_layernorm_stage_runs_before_the_ranking_and_the_rows_train_after_it(tmp_path, monkeypatch):
+    """``recast-ch-984-ln``: epoch 1 trains only the embeddings' LayerNorm copy and the head; the rows are ranked on
+    that aligned model (coefficients still 0, LayerNorm moved); epoch 2 trains all 984 numbers; the run reloads."""
+    seen = {}
+    ranked = runner.rank_channels
+
+    def rank_and_look(encoder, *args, **kwargs):
+        layernorm = encoder.base_model.model.embeddings.LayerNorm
+        seen["layernorm_moved"] = not torch.equal(layernorm.modules_to_save[encoder.active_adapter].weight,
+                                                  layernorm.original_module.weight)
+        seen["coefficients_zero"] = all(not p.any() for name, p in encoder.named_parameters()
+                                        if "recast_coefficients" in name)
+        seen["frozen"] = [name for name, p in encoder.named_parameters() if "recast_coefficients" in name
+                          and not p.requires_grad]
+        return ranked(encoder, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "rank_channels", rank_and_look)
+    settings = bench.BenchSettings(tasks=["trec6"], methods=["recast-ch-984-ln"], seeds=[0], sweep=False,
+                                   epochs=2, max_train=64, max_eval=32, output_dir=str(tmp_path))
+    bench.run_bench(settings, costs=False)
+    assert seen == dict(layernorm_moved=True, coefficients_zero=True, frozen=[])
+    with open(tmp_path / bench.RESULTS_FILE) as handle:
+        saved = json.load(handle)
+    (key, run), = saved["runs"].items()
+    assert run["trainable"] == 984
+    with open(tmp_path / "runs" / key / "adapter_config.json") as handle:
+        assert sum(map(len, json.load(handle)["channels"].values())) == 84
+    for task in saved["forgetting"]["recast-ch-984-ln/seed0"].values():
+        assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+
+    settings = dataclasses.replace(settings, epochs=1, output_dir=str(tmp_path / "one-epoch"))
+    with pytest.raises(ValueError, match="leaves no epoch for ranking and training the rows"):
+        bench.run_bench(settings, costs=False)

@@ -23,7 +23,9 @@ class Method:
     and the head train, then every adapter parameter does. ``head_first``: the head is first trained alone on the
     frozen encoder (exactly the linear probe's run), then head and adapter train together from there (LP-FT).
     ``channels``: after the head's run, this many output rows get coefficients of their own, the rows
-    :func:`~peft_recast.rank_channels` ranks highest on the task's first training batches (needs ``head_first``).
+    :func:`~peft_recast.rank_channels` ranks highest on the task's first training batches (needs ``head_first``);
+    with ``align_epochs`` the LayerNorm stage runs first (a run of its own), the rows are ranked on the aligned model,
+    and the remaining epochs train everything.
     """
 
     name: str
@@ -166,6 +168,13 @@ METHODS: dict[str, Method] = {
                    channels=RANKED_CHANNELS[size])
             for size in RANKED_CHANNELS
         ],
+        # ... and after the two-stage paper's first stage: the embeddings' LayerNorm (768) with the head for epoch 1,
+        # then 84 rows ranked on the aligned model, then all 984 numbers for epochs 2-3 (ladder-216 + that LayerNorm
+        # is recast-984, the full protocol's best rung at <= 1,000)
+        Method("recast-ch-984-ln", "RECAST default, head first, embedding LayerNorm aligned for epoch 1, then 84 "
+               "Taylor-ranked rows", "peft", WIDE_RECAST_LRS, 1e-2,
+               _recast(**RECAST_LADDER["ladder-48"], modules_to_save=EMBEDDING_LAYERNORM), head_first=True,
+               channels=84, align_epochs=1),
         # the controls of the ranked rows and gates at 24-648: the ladder's rung with the same recipe (head first)
         *[
             Method(f"recast-{size}-hf", f"RECAST ladder-{size}, head first", "peft", WIDE_RECAST_LRS, 1e-2,

@@ -3,6 +3,7 @@ earlier task is re-tested (on that model and reloaded from disk); :func:`run_ben
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
@@ -106,6 +107,24 @@ def _add_ranked_rows(encoder: nn.Module, head: nn.Module, method: Method, key: s
     add_channels(encoder, channels, key)
 
 
+def _align_layernorms(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, seed: int,
+                      settings: BenchSettings, epochs: int, desc: str) -> None:
+    """The two-stage recipe's first stage as a run of its own (``epochs`` epochs, its own schedule): only the adapter's
+    LayerNorm copies (``modules_to_save``) and the head train; the other adapter parameters are frozen meanwhile and
+    trainable again afterwards, so that :func:`rank_channels` ranks the rows of the aligned model."""
+    if epochs >= settings.epochs:
+        raise ValueError(f"An alignment stage of {epochs} epoch(s) leaves no epoch for ranking and training the rows "
+                         f"in a {settings.epochs}-epoch run; train for more than {epochs} epochs.")
+    frozen = [p for name, p in encoder.named_parameters() if p.requires_grad and "modules_to_save" not in name]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    try:
+        train_run(encoder, head, data, lr, seed, dataclasses.replace(settings, epochs=epochs), desc)
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+
+
 def _prune(encoder: nn.Module, key: str) -> None:
     """Drop the modules whose TAPS gate closed (:func:`prune_gates`), so that the run saves and counts the open ones;
     a run whose gates all closed keeps them (its adapter is the pretrained encoder either way)."""
@@ -157,10 +176,15 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 else:
                     if method.head_first:  # the probe's run on the frozen encoder, then both from there
                         _probe_run(encoder, head, data, seed, settings, embeddings)
-                    if method.channels:  # ranked with the head's loss
+                    desc = f"{method.name} {task} lr {lr:g} seed {seed}"
+                    stage_settings, align_epochs = settings, method.align_epochs
+                    if method.channels:  # ranked with the head's loss, after the LayerNorm stage where there is one
+                        if align_epochs:
+                            _align_layernorms(encoder, head, data, lr, seed, settings, align_epochs, f"{desc} align")
+                            stage_settings = dataclasses.replace(settings, epochs=settings.epochs - align_epochs)
+                            align_epochs = 0
                         _add_ranked_rows(encoder, head, method, key, data, seed, settings)
-                    step_seconds = train_run(encoder, head, data, lr, seed, settings,
-                                             f"{method.name} {task} lr {lr:g} seed {seed}", method.align_epochs)
+                    step_seconds = train_run(encoder, head, data, lr, seed, stage_settings, desc, align_epochs)
                     seconds = None
                     if getattr(encoder.peft_config[key], "module_gates", False):
                         _prune(encoder, key)
