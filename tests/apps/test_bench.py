@@ -432,3 +432,23 @@ def test_layernorm_stage_runs_before_the_ranking_and_the_rows_train_after_it(tmp
     settings = dataclasses.replace(settings, epochs=1, output_dir=str(tmp_path / "one-epoch"))
     with pytest.raises(ValueError, match="leaves no epoch for ranking and training the rows"):
         bench.run_bench(settings, costs=False)
+
+
+def test_accuracy_plot_joins_the_rungs_of_each_family_and_names_the_families(tmp_path, monkeypatch):
+    from peft_recast.apps.bench import report
+
+    assert [report.method_family(name) for name in ("unilora-144-hf", "recast-ch-48", "recast-24", "recast", "probe")] \
+        == ["unilora-hf", "recast-ch", "recast", "recast", "probe"]
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda figure, path: figures.append(figure))
+
+    def row(method, numbers, mean):
+        return dict(method=method, label=method, trainable=numbers, mean=mean, tasks={"trec6": dict(spread=0.5)})
+
+    report.plot_accuracy([row("probe", 0, 70.0), row("recast-hf", 48, 80.0), row("recast-144-hf", 144, 82.0),
+                          row("unilora-48-hf", 48, 78.0)], str(tmp_path / "plot.png"))
+    (axis,) = figures[0].axes
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == ["probe", "recast-hf", "unilora-hf"]
+    lines = {container.get_label(): container.lines[0] for container in axis.containers}  # errorbar: (line, ...)
+    assert list(lines["recast-hf"].get_xdata()) == [48, 144] and list(lines["recast-hf"].get_ydata()) == [80.0, 82.0]
+    assert list(lines["probe"].get_xdata()) == [1]  # plotted at 1 on the log axis

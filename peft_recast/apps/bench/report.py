@@ -116,27 +116,39 @@ def describe_protocol(settings: BenchSettings) -> str:
     return f"Test accuracy (%), {seeds}; {rates}; {examples} training examples per task, {settings.epochs} epochs"
 
 
+def method_family(name: str) -> str:
+    """A method's name without its count, what its rungs share: ``"unilora-144-hf"`` -> ``"unilora-hf"``,
+    ``"recast-ch-48"`` -> ``"recast-ch"``, ``"recast-24"`` -> ``"recast"``."""
+    return "-".join(part for part in name.split("-") if not part.isdigit())
+
+
 def plot_accuracy(rows: list[dict], path: str) -> None:
-    """Mean test accuracy against trainable numbers (log scale), one point per method (head not counted)."""
+    """Mean test accuracy against trainable numbers (log scale; head not counted): the rungs of one family
+    (:func:`method_family`) joined by a line, RECAST's solid with circles, the others dashed with squares, the probe's
+    accuracy as a horizontal line; bars are the mean spread over seeds; the legend names each family as the method names do."""
+    import matplotlib.pyplot as plt
+
     figure, axis = new_figure()
-    kinds = {True: ("RECAST", "o", "C3"), False: ("PEFT's tuners, probe, full fine-tuning", "s", "C0")}
-    shorts = [short_label(row["label"]) for row in rows]
-    for row, short in zip(rows, shorts):
-        x = max(row["trainable"], 1)
-        spread = statistics.mean(v["spread"] for v in row["tasks"].values())
-        label, marker, color = kinds[row["method"].startswith("recast")]
-        axis.errorbar(x, row["mean"], yerr=spread, fmt=marker, color=color, capsize=3, label=label)
-        name = short if shorts.count(short) == 1 else f"{short} ({row['method']})"  # the method name tells twins apart
-        axis.annotate(name, (x, row["mean"]), textcoords="offset points", xytext=(5, 4),
-                      fontsize=8)
-    handles, labels = axis.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axis.legend(unique.values(), unique.keys(), fontsize=8, loc="lower right")
+    figure.set_size_inches(10, 5)
+    families: dict[str, list[dict]] = {}
+    for row in rows:
+        families.setdefault(method_family(row["method"]), []).append(row)
+    for index, (family, members) in enumerate(families.items()):
+        members = sorted(members, key=lambda row: row["trainable"])
+        xs = [max(row["trainable"], 1) for row in members]
+        spreads = [statistics.mean(v["spread"] for v in row["tasks"].values()) for row in members]
+        recast = family.startswith("recast")
+        axis.errorbar(xs, [row["mean"] for row in members], yerr=spreads, color=plt.cm.tab20(index % 20),
+                      marker="o" if recast else "s", linestyle="-" if recast else "--", capsize=3,
+                      label=family)
+        if family == "probe":
+            axis.axhline(members[0]["mean"], color=plt.cm.tab20(index % 20), linewidth=0.8, linestyle=":")
     axis.set_xscale("log")
     axis.set_xlabel("trainable numbers per task (head excluded; probe plotted at 1)")
     axis.set_ylabel("mean test accuracy over tasks (%)")
     axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
     axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(figure, path)
 
 
