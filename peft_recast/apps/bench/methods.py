@@ -211,9 +211,9 @@ METHODS: dict[str, Method] = {
         Method("recast-984-2stage", "RECAST ladder-216 + embedding LayerNorm, LayerNorm alone for epoch 1", "peft",
                (1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
                align_epochs=1),
+        *PLAIN_PEERS,
         # every tiny-budget peer with the same head-first recipe as recast-hf (`<peer>-<size>-hf`), so that the recipe
         # is not credited to RECAST alone (issue 16)
-        *PLAIN_PEERS,
         *[
             dataclasses.replace(peer, name=f"{peer.name}-hf", label=f"{peer.label}, head first", head_first=True)
             for peer in PLAIN_PEERS if int(peer.name.rsplit("-", 1)[1]) in PEER_SIZES

@@ -51,6 +51,12 @@ from .report import (
 from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, run_key
 
 
+def _held_during_alignment(encoder: nn.Module) -> list[nn.Parameter]:
+    """The trainable adapter parameters a LayerNorm alignment stage holds still: all but the ``modules_to_save``
+    copies (the LayerNorms)."""
+    return [p for name, p in encoder.named_parameters() if p.requires_grad and "modules_to_save" not in name]
+
+
 def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, seed: int, settings: BenchSettings,
               desc: str, align_epochs: int = 0) -> float:
     """Train the encoder's trainable parameters (peak lr ``lr``) and ``head`` (``settings.head_lr``) on ``data`` with
@@ -58,8 +64,7 @@ def train_run(encoder: nn.Module, head: nn.Module, data: TaskData, lr: float, se
     ``modules_to_save`` copies (LayerNorms) besides the head. Returns the seconds per step."""
     adapter = [p for p in encoder.parameters() if p.requires_grad]
     groups = [(list(head.parameters()), settings.head_lr)] + ([(adapter, lr)] if adapter else [])
-    held = [p for name, p in encoder.named_parameters()
-            if p.requires_grad and "modules_to_save" not in name] if align_epochs else []
+    held = _held_during_alignment(encoder) if align_epochs else []
     run_settings = Settings(epochs=settings.epochs, batch_size=settings.batch_size, seed=seed)
     encoder.eval()
     head.train()
@@ -115,7 +120,7 @@ def _align_layernorms(encoder: nn.Module, head: nn.Module, data: TaskData, lr: f
     if epochs >= settings.epochs:
         raise ValueError(f"An alignment stage of {epochs} epoch(s) leaves no epoch for ranking and training the rows "
                          f"in a {settings.epochs}-epoch run; train for more than {epochs} epochs.")
-    frozen = [p for name, p in encoder.named_parameters() if p.requires_grad and "modules_to_save" not in name]
+    frozen = _held_during_alignment(encoder)
     for parameter in frozen:
         parameter.requires_grad_(False)
     try:
