@@ -9,10 +9,10 @@ from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
 from peft_recast.apps.tasks import HELD_OUT_TASKS
 
 
-def _record(results, method, task, lr, seed, protocol, validation, test):
+def _record(results, method, task, lr, seed, protocol, validation, test, trainable=48):
     key = bench.run_key(method, task, lr, seed, protocol)
     results.add(dict(key=key, method=method, task=task, lr=lr, seed=seed, validation_accuracy=validation,
-                     test_accuracy=test, trainable=48, adapter_bytes=1816, head_params=770))
+                     test_accuracy=test, trainable=trainable, adapter_bytes=1816, head_params=770))
 
 
 def test_one_rate_is_the_best_mean_validation_over_tuning_tasks_only(tmp_path):
@@ -99,3 +99,18 @@ def test_head_first_changes_the_run_key_and_not_the_config():
     assert plain.config().to_dict() == first.config().to_dict() and first.head_first
     keys = [bench.run_key(name, "trec6", 1e-2, 0, {"epochs": 3}) for name in ("recast", "recast-hf")]
     assert keys[0].split("_")[-1] != keys[1].split("_")[-1]
+
+
+def test_table_gives_the_mean_and_range_of_counts_that_differ_by_task(tmp_path):
+    # a gated adapter keeps a different number of modules on each task: the table must not show one task's count
+    settings = bench.BenchSettings(tasks=["trec6", "sms"], methods=["recast-gates-48", "recast"], seeds=[0],
+                                   one_rate=True)
+    results, protocol = bench.Results(str(tmp_path / "r.json")), settings.protocol()
+    for task, kept in [("trec6", 40), ("sms", 24)]:
+        _record(results, "recast-gates-48", task, 1e-2, 0, protocol, 0.9, 0.8, trainable=kept)
+        _record(results, "recast", task, 1e-2, 0, protocol, 0.9, 0.8)
+    gated, plain = report.summarise(settings, results)
+    assert (gated["trainable"], gated["trainable_range"]) == (32, (24, 40))
+    assert (plain["trainable"], plain["trainable_range"]) == (48, (48, 48))
+    table = report.format_table([gated, plain], {}, settings.tasks).splitlines()
+    assert "| 32 (mean; 24-40) |" in table[2] and "| 48 |" in table[3]

@@ -17,12 +17,16 @@ BAND_PLOT_FILE = "gain_over_probe_vs_learning_rate.png"
 
 
 def summarise(settings: BenchSettings, results: Results) -> list[dict]:
-    """Per method: numbers, bytes, and test accuracy per task at the chosen rate (mean and spread over seeds)."""
+    """Per method: numbers, bytes, and test accuracy per task at the chosen rate (mean and spread over seeds).
+
+    Numbers and bytes are means over the runs: a gated adapter keeps a different count on each task, and
+    ``trainable_range`` gives the smallest and largest count."""
     protocol = settings.protocol()
     rows = []
     for name in settings.methods:
         method = METHODS[name]
         row = dict(method=name, label=method.label, tasks={}, lrs={})
+        counted = []
         for task in settings.tasks:
             try:
                 lr = best_lr(method, task, settings, results, protocol)
@@ -37,9 +41,12 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
                                       spread=statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
                                       seeds=len(accuracies))
             row["lrs"][task] = lr
-            row.update(trainable=records[0]["trainable"], adapter_bytes=records[0]["adapter_bytes"],
-                       head_params=records[0]["head_params"])
+            counted += records
         if len(row["tasks"]) == len(settings.tasks):
+            trainable = [r["trainable"] for r in counted]
+            row.update(trainable=round(statistics.mean(trainable)), trainable_range=(min(trainable), max(trainable)),
+                       adapter_bytes=round(statistics.mean(r["adapter_bytes"] for r in counted)),
+                       head_params=counted[0]["head_params"])
             tuning = [v["mean"] for t, v in row["tasks"].items() if t not in HELD_OUT_TASKS]
             held_out = [v["mean"] for t, v in row["tasks"].items() if t in HELD_OUT_TASKS]
             row["mean"] = statistics.mean(tuning or held_out)
@@ -50,6 +57,12 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
 
 def _ratio(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _count(row: dict) -> str:
+    """The trainable numbers: one count, or the mean and range where the runs kept different counts (gates)."""
+    low, high = row["trainable_range"]
+    return f"{row['trainable']:,}" if low == high else f"{row['trainable']:,} (mean; {low:,}-{high:,})"
 
 
 def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
@@ -72,7 +85,7 @@ def format_table(rows: list[dict], costs: dict, tasks: Sequence[str]) -> str:
         latency = (f"{_ratio(cost.get('unmerged_latency_ratio'))} / {_ratio(cost.get('merged_latency_ratio'))}"
                    if cost else "")
         lines.append("| " + " | ".join([
-            row["label"], f"{row['trainable']:,}", f"{row['adapter_bytes']:,}", *accuracies[:tuning_columns],
+            row["label"], _count(row), f"{row['adapter_bytes']:,}", *accuracies[:tuning_columns],
             f"{row['mean']:.1f}", *accuracies[tuning_columns:], *[f"{row['held_out_mean']:.1f}" for _ in apart],
             str(min(v["seeds"] for v in row["tasks"].values())),
             _ratio(cost.get("step_ratio")) if cost else "", _ratio(cost.get("memory_ratio")) if cost else "",
