@@ -66,6 +66,10 @@ ALL_LAYERNORMS, EMBEDDING_LAYERNORM = ["LayerNorm"], ["embeddings.LayerNorm"]
 LADDER_SIZES = (24, 48, 72, 144, 216, 288, 432, 648, 864)
 # The default RECAST and LoRA r=8 sweep the whole range PEFT users try, for the learning-rate plot.
 WIDE_RECAST_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+# the full protocol's ladder rungs: a third of, at and three times the recommended rate; and the candidates
+# of the ladder search (issue 9) at the rate and three times it
+LADDER_LRS = (3e-3, 1e-2, 3e-2)
+CANDIDATE_LRS = (1e-2, 3e-2)
 WIDE_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 # The tiny-budget peers run at the main rungs (every count is a multiple of the 12 q,v modules, so each is exact).
 # Grids measured at 48 on trec6 + sms (500 examples, 3 epochs, seed 0; mean validation accuracy): each best rate, the
@@ -128,26 +132,26 @@ METHODS: dict[str, Method] = {
                WIDE_RECAST_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-48"])),
         Method("recast-24", "RECAST ladder-24 (q,v; 2 layers/group, 2 templates)", "peft", WIDE_RECAST_LRS, 1e-2,
                _recast(**RECAST_LADDER["ladder-24"])),
-        Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", (3e-3, 1e-2, 3e-2), 1e-2,
+        Method("recast-72", "RECAST all linear; 6 layers/group, 2 templates", "peft", LADDER_LRS, 1e-2,
                _recast(target_modules="all-linear", layers_per_group=6, num_templates=2, coefficient_blocks=1)),
         Method("recast-216", "RECAST ladder-216 (all linear; 6 layers/group, 6 templates)", "peft",
-               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"])),
+               LADDER_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-216"])),
         Method("recast-144", "RECAST ladder-144 (q,v; 2 layers/group, 2 templates, 6 row blocks)", "peft",
-               (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-144"])),
-        Method("recast-432", "RECAST all linear; 2 layers/group, 2 templates, 6 blocks", "peft", (3e-3, 1e-2, 3e-2),
+               LADDER_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-144"])),
+        Method("recast-432", "RECAST all linear; 2 layers/group, 2 templates, 6 blocks", "peft", LADDER_LRS,
                1e-2, _recast(target_modules="all-linear", coefficient_blocks=6)),
         Method("recast-648", "RECAST ladder-648 (all linear; 6 layers/group, one bank per shape, 24 templates)",
-               "peft", (3e-3, 1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-648"])),
+               "peft", LADDER_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-648"])),
         # candidates for the ladder (issue 9): attention heads as row blocks, larger banks, q,k,v,o
-        Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", (1e-2, 3e-2),
+        Method("recast-24-blocks", "RECAST q,v; 2 layers/group, 1 template, 2 row blocks", "peft", CANDIDATE_LRS,
                1e-2, _recast(num_templates=1, coefficient_blocks=2)),
-        Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", (1e-2, 3e-2), 1e-2,
+        Method("recast-48-qkvo", "RECAST q,k,v,o; 2 layers/group, 2 templates", "peft", CANDIDATE_LRS, 1e-2,
                _recast(target_modules=QKVO, coefficient_blocks=1)),
-        Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+        Method("recast-288", "RECAST q,k,v,o; 2 layers/group, 2 templates, 6 row blocks", "peft", CANDIDATE_LRS, 1e-2,
                _recast(target_modules=QKVO, coefficient_blocks=6)),
-        Method("recast-432-qv", "RECAST q,v; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+        Method("recast-432-qv", "RECAST q,v; 6 layers/group, 6 templates, 6 row blocks", "peft", CANDIDATE_LRS, 1e-2,
                _recast(layers_per_group=6, num_templates=6, coefficient_blocks=6)),
-        Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", (1e-2, 3e-2), 1e-2,
+        Method("recast-864", "RECAST q,k,v,o; 6 layers/group, 6 templates, 6 row blocks", "peft", CANDIDATE_LRS, 1e-2,
                _recast(target_modules=QKVO, layers_per_group=6, num_templates=6, coefficient_blocks=6)),
         # issue 16: a default that holds at one rate on every task; the head first (LP-FT), a bounded update
         Method("recast-hf", "RECAST default, head first (probe, then head + coefficients)", "peft", WIDE_RECAST_LRS,
@@ -191,7 +195,7 @@ METHODS: dict[str, Method] = {
         *[
             Method(f"recast-gates-{size}",
                    f"RECAST {GATED_BASES[size][0]}, head first, TAPS module gates (lambda 0.05), pruned", "peft",
-                   WIDE_RECAST_LRS if size <= 144 else (3e-3, 1e-2, 3e-2), 1e-2,
+                   WIDE_RECAST_LRS if size <= 144 else LADDER_LRS, 1e-2,
                    _recast(**GATED_BASES[size][1], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
                    head_first=True)
             for size in GATED_BASES
@@ -202,14 +206,14 @@ METHODS: dict[str, Method] = {
                "peft", WIDE_RECAST_LRS, 1e-2, _recast(coefficient_sharing="position", coefficient_blocks=6),
                head_first=True),
         # the LayerNorm alignment stage (issue 9): RECAST with LayerNorm scale and shift, jointly or LayerNorms first
-        Method("recast-ln", "RECAST default + all LayerNorms", "peft", (1e-2, 3e-2), 1e-2,
+        Method("recast-ln", "RECAST default + all LayerNorms", "peft", CANDIDATE_LRS, 1e-2,
                _recast(modules_to_save=ALL_LAYERNORMS)),
         Method("recast-ln-2stage", "RECAST default + all LayerNorms, LayerNorms alone for epoch 1", "peft",
-               (1e-2, 3e-2), 1e-2, _recast(modules_to_save=ALL_LAYERNORMS), align_epochs=1),
-        Method("recast-984", "RECAST ladder-216 + embedding LayerNorm", "peft", (1e-2, 3e-2), 1e-2,
+               CANDIDATE_LRS, 1e-2, _recast(modules_to_save=ALL_LAYERNORMS), align_epochs=1),
+        Method("recast-984", "RECAST ladder-216 + embedding LayerNorm", "peft", CANDIDATE_LRS, 1e-2,
                _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM)),
         Method("recast-984-2stage", "RECAST ladder-216 + embedding LayerNorm, LayerNorm alone for epoch 1", "peft",
-               (1e-2, 3e-2), 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
+               CANDIDATE_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
                align_epochs=1),
         *PLAIN_PEERS,
         # every tiny-budget peer with the same head-first recipe as recast-hf (`<peer>-<size>-hf`), so that the recipe
