@@ -92,37 +92,37 @@ RANKED_CHANNELS = {48: 12, 144: 48, 216: 84, 648: 300, 1000: 476}
 # of its modules' numbers are kept (1000: 42 row blocks, 1,008 numbers, recast-1008-blocks' config).
 GATED_BASES = {**{size: (f"ladder-{size}", RECAST_LADDER[f"ladder-{size}"]) for size in (48, 144, 216, 648)},
                1000: ("q,v with 42 row blocks", {"coefficient_blocks": 42})}
-# PEFT's tuners made for tiny budgets, plain (a random head trains with them): FourierFT at every rung of the ladder,
-# and at the counts of the RECAST rungs (PEER_SIZES) TinyLoRA with all 12 q,v modules tied to one vector of u numbers,
-# and untied (one vector per module, u = count / 12), UniLoRA's one shared vector, WaveFT's wavelet coefficients
-# (count / 12 per module).
-PLAIN_PEERS: list[Method] = [
-    *[
-        Method(f"fourierft-{size}", f"FourierFT, {size // 12} frequencies, q,v", "peft", FOURIERFT_LRS,
-               FOURIERFT_LR, _peft("FourierFTConfig", n_frequency=size // 12, target_modules=QV))
-        for size in LADDER_SIZES
-    ],
-    *[
-        Method(f"tinylora-tied-{size}", f"TinyLoRA r=2, one vector of u={size} tied over all q,v", "peft",
-               TIED_TINYLORA_LRS, TIED_TINYLORA_LR,
-               _peft("TinyLoraConfig", r=2, u=size, weight_tying=1.0, target_modules=QV))
-        for size in PEER_SIZES
-    ],
-    *[
-        Method(f"tinylora-{size}", f"TinyLoRA r=2, untied: u={size // 12} per q,v module", "peft", TINYLORA_LRS,
-               TINYLORA_LR, _peft("TinyLoraConfig", r=2, u=size // 12, weight_tying=0.0, target_modules=QV))
-        for size in PEER_SIZES
-    ],
-    *[
-        Method(f"unilora-{size}", f"UniLoRA r=4, one shared vector of {size}, q,v", "peft", UNILORA_LRS,
-               UNILORA_LR, _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV))
-        for size in PEER_SIZES
-    ],
-    *[
-        Method(f"waveft-{size}", f"WaveFT, {size // 12} wavelet coefficients per module, q,v", "peft", WAVEFT_LRS,
-               WAVEFT_LR, _peft("WaveFTConfig", n_frequency=size // 12, target_modules=QV))
-        for size in PEER_SIZES
-    ],
+# PEFT's tuners made for tiny budgets at a count of trainable numbers, plain (a random head trains with them):
+# FourierFT's frequencies and WaveFT's wavelet coefficients (count / 12 per q,v module), TinyLoRA with all 12 q,v
+# modules tied to one vector of u numbers and untied (one vector per module, u = count / 12), UniLoRA's one shared
+# vector. FourierFT runs at every rung of the ladder, the others at the counts of the RECAST rungs (PEER_SIZES).
+PEER_FAMILIES = {"fourierft": LADDER_SIZES, "tinylora-tied": PEER_SIZES, "tinylora": PEER_SIZES,
+                 "unilora": PEER_SIZES, "waveft": PEER_SIZES}
+
+
+def _peer(family: str, size: int) -> Method:
+    per_module = size // 12
+    label, lrs, default_lr, config = {
+        "fourierft": (f"FourierFT, {per_module} frequencies, q,v", FOURIERFT_LRS, FOURIERFT_LR,
+                      _peft("FourierFTConfig", n_frequency=per_module, target_modules=QV)),
+        "tinylora-tied": (f"TinyLoRA r=2, one vector of u={size} tied over all q,v", TIED_TINYLORA_LRS,
+                          TIED_TINYLORA_LR, _peft("TinyLoraConfig", r=2, u=size, weight_tying=1.0, target_modules=QV)),
+        "tinylora": (f"TinyLoRA r=2, untied: u={per_module} per q,v module", TINYLORA_LRS, TINYLORA_LR,
+                     _peft("TinyLoraConfig", r=2, u=per_module, weight_tying=0.0, target_modules=QV)),
+        "unilora": (f"UniLoRA r=4, one shared vector of {size}, q,v", UNILORA_LRS, UNILORA_LR,
+                    _peft("UniLoraConfig", r=4, theta_d_length=size, target_modules=QV)),
+        "waveft": (f"WaveFT, {per_module} wavelet coefficients per module, q,v", WAVEFT_LRS, WAVEFT_LR,
+                   _peft("WaveFTConfig", n_frequency=per_module, target_modules=QV)),
+    }[family]
+    return Method(f"{family}-{size}", label, "peft", lrs, default_lr, config)
+
+
+PLAIN_PEERS = [_peer(family, size) for family, sizes in PEER_FAMILIES.items() for size in sizes]
+# every tiny-budget peer with the same head-first recipe as recast-hf (`<peer>-<size>-hf`) at the RECAST rungs' counts,
+# so that the recipe is not credited to RECAST alone (issue 16)
+HEAD_FIRST_PEERS = [
+    dataclasses.replace(peer, name=f"{peer.name}-hf", label=f"{peer.label}, head first", head_first=True)
+    for peer in (_peer(family, size) for family in PEER_FAMILIES for size in PEER_SIZES)
 ]
 METHODS: dict[str, Method] = {
     method.name: method
@@ -216,12 +216,7 @@ METHODS: dict[str, Method] = {
                CANDIDATE_LRS, 1e-2, _recast(**RECAST_LADDER["ladder-216"], modules_to_save=EMBEDDING_LAYERNORM),
                align_epochs=1),
         *PLAIN_PEERS,
-        # every tiny-budget peer with the same head-first recipe as recast-hf (`<peer>-<size>-hf`), so that the recipe
-        # is not credited to RECAST alone (issue 16)
-        *[
-            dataclasses.replace(peer, name=f"{peer.name}-hf", label=f"{peer.label}, head first", head_first=True)
-            for peer in PLAIN_PEERS if int(peer.name.rsplit("-", 1)[1]) in PEER_SIZES
-        ],
+        *HEAD_FIRST_PEERS,
         Method("ln-tuning", "LN tuning (all LayerNorms)", "peft", (1e-3, 3e-3, 1e-2), 3e-3,
                _peft("LNTuningConfig", target_modules=["LayerNorm"])),
         Method("ia3", "IA3 (key, value, output.dense)", "peft", (1e-3, 3e-3, 1e-2), 3e-3, _peft("IA3Config")),
