@@ -101,6 +101,8 @@ PEER_FAMILIES = {"fourierft": LADDER_SIZES, "tinylora-tied": PEER_SIZES, "tinylo
 
 
 def _peer(family: str, size: int) -> Method:
+    """The plain ``family`` peer at ``size`` trainable numbers (``size // 12`` per q,v module where it spends them
+    per module), at its grid and default rate."""
     per_module = size // 12
     label, lrs, default_lr, config = {
         "fourierft": (f"FourierFT, {per_module} frequencies, q,v", FOURIERFT_LRS, FOURIERFT_LR,
