@@ -384,6 +384,20 @@ def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm
         "recast-ch-984-ln": (984 - 48 - 768) // 2}
 
 
+def test_bank_methods_mix_templates_of_one_bank_over_all_query_and_value_weights_on_minilm():
+    import peft
+
+    from peft_recast import recast_summary
+    from peft_recast.apps.encoder import load_encoder
+
+    for size in (48, 144):
+        method = bench.METHODS[f"recast-bank-{size}-hf"]
+        model = peft.get_peft_model(load_encoder(torch.device("cpu")), method.config())
+        assert model.get_nb_trainable_parameters()[0] == size and method.head_first
+        (group,) = recast_summary(model).groups  # every query and value of the 6 layers in one bank
+        assert (group.modules, group.templates, group.coefficients) == (12, size // 12, size)
+
+
 def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_minilm():
     import peft
 

@@ -187,6 +187,15 @@ METHODS: dict[str, Method] = {
                    _recast(**RECAST_LADDER[f"ladder-{size}"]), head_first=True)
             for size in (24, 144, 216, 648)
         ],
+        # issue 16: the q,v rungs' numbers spent on templates from one bank of all 12 q,v weights (the lever of
+        # ladder-648) instead of per-pair banks: 48 = 4 templates, 144 = all 12, one block of rows each
+        *[
+            Method(f"recast-bank-{size}-hf", f"RECAST q,v; one bank of all 12 q,v weights, {size // 12} templates, "
+                   "head first", "peft", WIDE_RECAST_LRS, 1e-2,
+                   _recast(layers_per_group=6, share_across_module_types=True, num_templates=size // 12,
+                           coefficient_blocks=1), head_first=True)
+            for size in (48, 144)
+        ],
         # ... and of recast-ch-1000: 1,008 numbers from 42 contiguous row blocks per q,v module
         Method("recast-1008-blocks", "RECAST q,v, 2 templates, 42 row blocks, head first", "peft", WIDE_RECAST_LRS,
                1e-2, _recast(coefficient_blocks=42), head_first=True),
