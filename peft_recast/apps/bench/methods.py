@@ -76,7 +76,9 @@ WIDE_LORA_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 # default, lies inside its grid. TinyLoRA tied peaked at 3e-2 (1.0 collapses), untied plateaued at 3e-2..1.0 with its
 # best at 0.3, UniLoRA peaked at 0.3 (1.0 close, 3.0 falls), WaveFT stays near the probe up to 0.1 and falls from 0.3.
 PEER_SIZES = (24, 48, 144, 216, 648)
-TIED_TINYLORA_LRS, TIED_TINYLORA_LR = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1), 3e-2
+# Head first on the small-data protocol, TinyLoRA tied's best rate falls as u grows (3e-2 at 24 to 1e-3 at 648),
+# so its grid reaches down to 3e-4 to hold that choice inside.
+TIED_TINYLORA_LRS, TIED_TINYLORA_LR = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), 3e-2
 TINYLORA_LRS, TINYLORA_LR = (1e-2, 3e-2, 1e-1, 3e-1, 1.0), 3e-1
 UNILORA_LRS, UNILORA_LR = (3e-2, 1e-1, 3e-1, 1.0, 3.0), 3e-1
 WAVEFT_LRS, WAVEFT_LR = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1), 1e-2
