@@ -114,3 +114,20 @@ def test_table_gives_the_mean_and_range_of_counts_that_differ_by_task(tmp_path):
     assert (plain["trainable"], plain["trainable_range"]) == (48, (48, 48))
     table = report.format_table([gated, plain], {}, settings.tasks).splitlines()
     assert "| 32 (mean; 24-40) |" in table[2] and "| 48 |" in table[3]
+
+
+def test_a_method_missing_a_task_at_its_chosen_rate_is_named_not_dropped_silently(tmp_path, capsys):
+    # validation picks 3e-3 for recast, but its held-out task ran only at 1e-2: no row, and a line says why
+    settings = bench.BenchSettings(tasks=["trec6", "clothing"], methods=["recast", "probe", "vera"], seeds=[0],
+                                   one_rate=True)
+    results, protocol = bench.Results(str(tmp_path / "r.json")), settings.protocol()
+    for lr, validation in ((3e-3, 0.9), (1e-2, 0.8)):
+        _record(results, "recast", "trec6", lr, 0, protocol, validation, 0.8)
+    _record(results, "recast", "clothing", 1e-2, 0, protocol, 0.7, 0.7)
+    for task in ("trec6", "clothing"):
+        _record(results, "probe", task, 0.0, 0, protocol, 0.6, 0.6)
+    rows = report.summarise(settings, results)
+    assert [row["method"] for row in rows] == ["probe"]
+    printed = capsys.readouterr().out
+    assert "recast left out of the table" in printed and "clothing (no run at its chosen rate 0.003)" in printed
+    assert "vera" not in printed  # a method with no record at all is simply not in this results file

@@ -20,21 +20,24 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
     """Per method: numbers, bytes, and test accuracy per task at the chosen rate (mean and spread over seeds).
 
     Numbers and bytes are means over the runs: a gated adapter keeps a different count on each task, and
-    ``trainable_range`` gives the smallest and largest count."""
+    ``trainable_range`` gives the smallest and largest count. A method with records for only some tasks gets no row,
+    and a printed line names the tasks it lacks."""
     protocol = settings.protocol()
     rows = []
     for name in settings.methods:
         method = METHODS[name]
         row = dict(method=name, label=method.label, tasks={}, lrs={})
-        counted = []
+        counted, missing = [], []
         for task in settings.tasks:
             try:
                 lr = best_lr(method, task, settings, results, protocol)
             except RuntimeError:
+                missing.append(f"{task} (no run at any rate)")
                 continue
             records = [results.runs.get(run_key(name, task, lr, seed, protocol)) for seed in settings.seeds]
             records = [r for r in records if r is not None]
             if not records:
+                missing.append(f"{task} (no run at its chosen rate {lr:g})")
                 continue
             accuracies = [100 * r["test_accuracy"] for r in records]
             row["tasks"][task] = dict(mean=statistics.mean(accuracies),
@@ -52,6 +55,9 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
             row["mean"] = statistics.mean(tuning or held_out)
             row["held_out_mean"] = statistics.mean(held_out) if held_out and tuning else None
             rows.append(row)
+        elif counted:
+            print(f"{name} left out of the table: it has no test record for {', '.join(missing)}; "
+                  f"run those tasks to give it a row.")
     return rows
 
 

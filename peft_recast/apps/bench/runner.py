@@ -253,8 +253,9 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
     """Run (or resume) the benchmark; writes ``results.json``, ``table.md`` and the plot into ``output_dir``.
 
     ``train=False`` trains nothing: the table and plots come from the runs already in ``results.json`` (for instance
-    runs merged from several machines), skipping methods that lack a task. ``costs`` measures the costs (also without
-    training: ``--costs-only``). ``merge``: ``results.json`` files added to the output dir's results first."""
+    runs merged from several machines); a method that lacks a task gets no row and a printed line naming the task.
+    ``costs`` measures the costs (also without training: ``--costs-only``). ``merge``: ``results.json`` files added to
+    the output dir's results first."""
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}.")
