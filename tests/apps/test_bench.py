@@ -404,13 +404,15 @@ def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_mi
     from peft_recast.apps.encoder import load_encoder
 
     gated = {name for name in bench.METHODS if name.startswith("recast-gates-")}
-    assert gated == {f"recast-gates-{size}" for size in (48, 144, 216, 648, 1000)}
-    for size in (144, 1000):  # 12 q,v modules: their coefficients plus one gate score each
+    assert gated == {f"recast-gates-{size}" for size in (48, 144, 216, 648, 1000)} | {
+        "recast-gates-144-l15", "recast-gates-144-l30"}
+    assert [bench.METHODS[f"recast-gates-144-l{tag}"].config().gate_penalty for tag in (15, 30)] == [0.15, 0.3]
+    for size in (144, 1000, "144-l30"):  # 12 q,v modules: their coefficients plus one gate score each
         method = bench.METHODS[f"recast-gates-{size}"]
         config = method.config()
         assert config.module_gates and method.head_first
         model = peft.get_peft_model(load_encoder(torch.device("cpu")), config)
-        assert model.get_nb_trainable_parameters()[0] == (144 if size == 144 else 1008) + 12
+        assert model.get_nb_trainable_parameters()[0] == (1008 if size == 1000 else 144) + 12
 
 
 def test_layernorm_stage_runs_before_the_ranking_and_the_rows_train_after_it(tmp_path, monkeypatch):

@@ -213,6 +213,17 @@ METHODS: dict[str, Method] = {
                    head_first=True)
             for size in GATED_BASES
         ],
+        # ... and the TAPS way to about 48 numbers: ladder-144 (12 numbers per module) under a stronger penalty, so the
+        # gates, not the rung, choose which modules keep their numbers (lambda 0.05 kept 102 of its 144; 0.5 closed
+        # 10-12 of ladder-48's 12 gates)
+        *[
+            Method(f"recast-gates-144-l{round(100 * penalty)}",
+                   f"RECAST ladder-144, head first, TAPS module gates (lambda {penalty}), pruned", "peft",
+                   WIDE_RECAST_LRS, 1e-2,
+                   _recast(**GATED_BASES[144][1], module_gates=True, gate_penalty=penalty, gate_warmup_steps=32),
+                   head_first=True)
+            for penalty in (0.15, 0.3)
+        ],
         # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups,
         # with the default's recipe (head first)
         Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks, head first",
