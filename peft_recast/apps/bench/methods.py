@@ -102,6 +102,16 @@ PEER_FAMILIES = {"fourierft": LADDER_SIZES, "tinylora-tied": PEER_SIZES, "tinylo
                  "unilora": PEER_SIZES, "waveft": PEER_SIZES}
 
 
+def _gated(size: int, penalty: float = 0.05) -> Method:
+    """TAPS module gates (head first) on the rung ``GATED_BASES[size]`` under ``penalty``, from the second epoch of the
+    small-data protocol (32 steps): ``recast-gates-<size>``, with ``-l<100 x penalty>`` for other penalties."""
+    rung, config = GATED_BASES[size]
+    name = f"recast-gates-{size}" + ("" if penalty == 0.05 else f"-l{round(100 * penalty)}")
+    return Method(name, f"RECAST {rung}, head first, TAPS module gates (lambda {penalty}), pruned", "peft",
+                  WIDE_RECAST_LRS if size <= 144 else LADDER_LRS, 1e-2,
+                  _recast(**config, module_gates=True, gate_penalty=penalty, gate_warmup_steps=32), head_first=True)
+
+
 def _peer(family: str, size: int) -> Method:
     """The plain ``family`` peer at ``size`` trainable numbers (``size // 12`` per q,v module where it spends them
     per module), at its grid and default rate."""
@@ -201,29 +211,15 @@ METHODS: dict[str, Method] = {
         # ... and of recast-ch-1000: 1,008 numbers from 42 contiguous row blocks per q,v module
         Method("recast-1008-blocks", "RECAST q,v, 2 templates, 42 row blocks, head first", "peft", WIDE_RECAST_LRS,
                1e-2, _recast(coefficient_blocks=42), head_first=True),
-        # issue 20: TAPS gates on the default (head first), the penalty from the second epoch of the small-data protocol
-        # (32 steps); closed modules are pruned before the adapter is saved and counted. TAPS' lambda 0.5 closed 10 of
-        # 12 gates on trec6 and all 12 on sms (AdamW moves a score by about the rate per step whatever the gradient's
-        # size, so the penalty wins wherever the task's gradient is smaller): lambda 0.05 here
-        *[
-            Method(f"recast-gates-{size}",
-                   f"RECAST {GATED_BASES[size][0]}, head first, TAPS module gates (lambda 0.05), pruned", "peft",
-                   WIDE_RECAST_LRS if size <= 144 else LADDER_LRS, 1e-2,
-                   _recast(**GATED_BASES[size][1], module_gates=True, gate_penalty=0.05, gate_warmup_steps=32),
-                   head_first=True)
-            for size in GATED_BASES
-        ],
+        # issue 20: TAPS gates on every rung of GATED_BASES (:func:`_gated`); closed modules are pruned before the
+        # adapter is saved and counted. TAPS' lambda 0.5 closed 10 of 12 gates on trec6 and all 12 on sms (AdamW moves
+        # a score by about the rate per step whatever the gradient's size, so the penalty wins wherever the task's
+        # gradient is smaller): lambda 0.05 here
+        *[_gated(size) for size in GATED_BASES],
         # ... and the TAPS way to about 48 numbers: ladder-144 (12 numbers per module) under a stronger penalty, so the
         # gates, not the rung, choose which modules keep their numbers (lambda 0.05 kept 102 of its 144; 0.5 closed
         # 10-12 of ladder-48's 12 gates)
-        *[
-            Method(f"recast-gates-144-l{round(100 * penalty)}",
-                   f"RECAST ladder-144, head first, TAPS module gates (lambda {penalty}), pruned", "peft",
-                   WIDE_RECAST_LRS, 1e-2,
-                   _recast(**GATED_BASES[144][1], module_gates=True, gate_penalty=penalty, gate_warmup_steps=32),
-                   head_first=True)
-            for penalty in (0.15, 0.3)
-        ],
+        *[_gated(144, penalty) for penalty in (0.15, 0.3)],
         # issue 18: a count that does not grow with depth; 48 on MiniLM-L6 like the default, shared across groups,
         # with the default's recipe (head first)
         Method("recast-shared-48", "RECAST q,v; coefficients shared by position across groups, 6 row blocks, head first",
