@@ -342,30 +342,54 @@ def test_channel_methods_rank_on_the_task_train_their_count_and_reload(tmp_path)
         assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
 
 
-def test_gated_methods_prune_before_saving_and_count_the_open_modules(tmp_path, monkeypatch):
+def _run_gated_and_close(tmp_path, monkeypatch, gates_to_close) -> tuple[str, dict]:
+    """One short ``recast-gates-48`` run on trec6 whose training ends by zeroing the gate scores that
+    ``gates_to_close(encoder)`` returns (as a penalty would on the full protocol); checks the forgetting report and
+    returns the run's key and record."""
     trained = runner.train_run
 
-    def train_and_close_two_gates(encoder, *args, **kwargs):  # as a penalty would on the full protocol
+    def train_and_close(encoder, *args, **kwargs):
         seconds = trained(encoder, *args, **kwargs)
-        for layer in (encoder.base_model.model.encoder.layer[5].attention.self.value,
-                      encoder.base_model.model.encoder.layer[0].attention.self.query):
-            layer.recast_gate_scores[encoder.active_adapter].data.fill_(0.0)
+        for scores in gates_to_close(encoder):
+            scores.data.fill_(0.0)
         return seconds
 
-    monkeypatch.setattr(runner, "train_run", train_and_close_two_gates)
+    monkeypatch.setattr(runner, "train_run", train_and_close)
     settings = bench.BenchSettings(tasks=["trec6"], methods=["recast-gates-48"], seeds=[0], sweep=False,
                                    epochs=1, max_train=64, max_eval=32, output_dir=str(tmp_path))
     bench.run_bench(settings, costs=False)
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         saved = json.load(handle)
     (key, run), = saved["runs"].items()
+    for task in saved["forgetting"]["recast-gates-48/seed0"].values():
+        assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+    return key, run
+
+
+def test_gated_methods_prune_before_saving_and_count_the_open_modules(tmp_path, monkeypatch):
+    def two_gates(encoder):
+        layers = encoder.base_model.model.encoder.layer
+        return [layer.recast_gate_scores[encoder.active_adapter]
+                for layer in (layers[5].attention.self.value, layers[0].attention.self.query)]
+
+    key, run = _run_gated_and_close(tmp_path, monkeypatch, two_gates)
     with open(tmp_path / "runs" / key / "adapter_config.json") as handle:
         config = json.load(handle)
     assert config["inactive_modules"] == ["encoder.layer.0.attention.self.query", "encoder.layer.5.attention.self.value"]
     assert not config["module_gates"]
     assert run["trainable"] == 48 - 2 * 4  # 2 templates x 2 blocks per open module
-    for task in saved["forgetting"]["recast-gates-48/seed0"].values():
-        assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
+
+
+def test_a_gated_run_whose_gates_all_closed_counts_no_numbers_and_still_reloads(tmp_path, monkeypatch):
+    """Every gate closed: the adapter computes the pretrained encoder, so the record counts 0 numbers (not the unused
+    coefficients and scores), and the saved gated adapter still reloads to the same predictions."""
+    def every_gate(encoder):
+        return [parameter for name, parameter in encoder.named_parameters() if "recast_gate_scores" in name]
+
+    key, run = _run_gated_and_close(tmp_path, monkeypatch, every_gate)
+    assert run["trainable"] == 0
+    with open(tmp_path / "runs" / key / "adapter_config.json") as handle:
+        assert json.load(handle)["module_gates"]  # kept as trained: prune_gates refuses to drop every module
 
 
 def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm():

@@ -130,15 +130,17 @@ def _align_layernorms(encoder: nn.Module, head: nn.Module, data: TaskData, lr: f
             parameter.requires_grad_(True)
 
 
-def _prune(encoder: nn.Module, key: str) -> None:
-    """Drop the modules whose TAPS gate closed (:func:`prune_gates`), so that the run saves and counts the open ones;
-    a run whose gates all closed keeps them (its adapter is the pretrained encoder either way)."""
+def _prune(encoder: nn.Module, key: str) -> bool:
+    """Drop the modules whose TAPS gate closed (:func:`prune_gates`), so that the run saves and counts the open ones.
+    Returns whether every gate closed: such a run keeps its gated adapter (``prune_gates`` refuses to remove every
+    module) but computes the pretrained encoder, so the caller counts 0 numbers for it, not the unused ones."""
     try:
         closed = prune_gates(encoder, key)
     except ValueError as error:
         print(f"{key}: {error}")
-        return
+        return True
     print(f"{key}: {len(closed)} module(s) closed by their gates")
+    return False
 
 
 def _prediction_digest(predicted: torch.Tensor) -> str:
@@ -175,6 +177,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                 torch.manual_seed(seed)
                 encoder = model.new_adapter(key)
                 head = new_head(encoder.config.hidden_size, len(data.classes), seed, device)
+                gates_all_closed = False
                 if method.kind == "probe":
                     seconds = _probe_run(encoder, head, data, seed, settings, embeddings)
                     step_seconds = None
@@ -192,10 +195,10 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                     step_seconds = train_run(encoder, head, data, lr, seed, stage_settings, desc, align_epochs)
                     seconds = None
                     if getattr(encoder.peft_config[key], "module_gates", False):
-                        _prune(encoder, key)
+                        gates_all_closed = _prune(encoder, key)
                 val = predictions(encoder, head, data.validation, settings.batch_size, "validation")
                 test = predictions(encoder, head, data.test, settings.batch_size, "test")
-                numbers = trainable_numbers(encoder) if method.kind != "probe" else 0
+                numbers = 0 if method.kind == "probe" or gates_all_closed else trainable_numbers(encoder)
                 adapter_bytes = save_run(encoder, head, method, run_dir)
                 results.add(dict(
                     key=key, method=method.name, task=task, lr=lr, seed=seed, protocol=protocol,
