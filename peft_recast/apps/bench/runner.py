@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...channels import add_channels, rank_channels
 from ...files import atomic_write
-from ...gates import prune_gates
+from ...gates import gate_states, prune_gates
 from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
 from ..loop import (
     RANKING_BATCHES,
@@ -132,13 +132,12 @@ def _align_layernorms(encoder: nn.Module, head: nn.Module, data: TaskData, lr: f
 
 def _prune(encoder: nn.Module, key: str) -> bool:
     """Drop the modules whose TAPS gate closed (:func:`prune_gates`), so that the run saves and counts the open ones.
-    Returns whether every gate closed: such a run keeps its gated adapter (``prune_gates`` refuses to remove every
-    module) but computes the pretrained encoder, so the caller counts 0 numbers for it, not the unused ones."""
-    try:
-        closed = prune_gates(encoder, key)
-    except ValueError as error:
-        print(f"{key}: {error}")
+    Returns whether every gate closed (:func:`gate_states`): such a run keeps its gated adapter (``prune_gates``
+    refuses to remove every module) but computes the pretrained encoder, so the caller counts 0 numbers for it."""
+    if not any(gate_states(encoder, key).values()):
+        print(f"{key}: every gate closed; the adapter is kept as trained and counted as 0 numbers")
         return True
+    closed = prune_gates(encoder, key)
     print(f"{key}: {len(closed)} module(s) closed by their gates")
     return False
 
