@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from .grouping import role_and_index
+from .planning import role_and_index
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -17,7 +17,7 @@ _GROUP_RANGE = re.compile(r"(?<=\.)(\d+)(?:-(\d+))?(?=\.|\[|$)|^(\d+)(?:-(\d+))?
 
 
 def _group_matcher(name: str) -> tuple[str, int, int]:
-    """``(role, first, last)`` of a group name; the role is written as :func:`~peft_recast.grouping.role_and_index`
+    """``(role, first, last)`` of a group name; the role is written as :func:`~peft_recast.planning.role_and_index`
     writes it (``{}`` for the layer index, shape suffix dropped)."""
     base = name.split("[", 1)[0]
     match = _GROUP_RANGE.search(base)

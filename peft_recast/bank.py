@@ -20,8 +20,6 @@ import safetensors.torch
 import torch
 
 from .files import atomic_write
-from .grouping import RecastGroup
-from .layer import RecastLayer
 from .mimicry import fingerprint_mismatch
 
 BANK_FILE = "recast_template_bank.safetensors"
@@ -133,26 +131,6 @@ class TemplateBank:
                 "bank for this model with `peft-recast mimic`."
             )
         return entry
-
-
-class BankGroup(RecastGroup):
-    """A template group whose basis is a slice of stored bank templates (one fused role), shaped as its weights."""
-
-    def __init__(
-        self, name: str, members: list[RecastLayer], templates: torch.Tensor, relative_error: float = math.nan
-    ) -> None:
-        super().__init__(name, members)
-        self.templates = templates  # (n, *weight shape), float32, CPU
-        self.relative_error = relative_error  # ||mean_K(alpha_0) T - A||_F / ||A||_F of the whole group
-        self._cache: dict[tuple, list[torch.Tensor]] = {}
-
-    def basis(self) -> list[torch.Tensor]:
-        """The ``n`` templates on the device and in the dtype of the members' weights."""
-        weight = self.members[0].pristine_weight()
-        key = (weight.device, weight.dtype)
-        if key not in self._cache:
-            self._cache = {key: list(self.templates.to(device=weight.device, dtype=weight.dtype).unbind(0))}
-        return self._cache[key]
 
 
 def save_template_bank(bank: TemplateBank, path: str) -> str:

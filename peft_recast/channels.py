@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .grouping import peft_adapter_layers
+from .planning import attach_channels, peft_model_layers
 
 
 def _default_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -49,7 +49,7 @@ def channel_importance(
         `dict[str, torch.Tensor]`: per module key (as in the base model's ``named_modules()``), ``(out_features,)``
         float64 scores. The model's parameters, gradients and train/eval mode are left as they were.
     """
-    name, layers = peft_adapter_layers(model, adapter_name)
+    name, layers = peft_model_layers(model, adapter_name)
     if not layers:
         raise ValueError(f"The model has no RECAST modules for adapter {name!r}: add a RECAST adapter "
                          "(get_peft_model(base, RecastConfig(...))) before ranking its channels.")
@@ -151,26 +151,6 @@ def rank_channels(
     return {key: sorted(rows) for key, rows in sorted(chosen.items())}
 
 
-def attach_channels(layers: dict, adapter_name: str, channels: dict[str, list[int]]) -> None:
-    """Give the rows of ``channels`` coefficients of their own (:meth:`RecastLayer.add_channels`; ``layers``: the
-    adapter's RECAST layers by key); a key that names no module of the adapter, or a row past a module's output rows,
-    raises ``ValueError`` before any layer changes."""
-    unknown = sorted(set(channels) - set(layers))
-    if unknown:
-        raise ValueError(
-            f"`channels` names module(s) that the RECAST adapter '{adapter_name}' does not adapt, e.g. "
-            f"{unknown[:3]}; use the keys of its modules (peft_recast.rank_channels returns them), e.g. "
-            f"{sorted(layers)[:2]}."
-        )
-    for key, rows in channels.items():
-        too_far = [row for row in rows if row >= layers[key].out_features]
-        if too_far:
-            raise ValueError(f"`channels` lists row(s) {too_far[:5]} of '{key}', which has {layers[key].out_features} "
-                             "output rows; row indices run from 0 to out_features - 1.")
-    for key, rows in channels.items():
-        layers[key].add_channels(adapter_name, rows)
-
-
 def add_channels(model: nn.Module, channels: dict[str, list[int]], adapter_name: Optional[str] = None) -> None:
     """Give rows of an existing RECAST adapter coefficients of their own, in place (e.g. the rows
     :func:`rank_channels` chose on the same model): each new coefficient starts as a copy of its row's block, so the
@@ -203,7 +183,7 @@ def add_channels(model: nn.Module, channels: dict[str, list[int]], adapter_name:
 
         ```
     """
-    name, layers = peft_adapter_layers(model, adapter_name)
+    name, layers = peft_model_layers(model, adapter_name)
     config = model.peft_config[name]
     if config.channels:
         raise ValueError(f"The RECAST adapter '{name}' has channels already ({sum(map(len, config.channels.values()))} "

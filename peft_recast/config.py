@@ -11,25 +11,17 @@ from peft.config import PeftConfig
 from ._version import __version__
 from .registration import RECAST
 
-# The paper's variants (official code, appledora/RECAST_ICLR25 models/RECAST-*.py: FACTORS = 6, TEMPLATES = 2,
-# num_cf = 2; ResNet-34: banks over the blocks after the first of each stage, n = blocks - 1, num_cf = 2).
-# The peak AdamW learning rate of the coefficients that README, the examples and `peft-recast train` use (default
-# coefficient_scale s = 10): the best rate of the default within 0.5 points on the benchmark's tasks (docs/benchmarks.md).
-# First chosen with `peft-recast sweep --task trec6 sms` (validation accuracy, %, 2,000 train examples, 4 epochs,
-# seed 0; probe: trec6 76.2, sms 95.8), measured with a unit coefficient worth 1 x ||W|| at rates 1e-3 .. 3e-1, which
-# is the same AdamW trajectory as the rates below (divided by s / sqrt(n) = 7.07):
-#   lr      1.4e-4  4.2e-4  1.4e-3  4.2e-3  1.4e-2  4.2e-2
-#   trec6     75.8    77.0    80.0    80.6    82.6    81.8
-#   sms       96.0    96.8    98.4    98.8    98.8    98.4
+# The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
+# README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
 RECOMMENDED_LR = 1e-2
 
 # Config fields that decide a layer's basis and mixing, or how its coefficients act: adapters that differ in any of
-# them are not vectors of one space.
+# them are not vectors of one space. The base model is compared apart (`base_fingerprint`, with its tolerance).
 GROUPING_FIELDS = (
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
     "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "coefficient_sharing",
-    "share_across_module_types", "fused_modules", "template_bank", "weight_form", "channels", "module_gates", "gate_threshold", "inactive_modules",
-    "base_fingerprint",
+    "share_across_module_types", "fused_modules", "template_bank", "weight_form", "channels", "module_gates",
+    "gate_threshold", "inactive_modules",
 )
 
 def differing_field(
@@ -167,7 +159,8 @@ class RecastConfig(PeftConfig):
         fan_in_fan_out (`bool`, defaults to `False`):
             ``True`` for layers storing weights as ``(in, out)`` (GPT-2's ``Conv1D``; set automatically).
         layers_per_group (`Optional[int]`, *optional*, defaults to `None`, meaning 2):
-            Consecutive layers of one role that share a template bank. Mutually exclusive with ``num_groups``.
+            Consecutive layers of one role that share their templates (a template group). Mutually exclusive with
+            ``num_groups``.
         num_groups (`Optional[int]`, *optional*, defaults to `None`):
             Split each role's layers into this many contiguous groups instead (the paper's ``G``).
         num_templates (`int`, defaults to `2`):
@@ -226,8 +219,8 @@ class RecastConfig(PeftConfig):
             group's templates) but hold no coefficients: the pretrained layer. Written by :func:`prune_gates`.
         share_across_module_types (`bool`, defaults to `False`):
             ``True``: all target modules of a group of layers that have the same weight shape (e.g. query, key,
-            value and attention output) share one bank, so each module mixes templates built from all of them;
-            ``False``: one bank per module type.
+            value and attention output) share one template group, so each module mixes templates built from all of them;
+            ``False``: one template group per module type.
         base_fingerprint (`Optional[dict[str, list[float]]]`, *optional*, defaults to `None`):
             Singular values of every group's stacked pretrained weights, written when the adapter is created and
             checked when it is loaded. Leave it ``None``.
@@ -289,7 +282,7 @@ class RecastConfig(PeftConfig):
     bias: Literal["none", "all", "recast_only"] = field(default="none", metadata={"help": "Which biases to train."})
     fan_in_fan_out: bool = field(default=False, metadata={"help": "True if the layer stores its weight as (in, out)."})
     layers_per_group: Optional[int] = field(
-        default=None, metadata={"help": "Consecutive layers sharing a template bank (default 2)."}
+        default=None, metadata={"help": "Consecutive layers sharing their templates (default 2)."}
     )
     num_groups: Optional[int] = field(
         default=None, metadata={"help": "Number of contiguous groups per module role (alternative to layers_per_group)."}
@@ -323,7 +316,7 @@ class RecastConfig(PeftConfig):
         default=None, metadata={"help": "Modules in a template group without coefficients (written by prune_gates)."}
     )
     share_across_module_types: bool = field(
-        default=False, metadata={"help": "One bank for all target modules of a layer group with the same shape."}
+        default=False, metadata={"help": "One template group for all target modules of a layer group with the same shape."}
     )
     base_fingerprint: Optional[dict[str, list[float]]] = field(
         default=None, metadata={"help": "Filled in by RECAST: singular values of each group's pretrained weights."}
@@ -357,7 +350,7 @@ class RecastConfig(PeftConfig):
 
         ``"attention"``, ``"mlp"`` and ``"attention+mlp"`` follow the official ViT code (``G = 6`` groups, ``n = 2``
         templates, ``K = 2`` coefficient sets; q/k/v fused as the paper's single ``qkv`` weight); ``"conv"`` follows
-        its ResNet-34 (one bank per stage and conv position over the blocks after the first, ``n`` = blocks - 1,
+        its ResNet-34 (one template group per stage and conv position over the blocks after the first, ``n`` = blocks - 1,
         ``K = 2``). Target modules are filled in per model type when the adapter is injected. Passing
         ``layers_per_group`` replaces the preset's ``num_groups``.
         """
@@ -390,7 +383,7 @@ class RecastConfig(PeftConfig):
         if self.layers_per_group is not None and self.num_groups is not None:
             raise ValueError(
                 f"Set either `layers_per_group` ({self.layers_per_group}) or `num_groups` ({self.num_groups}), "
-                "not both: they are two ways to say how layers are grouped into template banks."
+                "not both: they are two ways to say how layers are grouped into template groups."
             )
         for name in ("layers_per_group", "num_groups", "num_templates", "num_coefficient_sets", "coefficient_blocks"):
             value = getattr(self, name)
@@ -464,8 +457,8 @@ class RecastConfig(PeftConfig):
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:
-        """Fields read from a saved ``adapter_config.json``: a file without ``coefficient_blocks`` was written before
-        that field existed, with one block per module (the default is 2 since), so it is read as 1."""
+        """Fields read from a saved ``adapter_config.json``: a file without ``coefficient_blocks`` holds one block per
+        module, so it is read as 1 (not the default 2)."""
         kwargs = super().check_kwargs(**kwargs)
         kwargs.setdefault("coefficient_blocks", 1)
         return kwargs
@@ -488,10 +481,3 @@ class RecastConfig(PeftConfig):
                 f"{__version__} is installed, which may not understand it. Upgrade with "
                 f"`pip install -U 'peft-recast>={self.recast_version}'`."
             )
-
-    @property
-    def group_size(self) -> Optional[int]:
-        """Layers per group when grouping by size (``None`` when ``num_groups`` is set)."""
-        if self.num_groups is not None:
-            return None
-        return 2 if self.layers_per_group is None else self.layers_per_group

@@ -24,7 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import MimicrySettings, save_template_bank
 from .config import RecastConfig
+from .gradient_mimicry import mimic_template_bank
+from .planning import GroupFits, adapter_layers, plan_groups, plan_model_groups
 
 FIDELITY_ADAPTER = "recast_fidelity"
 
@@ -120,15 +123,15 @@ def fidelity_report(
     probe = replace(config, weight_form="replace", init_weights=True, base_fingerprint=None, inference_mode=True)
     peft_model = get_peft_model(model, probe, adapter_name=FIDELITY_ADAPTER)
     try:
-        tuner = peft_model.base_model
-        units_per_group = tuner.plan_units(tuner.model, FIDELITY_ADAPTER)
-        keys = [key for _, units in units_per_group for unit in units for key, _ in unit]
-        layers = {key: tuner.model.get_submodule(key) for key in keys}
+        layers = adapter_layers(peft_model.get_base_model(), FIDELITY_ADAPTER)
+        plans = plan_groups(layers, peft_model.peft_config[FIDELITY_ADAPTER])
+        layers = {key: layer for plan in plans for unit in plan.units for key, layer in unit}
         with peft_model.disable_adapter():
             reference, original = _run_with_hooks(peft_model, layers, inputs)
         mimicked_output, mimicked = _run_with_hooks(peft_model, layers, inputs)
         groups = []
-        for name, units in units_per_group:
+        for plan in plans:
+            name, units = plan.name, plan.units
             pretrained, rebuilt = [], []
             for unit in units:
                 pretrained.append(torch.cat([layer.pristine_weight().double().reshape(-1) for _, layer in unit]))
@@ -180,14 +183,12 @@ def compare_mimicry(
     The closed-form time is that of fitting every group (``fit_group``) as an adapter is injected; the gradient time
     that of :func:`peft_recast.gradient_mimicry.mimic_template_bank` (the bank is saved to ``bank_dir``).
     """
-    from peft import get_peft_model
-
-    from .bank import MimicrySettings, save_template_bank
-    from .gradient_mimicry import mimic_template_bank
 
     closed = replace(config, template_bank=None, base_fingerprint=None, inference_mode=True)
     start = time.perf_counter()
-    get_peft_model(model, closed, adapter_name="recast_timing").unload()
+    fits = GroupFits()
+    for plan in plan_model_groups(model, closed):
+        fits.fit(plan, closed.num_templates)
     closed_seconds = time.perf_counter() - start
     closed_report = fidelity_report(model, closed, inputs, method="closed form", seconds=closed_seconds)
 

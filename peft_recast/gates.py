@@ -1,4 +1,5 @@
-"""TAPS gates (Wallingford et al., arXiv 2203.16708): a learned on/off switch per module, and pruning the closed ones.
+"""TAPS gates (Wallingford et al., arXiv 2203.16708): a learned on/off switch per module (the layer's part; pruning
+closed gates is :mod:`peft_recast.pruning`).
 
 A module with gate score ``g`` (a 1-element tensor) uses
 
@@ -11,8 +12,8 @@ backward (:class:`_PenaltyGradient`).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Optional
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -47,13 +48,34 @@ def gate_value(score: torch.Tensor, threshold: float, penalty: float = 0.0) -> t
     return hard + (score - score.detach())
 
 
+@dataclass
+class GateState:
+    """One gated adapter's gate settings on one module.
+
+    Attributes:
+        threshold: ``RecastConfig.gate_threshold``: the gate is open while its score is at least this.
+        penalty: this module's share ``gate_penalty / M`` of the sparsity penalty (set by :func:`finish_gates`).
+        warmup_steps: ``RecastConfig.gate_warmup_steps``: training forwards before the penalty acts.
+        forwards_seen: training forwards counted so far.
+    """
+
+    threshold: float
+    penalty: float = 0.0
+    warmup_steps: int = 0
+    forwards_seen: int = 0
+
+    def is_open(self, score: torch.Tensor) -> bool:
+        """Whether a gate with ``score`` (a ``(1,)`` tensor) is open."""
+        return bool(score.detach().item() >= self.threshold)
+
+
 class GatedLayer:
     """The gate part of :class:`~peft_recast.layer.RecastLayer`: ``recast_gate_scores`` (a ``(1,)`` parameter per gated
-    adapter) and ``recast_gate`` (per adapter: threshold, penalty share, warm-up forwards, training forwards seen).
+    adapter) and ``recast_gate`` (a :class:`GateState` per gated adapter).
     ``drop_coefficients`` is the layer's own."""
 
     recast_gate_scores: nn.ParameterDict
-    recast_gate: dict[str, list]
+    recast_gate: dict[str, GateState]
     recast_coefficients: nn.ParameterDict
 
     def _set_gate(self, adapter_name: str, config: RecastConfig, trainable: bool) -> None:
@@ -63,11 +85,11 @@ class GatedLayer:
         like = self.recast_coefficients[adapter_name]
         score = torch.full((1,), float(config.gate_init), dtype=like.dtype, device=like.device)
         self.recast_gate_scores[adapter_name] = nn.Parameter(score, requires_grad=trainable and like.requires_grad)
-        self.recast_gate[adapter_name] = [float(config.gate_threshold), 0.0, int(config.gate_warmup_steps), 0]
+        self.recast_gate[adapter_name] = GateState(float(config.gate_threshold), 0.0, int(config.gate_warmup_steps))
 
     def drop_gate(self, adapter_name: str, keep_coefficients: bool) -> None:
-        """Remove the gate (:func:`prune_gates`): an open module keeps its coefficients (its gate was 1), a closed one
-        loses them and computes the pretrained layer for this adapter."""
+        """Remove the gate (:func:`~peft_recast.pruning.prune_gates`): an open module keeps its coefficients (its gate
+        was 1), a closed one loses them and computes the pretrained layer for this adapter."""
         del self.recast_gate_scores[adapter_name]
         del self.recast_gate[adapter_name]
         if not keep_coefficients:
@@ -77,11 +99,11 @@ class GatedLayer:
         """The adapter's gate, 0 or 1 (:func:`gate_value`); training forwards are counted and the penalty's gradient
         joins after ``gate_warmup_steps`` of them."""
         score, state = self.recast_gate_scores[adapter], self.recast_gate[adapter]
-        threshold, penalty, warmup, seen = state
         if torch.is_grad_enabled() and score.requires_grad:
-            state[3] = seen + 1
-            return gate_value(score.float(), threshold, penalty if seen >= warmup else 0.0)
-        return gate_value(score.float(), threshold)
+            penalty = state.penalty if state.forwards_seen >= state.warmup_steps else 0.0
+            state.forwards_seen += 1
+            return gate_value(score.float(), state.threshold, penalty)
+        return gate_value(score.float(), state.threshold)
 
 
 def finish_gates(layers: dict, adapter_name: str, config: RecastConfig) -> None:
@@ -102,74 +124,4 @@ def finish_gates(layers: dict, adapter_name: str, config: RecastConfig) -> None:
         layers[key].drop_coefficients(adapter_name)
     gated = [layer for layer in layers.values() if adapter_name in layer.recast_gate_scores]
     for layer in gated:
-        layer.recast_gate[adapter_name][1] = config.gate_penalty / len(gated)
-
-
-def gate_states(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, bool]:
-    """Whether each gated module of ``adapter_name`` (default: the active adapter) is open, by module key."""
-    return _open_gates(*_gated_layers(model, adapter_name))
-
-
-def _open_gates(name: str, layers: dict) -> dict[str, bool]:
-    return {key: bool(layer.recast_gate_scores[name].detach().item() >= layer.recast_gate[name][0])
-            for key, layer in layers.items() if name in layer.recast_gate_scores}
-
-
-def prune_gates(model: nn.Module, adapter_name: Optional[str] = None) -> list[str]:
-    """After training with ``module_gates``: drop the coefficients of every module whose gate is closed and every
-    gate score, so that the adapter computes exactly what it did and saves (and counts) only the open modules.
-
-    The adapter's config is replaced by a copy with ``module_gates=False`` and the closed modules added to
-    ``inactive_modules`` (they stay in their template groups, so the open modules keep their templates, and a saved
-    adapter loads as it was). Returns the closed modules' keys.
-
-    Args:
-        model (`torch.nn.Module`): The PEFT model.
-        adapter_name (`str`, *optional*): Defaults to the active adapter.
-
-    Raises:
-        ValueError: the adapter has no gates, or every gate is closed (nothing is changed then).
-
-    Example:
-
-        ```py
-        >>> import peft_recast
-        >>> from peft import get_peft_model
-        >>> from transformers import BertConfig, BertModel
-
-        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64))
-        >>> model = get_peft_model(base, peft_recast.RecastConfig(module_gates=True, gate_penalty=0.5))
-        >>> # ... train; here one gate is closed by hand
-        >>> layer = model.base_model.model.encoder.layer[3].attention.self.value
-        >>> _ = layer.recast_gate_scores["default"].data.fill_(0.0)
-        >>> peft_recast.prune_gates(model)
-        ['encoder.layer.3.attention.self.value']
-        >>> model.get_nb_trainable_parameters()[0]  # 7 modules x 2 templates x 2 row blocks
-        28
-
-        ```
-    """
-    name, layers = _gated_layers(model, adapter_name)
-    config = model.peft_config[name]
-    if not config.module_gates:
-        raise ValueError(f"The RECAST adapter '{name}' has no gates to prune: it was made without module_gates=True.")
-    states = _open_gates(name, layers)
-    closed = sorted(key for key, is_open in states.items() if not is_open)
-    if len(closed) == len(layers):
-        raise ValueError(f"Every gate of the RECAST adapter '{name}' is closed, so pruning would leave the pretrained "
-                         "model; nothing was changed. Train with a smaller gate_penalty or more gate_warmup_steps.")
-    new_config = dataclasses.replace(
-        config, module_gates=False, inactive_modules=sorted({*(config.inactive_modules or []), *closed}) or None,
-        channels={key: rows for key, rows in (config.channels or {}).items() if key not in closed} or None,
-    )
-    for key, layer in layers.items():
-        layer.drop_gate(name, keep_coefficients=key not in closed)
-    model.peft_config[name] = new_config
-    return closed
-
-
-def _gated_layers(model: nn.Module, adapter_name: Optional[str]) -> tuple[str, dict]:
-    """:func:`~peft_recast.grouping.peft_adapter_layers`, imported here: :mod:`peft_recast.layer` imports this module."""
-    from .grouping import peft_adapter_layers
-
-    return peft_adapter_layers(model, adapter_name)
+        layer.recast_gate[adapter_name].penalty = config.gate_penalty / len(gated)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -32,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .bank import BankGroupEntry, MimicrySettings, TemplateBank
 from .config import RecastConfig
+from .planning import GroupFits, plan_model_groups
 
 __all__ = ["MimicrySettings", "fit_bank", "mimic_template_bank"]
 
@@ -117,27 +117,18 @@ def mimic_template_bank(
     The groups are exactly those an adapter with ``config`` gets (targets, presets, grouping, fused modules), so any
     adapter made with the same grouping fields and ``template_bank=<this bank>`` uses it.
     """
-    from peft import get_peft_model
-
-    from .model import RecastModel
-
     start = time.perf_counter()
-    probe = replace(config, template_bank=None, base_fingerprint=None, inference_mode=True)
-    peft_model = get_peft_model(model, probe, adapter_name="recast_mimicry")
-    try:
-        tuner: RecastModel = peft_model.base_model
-        stacked, shapes, entries = {}, {}, {}
-        for name, units in tuner.plan_units(model, "recast_mimicry"):
-            weights = [[layer.pristine_weight().detach() for _, layer in unit] for unit in units]
-            stacked[name] = torch.stack([torch.cat([w.reshape(-1).float() for w in unit]) for unit in weights])
-            shapes[name] = _template_shape([list(w.shape) for w in weights[0]])
-            entries[name] = ([[key for key, _ in unit] for unit in units], [list(w.shape) for w in weights[0]])
-        fitted, best_loss = fit_bank(
-            stacked, shapes, config.num_templates, config.num_coefficient_sets, settings, progress=progress
-        )
-        fingerprint = probe.base_fingerprint
-    finally:
-        peft_model.unload()
+    stacked, shapes, entries, fingerprint = {}, {}, {}, {}
+    fits = GroupFits()
+    for plan in plan_model_groups(model, config):
+        weights = plan.weights()
+        stacked[plan.name] = torch.stack([torch.cat([w.reshape(-1).float() for w in unit]) for unit in weights])
+        shapes[plan.name] = _template_shape([list(w.shape) for w in weights[0]])
+        entries[plan.name] = ([[key for key, _ in unit] for unit in plan.units], [list(w.shape) for w in weights[0]])
+        fingerprint[plan.name] = fits.fit(plan, config.num_templates).fingerprint()
+    fitted, best_loss = fit_bank(
+        stacked, shapes, config.num_templates, config.num_coefficient_sets, settings, progress=progress
+    )
     groups = {
         name: BankGroupEntry(
             templates=fitted[name][0],

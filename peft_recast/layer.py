@@ -14,10 +14,10 @@ from torch import nn
 
 from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
-from .gates import GatedLayer
+from .gates import GatedLayer, GateState
 
 if TYPE_CHECKING:
-    from .grouping import RecastGroup
+    from .group import RecastGroup
 
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
@@ -31,10 +31,11 @@ REBUILD_TOKENS_PER_MEMBER = 25
 class RecastLayer(GatedLayer, BaseTunerLayer):
     """Per-module RECAST state.
 
-    For adapter ``a`` with coefficients ``theta`` (``K x n``) and group basis ``W_1..W_m`` (the group's pretrained
+    For adapter ``a`` with coefficients ``theta`` (``K x n x B``: sets, templates, blocks of output rows) and group basis ``W_1..W_m`` (the group's pretrained
     weights), the update is
 
-        delta_W = sum_j (mean_K(theta) @ R)_j W_j,   R = s ||W_self||_F / sqrt(n) * M   (``n x m``, ``recast_mixing``)
+        delta_W[rows of block b] = sum_j (R^T mean_K(theta)[:, b])_j W_j[rows of block b],
+        R = s ||W_self||_F / sqrt(n) * M   (``n x m``, ``recast_mixing``)
 
     where ``M`` maps the group's weights to its orthonormal templates (see :mod:`peft_recast.mimicry`) and ``s`` is
     ``coefficient_scale``, so that ``delta_W = s ||W_self||_F / sqrt(n) * sum_k mean_K(theta)_k T_k``. Templates are
@@ -56,8 +57,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         self.recast_coefficients = nn.ParameterDict({})
         # config.module_gates: the TAPS gate score ``g`` of each gated adapter, (1,)
         self.recast_gate_scores = nn.ParameterDict({})
-        # per gated adapter: (gate_threshold, gate_penalty / gated modules, gate_warmup_steps, training forwards seen)
-        self.recast_gate: dict[str, list] = {}
+        # per gated adapter: its threshold, penalty share, warm-up and forwards seen
+        self.recast_gate: dict[str, GateState] = {}
         self.recast_mixing = BufferDict({}, persistent=False)
         self.recast_group: dict[str, RecastGroup] = {}
         # adapters in the paper's replacement form (delta_W = sum_k mean_K(theta)_k T_k - W_pre)
@@ -83,8 +84,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         self._mixings: dict[tuple, torch.Tensor] = {}
 
     def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
-        """Create the coefficients of ``adapter_name`` (``K x n``, or ``K x n x B`` with ``B > 1`` coefficient blocks,
-        ``B`` at most the module's output rows); the model attaches its template group after injection."""
+        """Create the coefficients of ``adapter_name`` (``K x n x B``, ``B`` coefficient blocks, at most the module's
+        output rows); the model attaches its template group after injection."""
         self.recast_coefficients[adapter_name] = nn.Parameter(self._new_coefficients(config))
         self._set_bound(adapter_name, config)
         self._set_gate(adapter_name, config, trainable=True)
@@ -92,9 +93,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _new_coefficients(self, config: RecastConfig) -> torch.Tensor:
-        """Zeros (``init_weights``) or small random values, ``(K, n)`` or ``(K, n, B)``, float32 on the CPU."""
-        blocks = min(config.coefficient_blocks, self.out_features)
-        shape = (config.num_coefficient_sets, config.num_templates) + ((blocks,) if blocks > 1 else ())
+        """Zeros (``init_weights``) or small random values, ``(K, n, B)``, float32 on the CPU."""
+        shape = (config.num_coefficient_sets, config.num_templates, min(config.coefficient_blocks, self.out_features))
         return torch.zeros(shape) if config.init_weights else torch.randn(shape) * RANDOM_INIT_STD
 
     def _set_bound(self, adapter_name: str, config: RecastConfig) -> None:
@@ -132,7 +132,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
     ) -> None:
         """Bind ``adapter_name`` to its template group; ``mixing`` is this layer's ``R`` (``n x m``, any float).
 
-        ``initial`` (``K x n``) is added to the coefficients (the mimicked ``alpha_0`` of the replacement form);
+        ``initial`` (``K x n``) is added to every block's coefficients (the mimicked ``alpha_0`` of the replacement form);
         ``replace=True`` makes ``delta_W = sum_j (mean_K(theta) @ R)_j B_j - W_pre`` (``B`` = the group's basis).
         """
         coefficients = self.recast_coefficients[adapter_name]
@@ -141,7 +141,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
             # fewer templates than requested: the group is smaller than `num_templates` or rank deficient
             values = coefficients.data[:, :num_templates].clone()
             if initial is not None:
-                values = values + initial.to(values).view(*initial.shape, *[1] * (values.dim() - initial.dim()))
+                values = values + initial.to(values).unsqueeze(-1)
             self.recast_coefficients[adapter_name] = nn.Parameter(values, requires_grad=coefficients.requires_grad)
         if replace:
             self.recast_replace[adapter_name] = True
@@ -153,12 +153,12 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
 
     def add_channels(self, adapter_name: str, rows: list[int]) -> None:
         """Give each of ``rows`` (output rows, ``config.channels``) ``K x n`` coefficients of its own: the coefficient
-        tensor grows from ``(K, n)`` or ``(K, n, B)`` to ``(K, n, B + c)``, each new entry starting as a copy of its
+        tensor grows from ``(K, n, B)`` to ``(K, n, B + c)``, each new entry starting as a copy of its
         row's block, so that the layer computes exactly what it did before (the identity stays the identity)."""
         if not rows:
             return
         coefficients = self.recast_coefficients[adapter_name]
-        values = coefficients.data if coefficients.dim() == 3 else coefficients.data.unsqueeze(-1)
+        values = coefficients.data
         of_rows = row_blocks(self.out_features, values.shape[-1], values.device)[list(rows)]
         values = torch.cat([values, values[..., of_rows]], dim=-1)
         self.recast_coefficients[adapter_name] = nn.Parameter(values, requires_grad=coefficients.requires_grad)
@@ -222,13 +222,12 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         basis member per block of output rows, ``(m, B)`` float32."""
         owner = self.recast_tie.get(adapter, self)
         mixing = self.recast_mixing[adapter]
-        # (n) or (n, B); coefficients shared with a group of more templates: their first n
+        # (n, B); coefficients shared with a group of more templates: their first n
         theta = owner.recast_coefficients[adapter].float().mean(0)[: mixing.shape[0]]
         bound = self.recast_bound.get(adapter)
         if bound is not None:
             theta = bound * torch.tanh(theta / bound)
-        mix = torch.einsum("n...,nm->m...", theta, mixing.float())
-        mix = mix.reshape(mix.shape[0], -1)
+        mix = torch.einsum("nb,nm->mb", theta, mixing.float())
         if adapter in self.recast_gate_scores:
             mix = mix * self._gate(adapter)
         return mix

@@ -134,3 +134,25 @@ def fingerprint_mismatch(saved: dict[str, list[float]], current: dict[str, list[
                 f"(relative difference {worst:.1e} > {FINGERPRINT_RTOL:.0e})"
             )
     return None
+
+
+@dataclass(frozen=True)
+class WrapperPrefix:
+    """Two fingerprints that name the same groups, one of them with ``prefix`` (e.g. ``"encoder."``) in front of every
+    group name: the adapter's (``on_adapter``, saved from a model that wraps this one) or this model's."""
+
+    prefix: str
+    on_adapter: bool
+
+
+def wrapper_prefix(saved: dict[str, list[float]], current: dict[str, list[float]]) -> WrapperPrefix | None:
+    """The :class:`WrapperPrefix` that turns every group name of one fingerprint into the other's, or ``None``."""
+    if not saved or not current or set(saved) == set(current) or len(saved) != len(current):
+        return None
+    for longer, shorter, on_adapter in ((saved, current, True), (current, saved, False)):
+        first_long, first_short = sorted(longer)[0], sorted(shorter)[0]
+        if first_long.endswith(first_short) and len(first_long) > len(first_short):
+            prefix = first_long[: len(first_long) - len(first_short)]
+            if prefix.endswith(".") and {prefix + name for name in shorter} == set(longer):
+                return WrapperPrefix(prefix, on_adapter)
+    return None

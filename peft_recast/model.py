@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import copy
 import re
 import warnings
 from contextlib import contextmanager
@@ -10,41 +10,27 @@ from functools import partial
 from typing import Any, Iterator, Optional, Union
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_target_module_exists
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING, AuxiliaryTrainingWrapper
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import AuxiliaryTrainingWrapper
 from peft.utils.other import ModulesToSaveWrapper, _get_submodules
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .adapters import coefficient_problem, fill_shared_coefficients, shared_coefficient_keys
-from .bank import BankGroup, TemplateBank, load_template_bank
-from .channels import attach_channels
-from .config import GROUPING_FIELDS, RecastConfig, config_list, differing_field, preset_fields
+from .checkpoint import coefficient_problem, fill_shared_coefficients, shared_coefficient_keys, with_block_axis
+from .config import GROUPING_FIELDS, RecastConfig, differing_field
 from .gates import finish_gates
-from .grouping import (
-    RecastGroup,
-    adapter_layers,
-    flat_cat,
-    fuse_groups,
-    layer_index,
-    layers_to_transform_problem,
-    plan_groups,
-    role_and_index,
-    warn_if_templates_exceed_groups,
-)
 from .layer import Conv2d, Linear, RecastLayer
-from .mimicry import GroupFit, fingerprint_mismatch, fit_group
+from .mimicry import fingerprint_mismatch, wrapper_prefix
+from .planning import (
+    TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING,
+    GroupFits,
+    adapter_layers,
+    attach_channels,
+    build_groups,
+    is_target,
+    resolve_targets,
+)
 from .quantized import QuantizedBase, QuantizedLinear, is_bnb_linear
-
-# Show a progress bar for mimicry once the targeted weights exceed this many elements (~a 100M-parameter model).
-PROGRESS_MIN_NUMEL = 100_000_000
-# Default target modules per transformers model type: LoRA's attention query/value choice, plus ViT (module names
-# of transformers 5).
-TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING = {
-    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
-    "vit": ["q_proj", "v_proj"],
-}
 
 
 def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
@@ -52,19 +38,13 @@ def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict
     return args, kwargs
 
 
-def _coefficient_unit(norm: float, config: RecastConfig, num_templates: int) -> float:
-    """What a unit coefficient moves a layer by along one unit template: ``s ||W||_F / sqrt(n)``, so that moving all
-    ``n`` coefficients by ``c`` moves the weight by ``c s ||W||_F`` whatever ``n`` is (AdamW moves every coefficient by
-    about the learning rate per step, so the best learning rate does not depend on the number of templates)."""
-    return norm * config.coefficient_scale / math.sqrt(num_templates)
-
-
 class RecastModel(QuantizedBase, BaseTuner):
     """Creates a RECAST model from a pretrained transformers model (use ``peft.get_peft_model``).
 
     Every adapter (task) gets ``K x n x B`` coefficients per target module; templates are rebuilt from the base
     weights by closed-form Neural Mimicry whenever an adapter is injected (see :mod:`peft_recast.mimicry`), so adapter
-    files hold coefficients only. The hooks below are PEFT's; grouping lives in :mod:`peft_recast.grouping`.
+    files hold coefficients only. The hooks below are PEFT's; planning and fitting the groups live in
+    :mod:`peft_recast.planning`.
 
     Args:
         model (`torch.nn.Module`): The model to adapt.
@@ -95,11 +75,16 @@ class RecastModel(QuantizedBase, BaseTuner):
     **Attributes**:
         - **model** (`torch.nn.Module`) -- The adapted model.
         - **peft_config** (`dict[str, RecastConfig]`) -- The adapters' configurations, by name.
+        - **group_fits** (`GroupFits`) -- The closed-form fits of the groups, shared by adapters of one grouping.
     """
 
     prefix: str = "recast_"
     tuner_layer_cls = RecastLayer
     target_module_mapping = TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.group_fits = GroupFits()  # before PEFT's __init__, which injects the first adapter
+        super().__init__(*args, **kwargs)
 
     def _create_and_replace(
         self,
@@ -159,7 +144,7 @@ class RecastModel(QuantizedBase, BaseTuner):
         """
         requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
         try:
-            if low_cpu_mem_usage or not self._inject_like_existing(model, adapter_name):
+            if low_cpu_mem_usage or not self.inject_like_existing(model, adapter_name):
                 super().inject_adapter(
                     model,
                     adapter_name,
@@ -177,7 +162,7 @@ class RecastModel(QuantizedBase, BaseTuner):
                 parameter.requires_grad = flag
             raise
 
-    def _inject_like_existing(self, model: nn.Module, adapter_name: str) -> bool:
+    def inject_like_existing(self, model: nn.Module, adapter_name: str) -> bool:
         """The fast path of a new adapter whose grouping an adapter on the model has already (the usual case when one
         model serves many tasks): every layer of that adapter gets new coefficients sharing its group and mixing, in
         a few operations per layer, without PEFT's pass over the model or mimicry. Returns ``False`` (nothing done)
@@ -193,7 +178,7 @@ class RecastModel(QuantizedBase, BaseTuner):
             name for name, other in self.peft_config.items()
             if name != adapter_name and isinstance(other, RecastConfig) and other.base_fingerprint is not None
             and not other.modules_to_save and other.bias == "none"
-            and differing_field(other, config, GROUPING_FIELDS[:-1]) is None
+            and differing_field(other, config) is None
         ), None)
         layers = adapter_layers(model, template) if template is not None else {}
         if not layers or any(l.recast_group[template].fitted != l.recast_group[template].weights_state()
@@ -209,7 +194,19 @@ class RecastModel(QuantizedBase, BaseTuner):
         return True
 
     def _check_fingerprint(self, adapter_name: str, config: RecastConfig, fingerprint: dict[str, list[float]]) -> None:
-        """Refuse an adapter whose saved ``base_fingerprint`` does not match this model's weights."""
+        """Refuse an adapter whose saved ``base_fingerprint`` does not match this model's weights (or names the same
+        groups under a wrapper's prefix: then the message says so)."""
+        wrapped = wrapper_prefix(config.base_fingerprint, fingerprint)
+        if wrapped is not None:
+            source, longer, shorter = (("a model that holds this one", "the adapter's", "this model's")
+                                       if wrapped.on_adapter else ("the model this one wraps", "this model's",
+                                                                   "the adapter's"))
+            raise ValueError(
+                f"The RECAST adapter '{adapter_name}' was saved from {source} under '{wrapped.prefix[:-1]}': {longer} "
+                f"module keys are {shorter} with '{wrapped.prefix}' in front. The weights may be the same, but the "
+                "keys differ: load the adapter onto a model with the module keys it was saved with, or save it from "
+                "the model you load it onto."
+            )
         problem = fingerprint_mismatch(config.base_fingerprint, fingerprint)
         if problem is not None:
             raise ValueError(
@@ -221,131 +218,22 @@ class RecastModel(QuantizedBase, BaseTuner):
             )
 
     def _fit_templates(self, model: nn.Module, adapter_name: str) -> None:
-        """Closed-form mimicry (or the template bank) for every group of ``adapter_name``; sets the config's
-        ``base_fingerprint``, or checks it against this model's weights when the adapter is being loaded."""
+        """Fit and attach the template groups of ``adapter_name`` (:func:`~peft_recast.planning.build_groups`); sets
+        the config's ``base_fingerprint``, or checks it against this model's weights when the adapter is loaded."""
         config = self.peft_config[adapter_name]
         layers = adapter_layers(model, adapter_name)
-        problem = layers_to_transform_problem(model, config, layers)
-        if problem is not None:
-            raise ValueError(problem)
-        groups = plan_groups(layers, config)
-        warn_if_templates_exceed_groups(adapter_name, config, groups)
-        numel = sum(layer.get_base_layer().weight.numel() for layer in layers.values())
-        units_per_group = fuse_groups(groups, layers, config)
-        bank = load_template_bank(config.template_bank) if config.template_bank is not None else None
-        fingerprint, shared = {}, {} if config.coefficient_sharing == "position" else None
-        for name, units in tqdm(
-            units_per_group, desc="RECAST mimicry", unit="group", disable=numel < PROGRESS_MIN_NUMEL
-        ):
-            weights = [[member.pristine_weight() for _, member in unit] for unit in units]
-            if any(weight.device.type == "meta" for unit in weights for weight in unit):
-                raise ValueError(
-                    f"The base weights of '{name}' are on the meta device. RECAST builds its templates from the "
-                    "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
-                )
-            fit = self._group_fit(weights, config.num_templates, [m.weight_state() for unit in units for _, m in unit])
-            fingerprint[name] = fit.fingerprint()
-            self._attach_units(adapter_name, config, name, units, fit, bank, shared)
+        fingerprint = build_groups(model, adapter_name, config, layers, self.group_fits)
         if config.base_fingerprint is not None:
             self._check_fingerprint(adapter_name, config, fingerprint)
         config.base_fingerprint = fingerprint
 
-    def _group_fit(self, weights: list[list[torch.Tensor]], num_templates: int, states: list[tuple]) -> GroupFit:
-        """Closed-form mimicry of one group's (units of) weights, fitted once: a later adapter with the same grouping
-        reuses the fit (and so its templates and mixing) as long as none of the weights changed (``states``: each
-        member's ``weight_state()``, storage and version counter, so an in-place change or a merge refits)."""
-        key = (num_templates, tuple(states), tuple((w.dtype, w.shape) for unit in weights for w in unit))
-        fits = self.__dict__.setdefault("_group_fits", {})
-        if key not in fits:
-            fits[key] = fit_group([unit[0] if len(unit) == 1 else flat_cat(unit) for unit in weights], num_templates)
-        return fits[key]
-
-    @staticmethod
-    def _attach_units(
-        adapter_name: str,
-        config: RecastConfig,
-        name: str,
-        units: list[list[tuple[str, RecastLayer]]],
-        fit: GroupFit,
-        bank: Optional[TemplateBank],
-        shared: Optional[dict[tuple[str, int], RecastLayer]] = None,
-    ) -> None:
-        """Give every module of one group its basis ``B``, mixing ``R`` and (replacement form) ``alpha_0``; with
-        ``shared`` (``coefficient_sharing="position"``), the unit at position ``j`` of a role ties its coefficients to
-        the first such unit's (kept in ``shared``, by role and position).
-
-        With ``u_l`` = :func:`_coefficient_unit` (``s ||W_l||_F / sqrt(n)``). Closed form: ``B`` = the members'
-        pretrained weights, ``R_l = u_l M`` (residual) or ``M`` with ``alpha_0 = C_l = M^T[l] s^2`` (replace). Bank:
-        ``B`` = the stored templates, ``R_l = diag(u_l / ||T_k||)`` (residual: coefficients on the closed form's
-        scale) or ``I`` with the bank's ``alpha_0`` (replace). ``W_l`` of fused units is the concatenation of its roles' weights; the
-        roles after the first share the first one's coefficient tensor.
-        """
-        replace_form = config.weight_form == "replace"
-        if bank is None:
-            roles = [RecastGroup(name, [unit[r][1] for unit in units]) for r in range(len(units[0]))]
-            coefficients = fit.mixing.T * fit.singular_values[: fit.num_templates] ** 2  # C = U_n diag(s_n), (m x n)
-        else:
-            keys = [[key for key, _ in unit] for unit in units]
-            entry = bank.check(name, keys, fit.fingerprint(), config.num_templates)
-            stacked = torch.stack(
-                [flat_cat([layer.pristine_weight() for _, layer in unit]).float().cpu() for unit in units]
-            )
-            error = ((entry.reconstruction() - stacked).norm() / stacked.norm()).item()
-            templates, offset, roles = entry.templates, 0, []
-            for r in range(len(units[0])):
-                shape = tuple(units[0][r][1].pristine_weight().shape)
-                size = math.prod(shape)
-                piece = templates[:, offset : offset + size].reshape(templates.shape[0], *shape)
-                roles.append(BankGroup(name, [unit[r][1] for unit in units], piece, relative_error=error))
-                offset += size
-            template_norms = templates.double().norm(dim=1)
-        for j, unit in enumerate(units):
-            norm = fit.member_norms[j]
-            initial = None
-            if bank is None:
-                mixing = fit.mixing if replace_form else fit.mixing * _coefficient_unit(norm, config, len(fit.mixing))
-                if replace_form:
-                    initial = coefficients[j].expand(config.num_coefficient_sets, -1)
-            elif replace_form:
-                mixing = torch.eye(len(template_norms), dtype=torch.float64)
-                alpha = entry.coefficients[j]
-                initial = alpha if alpha.shape[0] == config.num_coefficient_sets else alpha.mean(0).expand(
-                    config.num_coefficient_sets, -1
-                )
-            else:
-                mixing = torch.diag(_coefficient_unit(norm, config, len(template_norms)) / template_norms)
-            owner = unit[0][1]
-            if shared is not None:
-                owner = shared.setdefault((role_and_index(unit[0][0], config.layers_pattern)[0], j), owner)
-            for r, (_, member) in enumerate(unit):
-                member.attach_group(adapter_name, roles[r], mixing, initial=initial, replace=replace_form)
-                if member is not owner:
-                    member.tie_coefficients(adapter_name, owner)
-
-    def plan_units(
-        self, model: nn.Module, adapter_name: str
-    ) -> list[tuple[str, list[list[tuple[str, RecastLayer]]]]]:
-        """The template groups of ``adapter_name``: per group its units (one ``(key, layer)`` per fused role)."""
-        layers, config = adapter_layers(model, adapter_name), self.peft_config[adapter_name]
-        return fuse_groups(plan_groups(layers, config), layers, config)
-
     @staticmethod
     def _check_target_module_exists(peft_config: RecastConfig, key: str) -> Union[bool, re.Match, None]:
-        """PEFT's matching, plus ``layers_to_transform`` for a regex ``target_modules`` (PEFT applies it to lists of
-        names only, so a regex would silently adapt every layer)."""
-        found = check_target_module_exists(peft_config, key)
-        wanted = config_list(peft_config.layers_to_transform)
-        if found and isinstance(peft_config.target_modules, str) and wanted:
-            return layer_index(key, peft_config.layers_pattern) in wanted
-        return found
+        return is_target(peft_config, key)
 
     def _prepare_adapter_config(self, peft_config: RecastConfig, model_config: dict) -> RecastConfig:
-        """Resolve a preset's target (and fused) modules for this model type, then PEFT's defaults."""
-        if getattr(peft_config, "preset", None) is not None and peft_config.target_modules is None:
-            for name, value in preset_fields(peft_config.preset, model_config).items():
-                if name == "target_modules" or getattr(peft_config, name) is None:
-                    setattr(peft_config, name, value)
-        return super()._prepare_adapter_config(peft_config, model_config)
+        """Resolve a preset's target (and fused) modules for this model type, then the default target modules."""
+        return resolve_targets(peft_config, model_config)
 
     @staticmethod
     def _remove_adapter_layers(model: nn.Module, adapter_name: str, layers: dict[str, RecastLayer]) -> None:
@@ -361,13 +249,86 @@ class RecastModel(QuantizedBase, BaseTuner):
                 parent, _, target_name = _get_submodules(model, key)
                 setattr(parent, target_name, module.original_module)
 
-    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str) -> None:
-        """Add ``adapter_name`` whose update is ``sum_i weights[i] * delta_W(adapters[i])`` exactly (task arithmetic;
-        see :func:`peft_recast.adapters.add_weighted_adapter`). The adapters need one grouping and the
-        residual form; the new adapter is not made active."""
-        from .adapters import add_weighted_adapter
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add ``adapter_name`` whose coefficients are ``sum_i weights[i] * mean_K(theta_i)`` of ``adapters`` (every
+        set of the new adapter holds that sum). Adapters of one grouping on one base model share every layer's basis
+        and mixing, and a residual adapter's update is linear in its coefficients, so
 
-        add_weighted_adapter(self, adapters, weights, adapter_name)
+            delta_W(sum_i w_i mean_K(theta_i)) = sum_i w_i delta_W(theta_i)        exactly (task arithmetic).
+
+        ``combination_type`` is PEFT's argument; RECAST's combination is exact, so ``"linear"`` is the only one.
+
+        The new adapter is not made active. Raises ``ValueError`` (and adds nothing) when an adapter is unknown, the
+        name is taken, the adapters differ in grouping (:data:`~peft_recast.config.GROUPING_FIELDS`) or base model,
+        use the replacement form (affine, not linear, in ``theta``), a ``coefficient_bound`` or gates, or when two
+        of them train a copy of the same module (``modules_to_save``, which cannot be summed). As in PEFT, the new
+        adapter gets fresh copies of the first adapter's ``modules_to_save``.
+        """
+        if combination_type != "linear":
+            raise ValueError(
+                f"RECAST combines adapters exactly by adding their coefficients, combination_type='linear'; got "
+                f"{combination_type!r} (LoRA's 'svd', 'cat', 'ties', ... approximate products of low-rank factors, "
+                "which RECAST does not have)."
+            )
+        if len(adapters) != len(weights) or not adapters:
+            raise ValueError(
+                f"Pass one weight per adapter: got {len(adapters)} adapter(s) and {len(weights)} weight(s)."
+            )
+        unknown = [name for name in adapters if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"Adapter(s) {unknown} do not exist; this model has {sorted(self.peft_config)}.")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"An adapter named '{adapter_name}' exists already; choose another `adapter_name`.")
+        configs = [self.peft_config[name] for name in adapters]
+        for name, config in zip(adapters[1:], configs[1:]):
+            field = differing_field(configs[0], config, GROUPING_FIELDS + ("base_fingerprint",))
+            if field is not None:
+                raise ValueError(
+                    f"Cannot combine RECAST adapters '{adapters[0]}' and '{name}': `{field}` is "
+                    f"{getattr(configs[0], field)!r} for one and {getattr(config, field)!r} for the other. Only "
+                    "adapters made with the same grouping on the same base model share their templates, so only they "
+                    "add up exactly."
+                )
+        if configs[0].weight_form != "residual":
+            raise ValueError(
+                "Cannot combine RECAST adapters in the replacement form (`weight_form='replace'`): their weight is "
+                "affine, not linear, in the coefficients. Combine residual adapters."
+            )
+        if configs[0].coefficient_bound is not None:
+            raise ValueError(
+                f"Cannot combine RECAST adapters with a `coefficient_bound` ({configs[0].coefficient_bound:g}): the "
+                "bound makes the update a nonlinear function (b tanh(theta / b)) of the coefficients, so sums of "
+                "coefficients are not sums of updates. Combine adapters made with coefficient_bound=None."
+            )
+        if configs[0].module_gates:
+            raise ValueError(
+                "Cannot combine RECAST adapters with `module_gates`: a gate multiplies its module's update by 0 or 1, "
+                "which sums of coefficients do not carry. Call peft_recast.prune_gates on each adapter first."
+            )
+        shared_copies = [
+            module for module in self.model.modules() if isinstance(module, ModulesToSaveWrapper)
+            and sum(name in module.modules_to_save for name in adapters) > 1
+        ]
+        if shared_copies:
+            raise ValueError(
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared_copies)} such instance(s)."
+            )
+        self.peft_config[adapter_name] = copy.deepcopy(configs[0])
+        try:
+            self.inject_adapter(self.model, adapter_name)
+        except BaseException:
+            del self.peft_config[adapter_name]
+            raise
+        with torch.no_grad():
+            for layer in adapter_layers(self.model, adapter_name).values():
+                if adapter_name in layer.recast_tie:
+                    continue  # a fused member: it shares its owner's coefficient tensor
+                target = layer.recast_coefficients[adapter_name]
+                total = sum(w * layer.recast_coefficients[name].float().mean(0) for name, w in zip(adapters, weights))
+                target.copy_(total.to(target.dtype).expand_as(target))
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """PEFT's ``merge_adapter``; with ``safe_merge`` every layer's coefficients are checked before any is
@@ -412,7 +373,7 @@ class RecastModel(QuantizedBase, BaseTuner):
         unwanted_adapter_names: list[str],
     ) -> dict[str, torch.Tensor]:
         """PEFT's selection of the adapter's entries, each shared coefficient tensor once (under its owner's key;
-        :func:`~peft_recast.adapters.shared_coefficient_keys`): PEFT's key format, fewer header entries."""
+        :func:`~peft_recast.checkpoint.shared_coefficient_keys`): PEFT's key format, fewer header entries."""
         selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         layers = adapter_layers(model, adapter_name)
         layers = {key.replace("_fsdp_wrapped_module.", ""): layer for key, layer in layers.items()}
@@ -425,12 +386,13 @@ class RecastModel(QuantizedBase, BaseTuner):
     def _remap_adapter_state_dict_for_load(
         cls, model: nn.Module, config: RecastConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        """PEFT's key remapping (a shared coefficient tensor saved once fills every module that shares it), then a
+        """PEFT's key remapping (a ``(K, n)`` tensor of an older file gets its block axis; a shared coefficient tensor
+        saved once fills every module that shares it), then a
         check of the coefficients before they are loaded: a missing, unexpected, misshapen, non-float or non-finite
         coefficient tensor raises ``ValueError`` and removes the adapter again."""
         state_dict = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         layers = adapter_layers(model, adapter_name)
-        state_dict = fill_shared_coefficients(layers, adapter_name, state_dict)
+        state_dict = with_block_axis(layers, adapter_name, fill_shared_coefficients(layers, adapter_name, state_dict))
         problem = coefficient_problem(layers, adapter_name, state_dict)
         if problem is not None:
             cls._remove_adapter_layers(model, adapter_name, adapter_layers(model, adapter_name, members=True))

@@ -1,4 +1,4 @@
-"""Make RECAST a PEFT method: a real ``PeftType`` member plus PEFT's own ``register_peft_method``.
+"""RECAST's ``PeftType`` member (``peft_recast.register`` then registers the config and tuner with PEFT).
 
 PEFT 0.21 only registers names that are members of its ``PeftType`` enum, and has no plug-in discovery, so the
 member is added at import time. A real member (not a plain string) keeps ``peft_type.value`` working in
@@ -29,22 +29,3 @@ def _add_peft_type_member(name: str) -> PeftType:
 
 
 RECAST: PeftType = _add_peft_type_member(NAME)
-
-
-def register() -> None:
-    """Register RECAST with PEFT (idempotent: re-importing the package is harmless)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import RecastConfig
-    from .model import RecastModel
-
-    registered = PEFT_TYPE_TO_CONFIG_MAPPING.get(RECAST)
-    if registered is RecastConfig:
-        return
-    if registered is not None:
-        raise RuntimeError(
-            f"PEFT already has a method registered as {NAME} ({registered.__module__}.{registered.__name__}); "
-            "peft_recast cannot register its own. Uninstall the other package or upgrade peft_recast."
-        )
-    register_peft_method(name=NAME.lower(), config_cls=RecastConfig, model_cls=RecastModel, prefix="recast_")

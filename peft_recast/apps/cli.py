@@ -34,6 +34,7 @@ from .bench.methods import (
     QUICK_TASKS,
     SMALL_DATA_EPOCHS,
     SMALL_DATA_TRAIN,
+    method_families_help,
 )
 from .bench.results import BenchSettings
 from .demo import DEFAULT_SWEEP_LRS, DEFAULT_TASKS
@@ -192,7 +193,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", nargs="+", default=None, metavar="TASK",
                         help=f"tasks, in the order they arrive (default: {' '.join(ALL_TASKS)})")
     parser.add_argument("--method", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
-                        help=f"methods, from {', '.join(METHODS)} (default: all)")
+                        help="methods by name (default: all); the names, family by family, are listed below")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweep (default rates)")
     parser.add_argument("--one-rate", action="store_true",
@@ -251,6 +252,15 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     return settings
 
 
+class _KeepLines(argparse.HelpFormatter):
+    """argparse's help, except that a description or epilog written over several lines keeps its lines."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``peft-recast`` parser with every subcommand."""
     parser = argparse.ArgumentParser(
@@ -260,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         "describes each command.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub = {name: commands.add_parser(name, help=summary, description=description)
+    sub = {name: commands.add_parser(name, help=summary, description=description, formatter_class=_KeepLines)
            for name, (summary, description) in COMMANDS.items()}
+    sub["bench"].epilog = "METHOD names, family by family:\n" + method_families_help()
     add_demo_arguments(sub["demo"], sub["sweep"])
     add_train_arguments(sub["train"])
     add_eval_arguments(sub["eval"])

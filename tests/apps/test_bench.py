@@ -4,9 +4,9 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -14,9 +14,10 @@ from torch import nn
 
 from peft_recast.apps import bench, cli
 from peft_recast.apps.bench import runner
+from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
 from peft_recast.apps.encoder import new_head
 
-from ..helpers import TokenBatches
+from ..helpers import REPO, TokenBatches
 from ..models import EmbeddingEncoder, tiny_bert
 
 
@@ -235,22 +236,57 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
     assert results.runs == {} and not (tmp_path / bench.RESULTS_FILE).exists()
 
 
-def test_costs_only_measures_costs_and_trains_nothing(tmp_path, monkeypatch):
+def test_costs_only_trains_nothing_and_reports_the_timers_medians_and_their_quotients(tmp_path, monkeypatch):
+    """``--costs-only`` trains nothing; each step time is the median of what the timer measured over the rounds, each
+    ratio the quotient of those medians, and the table prints the ratios of the methods with records."""
+    from peft_recast.apps.bench import costs as costs_module
+
     _forbid_training(monkeypatch, "--costs-only trained a run")
-    args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=1, costs_only=True, output_dir=str(tmp_path))
-    start = time.perf_counter()
+    args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=3, costs_only=True, output_dir=str(tmp_path))
+    settings = cli.bench_settings(args)
+    results = bench.Results(str(tmp_path / bench.RESULTS_FILE))
+    for name in ("recast", "lora-r8"):
+        for task in settings.tasks:
+            key = bench.run_key(name, task, bench.METHODS[name].default_lr, 0, settings.protocol())
+            results.add(dict(key=key, method=name, task=task, lr=bench.METHODS[name].default_lr, seed=0,
+                             protocol=settings.protocol(), validation_accuracy=0.8, test_accuracy=0.8,
+                             trainable=48, adapter_bytes=1816, head_params=770))
+    # the timer's readings: per method (known by the numbers it trains) one step time per round, in round order;
+    # 0.05 s for every forward pass (bare, unmerged, merged, single- and mixed-task batches). Nothing is computed:
+    # every figure comes from the timer (the end-to-end test above measures for real).
+    step_times = {48: [0.9, 0.3, 0.2], 73_728: [0.1, 0.5, 0.4]}  # medians 0.3 and 0.4
+    stepped = []
+
+    def step(encoder, *rest):
+        stepped.append(sum(p.numel() for p in encoder.parameters() if p.requires_grad))
+
+    def timer(function, device):
+        stepped.clear()
+        function()
+        return step_times[stepped[0]].pop(0) if stepped else 0.05
+
+    monkeypatch.setattr(costs_module, "train_step", step)
+    monkeypatch.setattr(costs_module, "sentence_logits", lambda *args, **kwargs: None)
+    monkeypatch.setattr(costs_module, "timed", timer)
     assert cli.run_bench_command(args) == 0
-    elapsed = time.perf_counter() - start
+    assert step_times == {48: [], 73_728: []}  # every round timed one step of each method
     with open(tmp_path / bench.RESULTS_FILE) as handle:
         saved = json.load(handle)
-    assert saved["runs"] == {} and saved["forgetting"] == {}
+    assert len(saved["runs"]) == 4 and saved["forgetting"] == {}
     recast, lora = saved["costs"]["recast"], saved["costs"]["lora-r8"]
-    assert lora["step_ratio"] == pytest.approx(1.0)
-    assert recast["trainable"] == 48
-    # one timed step each (cost_repeats=1), in seconds, both inside the command's wall time; the ratio is theirs
-    assert 0 < recast["step_seconds"] and 0 < lora["step_seconds"]
-    assert recast["step_seconds"] + lora["step_seconds"] < elapsed
-    assert recast["step_ratio"] == pytest.approx(recast["step_seconds"] / lora["step_seconds"])
+    assert recast["trainable"] == 48 and lora["trainable"] == 73_728
+    assert (recast["step_seconds"], lora["step_seconds"]) == (0.3, 0.4)
+    assert recast["step_ratio"] == 0.3 / 0.4 and lora["step_ratio"] == 1.0
+    assert recast["memory_ratio"] == recast["training_memory_bytes"] / lora["training_memory_bytes"]
+    assert saved["costs"]["_bare_forward_seconds"] == 0.05
+    for cost in (recast, lora):
+        assert cost["unmerged_latency_ratio"] == cost["merged_latency_ratio"] == 1.0
+        assert cost["mixed_batch_throughput_ratio"] == 1.0
+    table = (tmp_path / bench.TABLE_FILE).read_text()
+    for name, step_ratio in (("recast", "0.75x"), ("lora-r8", "1.00x")):
+        (row,) = [line for line in table.splitlines() if line.startswith(f"| {bench.METHODS[name].label} |")]
+        memory = f"{saved['costs'][name]['memory_ratio']:.2f}x"
+        assert row.endswith(f" | {step_ratio} | {memory} | 1.00x / 1.00x | 1.00x |"), row
 
 
 def _train_with_snapshots(monkeypatch, method_name: str, epochs: int) -> tuple[list, int]:
@@ -392,7 +428,7 @@ def test_a_gated_run_whose_gates_all_closed_counts_no_numbers_and_still_reloads(
         assert json.load(handle)["module_gates"]  # kept as trained: prune_gates refuses to drop every module
 
 
-def test_controls_of_the_ranked_rows_train_the_numbers_their_names_say_on_minilm():
+def test_controls_of_the_ranked_channels_train_the_numbers_their_names_say_on_minilm():
     import peft
 
     from peft_recast.apps.encoder import load_encoder
@@ -439,9 +475,9 @@ def test_gated_methods_gate_their_rung_and_train_one_score_per_module_more_on_mi
         assert model.get_nb_trainable_parameters()[0] == (1008 if size == 1000 else 144) + 12
 
 
-def test_layernorm_stage_runs_before_the_ranking_and_the_rows_train_after_it(tmp_path, monkeypatch):
-    """``recast-ch-984-ln``: epoch 1 trains only the embeddings' LayerNorm copy and the head; the rows are ranked on
-    that aligned model (coefficients still 0, LayerNorm moved); epoch 2 trains all 984 numbers; the run reloads."""
+def test_layernorm_stage_runs_before_the_ranking_and_the_channels_train_after_it(tmp_path, monkeypatch):
+    """``recast-ch-984-ln``: epoch 1 trains only the embeddings' LayerNorm copy and the head; the channels are ranked
+    on that aligned model (coefficients still 0, LayerNorm moved); epoch 2 trains all 984 numbers; the run reloads."""
     seen = {}
     ranked = runner.rank_channels
 
@@ -470,7 +506,7 @@ def test_layernorm_stage_runs_before_the_ranking_and_the_rows_train_after_it(tmp
         assert task["predictions_unchanged"] and task["reloaded_predictions_unchanged"]
 
     settings = dataclasses.replace(settings, epochs=1, output_dir=str(tmp_path / "one-epoch"))
-    with pytest.raises(ValueError, match="leaves no epoch for ranking and training the rows"):
+    with pytest.raises(ValueError, match="leaves no epoch for ranking and training the channels"):
         bench.run_bench(settings, costs=False)
 
 
@@ -492,3 +528,195 @@ def test_accuracy_plot_joins_the_rungs_of_each_family_and_names_the_families(tmp
     lines = {container.get_label(): container.lines[0] for container in axis.containers}  # errorbar: (line, ...)
     assert list(lines["recast-hf"].get_xdata()) == [48, 144] and list(lines["recast-hf"].get_ydata()) == [80.0, 82.0]
     assert list(lines["probe"].get_xdata()) == [1]  # plotted at 1 on the log axis
+
+
+# ---- the methods as experiment files -------------------------------------------------------------------------------
+
+
+def _write_experiments(root, families, files):
+    """An experiments folder: ``families.json`` from ``families`` ({family: [names]}) and ``files`` ({path: data})."""
+    root.mkdir()
+    (root / "families.json").write_text(json.dumps(
+        [{"family": family, "about": f"the {family} family", "methods": names} for family, names in families.items()]))
+    for path, data in files.items():
+        (root / path).parent.mkdir(exist_ok=True)
+        (root / path).write_text(json.dumps(data))
+    return root
+
+
+def _experiment(name, **changes):
+    return {"name": name, "label": name.upper(), "kind": "peft", "lrs": [0.001, 0.01], "default_lr": 0.01,
+            "peft_config": {"class": "LoraConfig", "kwargs": {"r": 2, "target_modules": ["query"]}}, **changes}
+
+
+def test_experiment_files_are_read_in_their_families_order_with_fresh_configs(tmp_path):
+    from peft_recast.apps.bench.methods import load_methods
+
+    root = _write_experiments(tmp_path / "experiments", {"b": ["m2", "m1"], "a": ["m3"]}, {
+        "b/m1.json": _experiment("m1", head_first=True, channels=4),
+        "b/m2.json": _experiment("m2", align_epochs=1),
+        "a/m3.json": _experiment("m3", kind="probe", peft_config=None, lrs=[], default_lr=0.0)})
+    methods, families = load_methods(root)
+    assert list(methods) == ["m2", "m1", "m3"] and list(families) == ["b", "a"]
+    assert families["b"].about == "the b family" and families["b"].methods == ("m2", "m1")
+    m1 = methods["m1"]
+    assert (m1.label, m1.kind, m1.lrs, m1.default_lr, m1.family) == ("M1", "peft", (0.001, 0.01), 0.01, "b")
+    assert (m1.head_first, m1.channels, m1.align_epochs, methods["m2"].align_epochs) == (True, 4, 0, 1)
+    first, second = m1.config(), m1.config()
+    assert type(first).__name__ == "LoraConfig" and first.r == 2 and first is not second
+    first.target_modules.add("value")  # a config a caller changes leaves the next one as the file says
+    assert m1.config().target_modules == {"query"} and methods["m3"].config() is None
+
+
+@pytest.mark.parametrize("problem, families, files", [
+    ("not listed", {"a": ["m1"]}, {"a/m1.json": _experiment("m1"), "a/m2.json": _experiment("m2")}),
+    ("does not exist", {"a": ["m1", "m2"]}, {"a/m1.json": _experiment("m1")}),
+    ("must be its file name", {"a": ["m1"]}, {"a/m1.json": _experiment("m9")}),
+    ("appear once", {"a": ["m1"], "b": ["m1"]}, {"a/m1.json": _experiment("m1"), "b/m1.json": _experiment("m1")}),
+    ("optionally", {"a": ["m1"]}, {"a/m1.json": _experiment("m1", seeds=[0])}),
+    ("is not in its grid", {"a": ["m1"]}, {"a/m1.json": _experiment("m1", default_lr=0.1)}),
+    ("is not one of", {"a": ["m1"]}, {"a/m1.json": _experiment("m1", kind="adapter")}),
+    ("have none", {"a": ["m1"]}, {"a/m1.json": _experiment("m1", kind="full")}),
+    ("must be bool", {"a": ["m1"]}, {"a/m1.json": _experiment("m1", head_first=1)}),
+])
+def test_experiment_files_that_do_not_describe_one_method_each_are_refused(tmp_path, problem, families, files):
+    from peft_recast.apps.bench.methods import load_methods
+
+    with pytest.raises(ValueError, match=problem):
+        load_methods(_write_experiments(tmp_path / "experiments", families, files))
+
+
+def test_shipped_experiments_build_their_configs_and_hold_no_results():
+    root = REPO / "peft_recast" / "apps" / "bench" / "experiments"
+    listed = [name for family in bench.FAMILIES.values() for name in family.methods]
+    assert listed == list(bench.METHODS) and len(listed) == len(set(listed))
+    assert {path.relative_to(root).as_posix() for path in root.glob("*/*.json")} == {
+        f"{method.family}/{name}.json" for name, method in bench.METHODS.items()}
+    for name, method in bench.METHODS.items():
+        config = method.config()
+        assert (config is None) == (method.kind != "peft"), name
+        if config is not None:
+            assert config.to_dict()  # every config class and keyword exists in this PEFT
+        data = json.loads((root / method.family / f"{name}.json").read_text())
+        assert not re.search(r"issue|20\d\d-\d\d|measured|\+\d", json.dumps(data)), name  # no history, no results
+    assert bench.METHODS["recast"].config().to_dict() == __import__("peft_recast").RecastConfig().to_dict()
+
+
+def test_channel_methods_are_named_for_channels():
+    ranked = {name: method for name, method in bench.METHODS.items() if method.channels}
+    assert set(ranked) == set(bench.FAMILIES["recast-channels"].methods)
+    assert all("ranked channels" in method.label and "rows" not in method.label for method in ranked.values())
+    assert not [method.label for method in bench.METHODS.values() if "ranked rows" in method.label]
+
+
+def test_method_help_lists_every_method_once_under_its_family_in_plain_text():
+    from peft_recast.apps.bench.methods import method_families_help
+
+    text = method_families_help()
+    assert not re.search(r"[`*#]|\]\(", text)  # no Markdown
+    listed, family = [], None
+    for line in text.splitlines():
+        if line.startswith("    "):
+            listed += [(family, name) for name in line.split()]
+        else:
+            family, about = line.split(": ", 1)
+            assert about == bench.FAMILIES[family].about
+    assert listed == [(method.family, name) for name, method in bench.METHODS.items()]
+
+
+# ---- run keys of the shipped records and the tables they redraw ----------------------------------------------------
+
+SHIPPED = REPO / "docs" / "benchmarks"
+
+
+def test_records_keyed_before_later_options_are_read_under_todays_key(tmp_path):
+    from peft_recast.apps.bench import results as results_module
+
+    protocol = bench.BenchSettings().protocol()
+    options = json.loads((REPO / "peft_recast/apps/bench/experiments/added_options.json").read_text())["RecastConfig"]
+    last = frozenset(options[-1])
+    earlier = results_module._key("recast", "trec6", 0.01, 0, results_module._digest("recast", protocol, last))
+    today = bench.run_key("recast", "trec6", 0.01, 0, protocol)
+    assert earlier != today
+    record = dict(key=earlier, method="recast", task="trec6", lr=0.01, seed=0, protocol=protocol,
+                  validation_accuracy=0.9, test_accuracy=0.8)
+    stale = dict(record, key="recast_trec6_lr0_01_seed0_00000000")  # another config: not today's run
+    shard = tmp_path / "shard.json"
+    shard.write_text(json.dumps({"runs": {earlier: record, stale["key"]: stale}}))
+    results = bench.Results(str(tmp_path / bench.RESULTS_FILE))
+    results.merge(str(shard))
+    assert results.runs[today] == dict(record, key=today, recorded_key=earlier)
+    assert results.runs[stale["key"]] == stale and earlier not in results.runs
+    assert bench.Results(str(tmp_path / bench.RESULTS_FILE)).runs == results.runs  # saved under today's key
+    # a method that sets one of the options left out has no earlier key: its runs could not have been made without it
+    assert results_module.earlier_digests("recast-gates-48", json.dumps(protocol, sort_keys=True)) == ()
+    assert len(results_module.earlier_digests("recast", json.dumps(protocol, sort_keys=True))) == len(options)
+
+
+def test_every_recast_record_of_the_h200_run_is_read_under_todays_key(tmp_path):
+    results = bench.Results(str(tmp_path / bench.RESULTS_FILE))
+    results.merge(str(SHIPPED / "minilm-h200-3-seeds.json"))
+    stale = [key for key, r in results.runs.items()
+             if key != bench.run_key(r["method"], r["task"], r["lr"], r["seed"], r["protocol"])]
+    assert stale == [] and len(results.runs) == 708
+    assert sum("recorded_key" in record for record in results.runs.values()) == 346  # every RECAST record
+
+
+def _shipped_tables() -> list:
+    """(records, table) for each table shipped beside the records it was drawn from: ``table*.md`` beside a
+    ``results.json``, ``<name>.md`` beside ``<name>.json``."""
+    pairs = []
+    for records in sorted(SHIPPED.rglob("*.json")):
+        tables = (sorted(records.parent.glob("table*.md")) if records.name == bench.RESULTS_FILE
+                  else [path for path in [records.with_suffix(".md")] if path.exists()])
+        pairs += [(records, table) for table in tables]
+    return pairs
+
+
+def _redraw_argv(records, table, output_dir) -> list[str]:
+    """``peft-recast bench --report`` for ``table``: its tasks (header), methods (rows, by label), seeds, rate rule
+    and protocol (first line), from ``records``."""
+    from peft_recast.apps.tasks import TASKS
+
+    lines = table.read_text().splitlines()
+    protocol, header = lines[0], [cell.strip() for cell in lines[2].strip("|").split("|")]
+    tasks = [cell.removesuffix(" (held out)") for cell in header if cell.removesuffix(" (held out)") in TASKS]
+    names = {method.label: name for name, method in bench.METHODS.items()}
+    methods = [names[line.split(" | ")[0].removeprefix("| ")] for line in lines[4:] if line.startswith("| ")]
+    seeds = re.search(r"over (\d+) seeds", protocol)
+    seeds = [str(seed) for seed in range(int(seeds.group(1)))] if seeds else [re.search(r"one seed \((\d+)\)",
+                                                                                        protocol).group(1)]
+    argv = ["bench", "--report", "--merge", str(records), "--output-dir", str(output_dir), "--threads", "1",
+            "--task", *tasks, "--method", *methods, "--seeds", *seeds]
+    if "one learning rate for every task" in protocol:
+        argv.append("--one-rate")
+    if f"{SMALL_DATA_TRAIN:,} training examples per task, {SMALL_DATA_EPOCHS} epochs" in protocol:
+        argv.append("--small-data")
+    return argv
+
+
+def test_some_tables_are_shipped_beside_their_records():
+    assert {f"{records.name} -> {table.name}" for records, table in _shipped_tables()} >= {
+        "results.json -> table.md", "results.json -> table-3-seeds.md",
+        "minilm-h200-3-seeds.json -> minilm-h200-3-seeds.md"}
+
+
+@pytest.mark.parametrize("records, table", _shipped_tables(), ids=lambda path: path.relative_to(SHIPPED).as_posix())
+def test_shipped_table_is_what_the_report_redraws_from_the_shipped_records(tmp_path, monkeypatch, records, table):
+    monkeypatch.setattr(runner, "check_forgetting", _forbid_training(monkeypatch, "--report trained or re-tested"))
+    assert cli.main(_redraw_argv(records, table, tmp_path)) == 0
+    assert (tmp_path / bench.TABLE_FILE).read_text() == table.read_text()
+
+
+def test_documented_redraw_of_the_h200_run_reproduces_its_table(tmp_path, capsys):
+    """The command docs/benchmarks.md gives for the H200 records (all methods; the five tasks that ran), and the hint
+    the same command prints without ``--task`` (the default tasks include ones these records never ran)."""
+    records = SHIPPED / "minilm-h200-3-seeds.json"
+    argv = ["bench", "--report", "--merge", str(records), "--threads", "1"]
+    tasks = ["--task", "trec6", "sms", "bbc", "tweets", "amazon"]
+    assert cli.main([*argv, *tasks, "--output-dir", str(tmp_path / "a")]) == 0
+    assert (tmp_path / "a" / bench.TABLE_FILE).read_text() == records.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "the records under it hold amazon, bbc, sms, trec6, tweets: name those with --task" in printed

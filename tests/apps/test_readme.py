@@ -23,3 +23,38 @@ def test_quick_start_runs(tmp_path):
     assert all(".recast_coefficients" in key for key in saved)  # coefficients only: no template, no base weight
     assert sum(tensor.numel() for tensor in saved.values()) == 48
     assert any(tensor.abs().sum() > 0 for tensor in saved.values())  # the three training steps moved them
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """Every ``peft-recast`` command shown in README.md and docs/ but the dated log (code blocks and inline code;
+    continued lines joined, comments dropped), with its file."""
+    commands = []
+    for path in [README, *sorted((README.parent / "docs").rglob("*.md"))]:
+        if path.name == "log.md":
+            continue
+        text = path.read_text().replace("\\\n", " ")
+        for match in re.finditer(r"(?:^|`)(?:\.venv/bin/)?peft-recast ([^`\n]*)", text, re.M):
+            commands.append((path.name, match.group(1).split("  #")[0].strip()))
+    return commands
+
+
+def test_every_documented_command_parses():
+    """Each documented ``peft-recast`` command names a real subcommand with real options (argparse exits with code 2
+    on an unknown one); an upper-case placeholder (``DIR``, ``N``) stands for a value, and a command with shell
+    variables or ``...`` is parsed up to them."""
+    import shlex
+
+    import pytest
+
+    from peft_recast.apps.cli import build_parser
+
+    commands = _documented_commands()
+    assert len(commands) >= 10 and any(name == "README.md" for name, _ in commands)
+    for name, command in commands:
+        words = ["1" if re.fullmatch(r"[A-Z_]+", word) else word for word in shlex.split(command)]  # DIR, N
+        cut = next((i for i, word in enumerate(words) if re.search(r"[$<\[*]|\.\.\.", word)), len(words))
+        words = words[: cut - 1 if 0 < cut < len(words) and words[cut - 1].startswith("--") else cut]
+        try:
+            build_parser().parse_args(words)
+        except SystemExit as error:
+            pytest.fail(f"{name}: `peft-recast {command}` does not parse (exit {error.code})")

@@ -24,8 +24,8 @@ from torch import nn
 
 import peft_recast
 from peft_recast import RecastConfig, recast_summary
-from peft_recast.grouping import layers_to_transform_problem
 from peft_recast.layer import RecastLayer
+from peft_recast.planning import layers_to_transform_problem
 
 from ..models import Pyramid, model_output, tiny_bert, tiny_llama
 
@@ -173,7 +173,7 @@ def test_layer_index_reading_agrees_with_peft(key, pattern, index):
     """The out-of-range check reads layer indices the way PEFT's ``layers_to_transform`` filter does."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from peft_recast.grouping import layer_index
+    from peft_recast.planning import layer_index
 
     assert layer_index(key, pattern) == index
     for candidate in range(12):
@@ -314,7 +314,10 @@ def test_fingerprint_tolerance_lets_small_random_fine_tunes_through(saved_adapte
     """Documented limit: the fingerprint holds singular values, which a random change of relative size e moves by
     about e^2 / 2. A 1 % random change (1e-3 tolerance) therefore loads; its templates differ from the adapter's by
     about 1 %, so the coefficients keep nearly their meaning."""
-    PeftModel.from_pretrained(_nudged_bert(0.01), saved_adapter)
+    model = PeftModel.from_pretrained(_nudged_bert(0.01), saved_adapter)  # raises if the fingerprint refuses it
+    reference = PeftModel.from_pretrained(tiny_bert(), saved_adapter)
+    coefficients = [name for name, _ in model.named_parameters() if "recast_coefficients" in name]
+    assert coefficients and all(torch.equal(model.get_parameter(n), reference.get_parameter(n)) for n in coefficients)
 
 
 def test_adapter_on_a_base_changed_outside_its_targets_loads(saved_adapter, input_ids):

@@ -54,7 +54,7 @@ def test_a_channel_moves_its_row_only_and_by_the_formula():
     plain = get_peft_model(tiny_bert(), RecastConfig(coefficient_blocks=1))
     plain_layer = _layer(plain, QUERY0)
     with torch.no_grad():
-        plain_layer.recast_coefficients["default"][0] = torch.tensor([0.3, -0.2])
+        plain_layer.recast_coefficients["default"][0, :, 0] = torch.tensor([0.3, -0.2])
     torch.testing.assert_close(delta[17], plain_layer.get_delta_weight("default")[17])
 
 

@@ -40,10 +40,12 @@ def test_bad_values_are_refused_with_a_clear_message(kwargs, message):
         RecastConfig(**kwargs)
 
 
-def test_group_size_defaults_to_two_layers():
-    assert RecastConfig().group_size == 2
-    assert RecastConfig(layers_per_group=3).group_size == 3
-    assert RecastConfig(num_groups=4).group_size is None
+def test_layers_are_cut_into_groups_of_two_by_default():
+    from peft_recast.planning import split_layers
+
+    assert split_layers(list(range(5)), RecastConfig()) == [[0, 1], [2, 3], [4]]
+    assert split_layers(list(range(5)), RecastConfig(layers_per_group=3)) == [[0, 1, 2], [3, 4]]
+    assert split_layers(list(range(5)), RecastConfig(num_groups=2)) == [[0, 1, 2], [3, 4]]
 
 
 def test_round_trip_through_adapter_config_json(tmp_path):

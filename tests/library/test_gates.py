@@ -9,7 +9,7 @@ from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from peft_recast import RecastConfig, prune_gates
-from peft_recast.gates import gate_states
+from peft_recast.pruning import gate_states
 
 from ..helpers import check_mixed_batch
 from ..models import model_output, tiny_bert

@@ -166,7 +166,8 @@ def test_later_plain_push_keeps_the_recast_card(local_hub):
 def test_plain_first_push_gets_the_generic_card_for_lora_too(local_hub):
     """Why ``hub.push_to_hub`` exists: on a new repository, plain ``PeftModel.push_to_hub`` writes transformers'
     generic card (``library_name: transformers``) for every PEFT method, LoRA included, not the card PEFT's
-    ``save_pretrained`` writes. If this starts failing, upstream changed and README's Hub section must follow."""
+    ``save_pretrained`` writes. If this starts failing, upstream changed and the Hub section of
+    docs/integrations.md must follow."""
     from peft import LoraConfig
 
     tiny_bert().push_to_hub("someone/tiny-bert")

@@ -34,11 +34,11 @@ def test_coefficient_blocks_give_each_block_of_output_rows_its_own_coefficients(
     plain = get_peft_model(builder(), RecastConfig(target_modules=[target], num_templates=2, coefficient_blocks=1,
                                                    **fields))
     plain_layer = _layers(plain)[0]
-    assert plain_layer.recast_coefficients["default"].shape == (1, 2)
+    assert plain_layer.recast_coefficients["default"].shape == (1, 2, 1)
     theta = torch.tensor([0.03, -0.02])
     with torch.no_grad():
         layer.recast_coefficients["default"][0, :, 1] = theta  # block 1 only
-        plain_layer.recast_coefficients["default"][0] = theta
+        plain_layer.recast_coefficients["default"][0, :, 0] = theta
     delta, full = layer.get_delta_weight("default"), plain_layer.get_delta_weight("default")
     out_axis = 1 if layer.fan_in_fan_out else 0
     rows = full.shape[out_axis] // 4
@@ -93,7 +93,7 @@ def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split
     delta = layer.get_delta_weight("default")
     for b, block in enumerate(blocks):
         with torch.no_grad():
-            plain_layer.recast_coefficients["default"][0] = thetas[b]
+            plain_layer.recast_coefficients["default"][0, :, 0] = thetas[b]
         full = plain_layer.get_delta_weight("default")
         torch.testing.assert_close(delta.index_select(out_axis, block), full.index_select(out_axis, block))
         assert full.index_select(out_axis, block).abs().sum() > 0
@@ -107,7 +107,7 @@ def test_coefficient_blocks_that_do_not_divide_the_rows_cut_them_as_tensor_split
 
 
 def test_more_coefficient_blocks_than_output_rows_give_one_block_per_row(tmp_path, input_ids):
-    """``B`` above a module's output rows caps at the rows (one block per row; a one-row module gets ``K x n``
+    """``B`` above a module's output rows caps at the rows (one block per row; a one-row module gets ``K x n x 1``
     coefficients); such adapters train, merge, and save and load."""
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
     config = RecastConfig(target_modules=[f"layers.{i}" for i in range(4)], coefficient_blocks=5)
@@ -115,7 +115,7 @@ def test_more_coefficient_blocks_than_output_rows_give_one_block_per_row(tmp_pat
     shapes = {name: layer.recast_coefficients["default"].shape for name, layer in model.named_modules()
               if isinstance(layer, RecastLayer)}
     assert shapes == {"base_model.model.layers.0": (1, 2, 3), "base_model.model.layers.1": (1, 2, 3),
-                      "base_model.model.layers.2": (1, 2), "base_model.model.layers.3": (1, 2)}
+                      "base_model.model.layers.2": (1, 2, 1), "base_model.model.layers.3": (1, 2, 1)}
     assert model.get_nb_trainable_parameters()[0] == 2 * 2 * 3 + 2 * 2
     reference = Narrow()(x)
     generator = torch.Generator().manual_seed(1)
@@ -151,7 +151,7 @@ def test_more_coefficient_blocks_than_output_rows_give_one_block_per_row(tmp_pat
     delta = layer.get_delta_weight("default")
     for row in (0, 17, 31):  # row r of delta_W: the one-block update with row r's coefficients
         with torch.no_grad():
-            plain_layer.recast_coefficients["default"].copy_(layer.recast_coefficients["default"][:, :, row])
+            plain_layer.recast_coefficients["default"].copy_(layer.recast_coefficients["default"][:, :, row : row + 1])
         torch.testing.assert_close(delta[row], plain_layer.get_delta_weight("default")[row])
     _assert_merged_and_reloaded_outputs_equal(model, adapted, input_ids, tmp_path)
 
@@ -165,7 +165,7 @@ def test_banks_shared_across_module_types_span_every_module_of_the_layers(input_
     assert all(len(group.members) == 6 for group in groups.values())  # q, k, v of two layers
     assert model.get_nb_trainable_parameters()[0] == 12 * 6
     layer = _layers(model)[0]
-    assert all(l.recast_coefficients["default"].shape == (1, 6) for l in _layers(model))
+    assert all(l.recast_coefficients["default"].shape == (1, 6, 1) for l in _layers(model))
     assert [m.get_base_layer() for m in layer.recast_group["default"].members] == [
         model.base_model.model.encoder.layer[i].attention.self.get_submodule(kind).get_base_layer()
         for i in (0, 1) for kind in ("key", "query", "value")

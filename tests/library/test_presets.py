@@ -43,7 +43,7 @@ def test_attention_preset_fuses_qkv_into_one_coefficient_tensor(vit_small):
         attention = model.base_model.model.layers[3].attention
         q, k, v = attention.q_proj, attention.k_proj, attention.v_proj
         assert q.recast_coefficients["default"] is k.recast_coefficients["default"] is v.recast_coefficients["default"]
-        assert q.recast_coefficients["default"].shape == (2, 2)
+        assert q.recast_coefficients["default"].shape == (2, 2, 1)
         assert not isinstance(attention.o_proj, RecastLayer)  # the paper leaves the output projection alone
         assert model.peft_config["default"].fused_modules == ["q_proj", "k_proj", "v_proj"]
         assert "layers.2-3.attention.q_proj+k_proj+v_proj" in model.peft_config["default"].base_fingerprint

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -207,10 +208,10 @@ _INJECTION_STEPS = [
     ("peft_recast.model", "RecastModel._create_new_module"),
     ("peft_recast.layer", "RecastLayer.update_layer"),
     ("peft.tuners.tuners_utils", "set_additional_trainable_modules"),
-    ("peft_recast.model", "layers_to_transform_problem"),
-    ("peft_recast.model", "plan_groups"),
-    ("peft_recast.model", "fuse_groups"),
-    ("peft_recast.model", "fit_group"),
+    ("peft_recast.planning", "layers_to_transform_problem"),
+    ("peft_recast.planning", "plan_groups"),
+    ("peft_recast.planning", "warn_if_templates_exceed_groups"),
+    ("peft_recast.planning", "fit_group"),
     ("peft_recast.layer", "RecastLayer.attach_group"),
     ("peft_recast.layer", "RecastLayer.tie_coefficients"),
 ]
@@ -258,17 +259,15 @@ def _assert_same(before: tuple[list, dict, dict], after: tuple[list, dict, dict]
     assert after[2] == before[2]
 
 
-@PROPERTY_SETTINGS
-@given(
-    step=st.sampled_from(_INJECTION_STEPS),
-    call=st.integers(1, 3),
-    fused=st.booleans(),
-    second_adapter=st.booleans(),
-)
-def test_an_injection_that_fails_anywhere_leaves_the_model_exactly_as_it_was(step, call, fused, second_adapter):
-    """Raise inside injection at a random place (any of its steps, on its first, second or third call): the model is
-    bit-identical, has the same modules (no RECAST layer or ``modules_to_save`` copy left behind) and the same
-    ``requires_grad`` flags; a failed ``add_adapter`` leaves the first adapter working as before."""
+def _inject_failing_at(step: tuple[str, str], call: int, fused: bool, second_adapter: bool) -> bool:
+    """Inject a RECAST adapter into a tiny BERT classifier (``get_peft_model``, or ``add_adapter`` beside a first
+    adapter) while ``step`` raises on its ``call``-th call; assert what must hold either way and return whether the
+    step failed.
+
+    If it failed: the injected error propagates unchanged, the model is bit-identical, has the same modules (no RECAST
+    layer or ``modules_to_save`` copy left behind) and the same ``requires_grad`` flags, and a failed ``add_adapter``
+    leaves the first adapter working as before. If the step ran fewer than ``call`` times: the injection completed,
+    the new adapter is there, and the output is unchanged (identity at init, or the first adapter still active)."""
     config = RecastConfig(modules_to_save=["classifier"],
                           **({"target_modules": ["query", "key", "value"], "fused_modules": ["query", "key", "value"],
                               "coefficient_blocks": 1} if fused else {}))
@@ -277,18 +276,54 @@ def test_an_injection_that_fails_anywhere_leaves_the_model_exactly_as_it_was(ste
     model = get_peft_model(base, RecastConfig(target_modules=["dense"], init_weights=False)) if second_adapter else base
     model.eval()
     before, logits = _snapshot(model), model(input_ids=ids).logits
+    error, injected = None, None
     with _failing_at(step, call) as raised:
         try:
             if second_adapter:
                 model.add_adapter("second", config)
+                injected = model
             else:
-                get_peft_model(base, config)
-        except RuntimeError as error:
-            assert str(error) == "injected failure"
-    if not raised():
-        return  # the step ran fewer than `call` times: nothing failed
-    _assert_same(before, _snapshot(model))
-    assert not any(isinstance(module, RecastLayer) for module in base.modules()) or second_adapter
-    if second_adapter:
-        assert list(model.peft_config) == ["default"]
-        assert torch.equal(model(input_ids=ids).logits, logits)
+                injected = get_peft_model(base, config)
+        except RuntimeError as caught:
+            error = caught
+    new_adapter = "second" if second_adapter else "default"
+    new_layers = [m for m in base.modules() if isinstance(m, RecastLayer) and new_adapter in m.recast_coefficients]
+    if raised():
+        assert error is not None and str(error) == "injected failure", f"the failure did not propagate: {error!r}"
+        _assert_same(before, _snapshot(model))
+        assert not new_layers
+        assert not any(isinstance(module, RecastLayer) for module in base.modules()) or second_adapter
+        if second_adapter:
+            assert list(model.peft_config) == ["default"]
+            assert torch.equal(model(input_ids=ids).logits, logits)
+        return True
+    assert error is None, f"{step} never failed, yet the injection raised {error!r}"
+    assert list(injected.peft_config) == (["default", "second"] if second_adapter else ["default"])
+    assert len(new_layers) == (3 if fused else 2) * base.config.num_hidden_layers  # query, (key,) value per layer
+    injected.eval()
+    assert torch.equal(injected(input_ids=ids).logits, logits)
+    return False
+
+
+@PROPERTY_SETTINGS
+@given(
+    step=st.sampled_from(_INJECTION_STEPS),
+    call=st.integers(1, 3),
+    fused=st.booleans(),
+    second_adapter=st.booleans(),
+)
+def test_an_injection_that_fails_anywhere_leaves_the_model_exactly_as_it_was(step, call, fused, second_adapter):
+    """Raise inside injection at a random place (any of its steps, on its first, second or third call): either the
+    step failed and the model is exactly as it was, or the step ran fewer times and the injection completed
+    (``_inject_failing_at`` asserts each case)."""
+    _inject_failing_at(step, call, fused, second_adapter)
+
+
+@pytest.mark.parametrize("second_adapter", [False, True], ids=["get_peft_model", "add_adapter"])
+@pytest.mark.parametrize("step", _INJECTION_STEPS, ids=[step[1] for step in _INJECTION_STEPS])
+def test_every_injection_step_is_reached_and_its_failure_leaves_the_model_as_it_was(step, second_adapter):
+    """Each patched step runs during a fused injection, so its first call fails (a step the injection no longer calls,
+    e.g. after a rename, would make the property test above check nothing), and the model is left as it was; with
+    the step failing only on a call that never comes, the same injection completes."""
+    assert _inject_failing_at(step, 1, fused=True, second_adapter=second_adapter), f"{step} was never called"
+    assert not _inject_failing_at(step, 10**6, fused=True, second_adapter=second_adapter)

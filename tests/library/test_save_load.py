@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peft_recast import RecastConfig, recast_summary
 from peft_recast.layer import RecastLayer
@@ -140,12 +140,20 @@ def test_classifier_head_is_saved_with_the_coefficients(tmp_path):
     torch.testing.assert_close(loaded(input_ids=ids).logits, expected)
 
 
-def test_config_saved_before_coefficient_blocks_existed_loads_with_one_block(tmp_path, input_ids):
-    """Files written before the field existed have no ``coefficient_blocks`` and one block per module (the default
-    is 2 since): they load as one block, with the outputs they were saved with."""
+def _without_block_axis(folder: Path) -> None:
+    """Store every coefficient tensor of one block as ``(K, n)``, as files of one-block adapters once held them."""
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert tensors and all(value.shape[-1] == 1 for value in tensors.values())
+    save_file({key: value[..., 0].contiguous() for key, value in tensors.items()}, folder / "adapter_model.safetensors")
+
+
+def test_config_saved_without_coefficient_blocks_loads_with_one_block(tmp_path, input_ids):
+    """A file without ``coefficient_blocks`` in its config and ``(K, n)`` coefficient tensors holds one block per
+    module (the default is 2): it loads as one block, with the outputs it was saved with."""
     model = get_peft_model(tiny_bert(), RecastConfig(init_weights=False, coefficient_blocks=1))
     expected = model_output(model, input_ids)
     model.save_pretrained(tmp_path)
+    _without_block_axis(tmp_path)
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     del config["coefficient_blocks"]
@@ -153,3 +161,57 @@ def test_config_saved_before_coefficient_blocks_existed_loads_with_one_block(tmp
     loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path)
     assert loaded.peft_config["default"].coefficient_blocks == 1
     torch.testing.assert_close(model_output(loaded, input_ids), expected, atol=0, rtol=0)
+
+
+def test_coefficients_stored_without_their_block_axis_load_everywhere(tmp_path, input_ids):
+    """``(K, n)`` tensors of a one-block adapter load as ``(K, n, 1)`` through ``from_pretrained``, ``load_adapter``,
+    ``load_adapters`` and ``hotswap_adapter``, with the outputs they were saved with; for an adapter of two blocks
+    the same tensors are refused as misshapen."""
+    from peft_recast import hotswap_adapter, load_adapters
+
+    trained = get_peft_model(tiny_bert(), RecastConfig(init_weights=False, coefficient_blocks=1))
+    expected = model_output(trained, input_ids)
+    trained.save_pretrained(tmp_path / "one")
+    _without_block_axis(tmp_path / "one")
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path / "one")
+    torch.testing.assert_close(model_output(loaded, input_ids), expected, atol=0, rtol=0)
+    assert all(m.recast_coefficients["default"].dim() == 3 for m in loaded.modules() if isinstance(m, RecastLayer))
+    loaded.load_adapter(tmp_path / "one", adapter_name="again")
+    load_adapters(loaded, [str(tmp_path / "one")], adapter_names=["bulk"])
+    for name in ("again", "bulk"):
+        loaded.set_adapter(name)
+        torch.testing.assert_close(model_output(loaded, input_ids), expected, atol=0, rtol=0)
+    fresh = get_peft_model(tiny_bert(), RecastConfig(coefficient_blocks=1))
+    hotswap_adapter(fresh, str(tmp_path / "one"))
+    torch.testing.assert_close(model_output(fresh, input_ids), expected, atol=0, rtol=0)
+
+    config_path = tmp_path / "one" / "adapter_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "coefficient_blocks": 2}))
+    with pytest.raises(ValueError, match=r"have shape \(1, 2\) in the checkpoint but \(1, 2, 2\)"):
+        PeftModel.from_pretrained(tiny_bert(), tmp_path / "one")
+
+
+class _Wrapper(torch.nn.Module):
+    """An application's classifier around a base model, as ``peft-recast train`` builds one."""
+
+    def __init__(self, encoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+
+def test_an_adapter_saved_under_a_wrapper_prefix_names_the_prefix_not_another_base(tmp_path):
+    """Same weights, keys with ``encoder.`` in front: the error names the prefix in both directions and does not
+    say the base model differs."""
+    get_peft_model(_Wrapper(tiny_bert()), RecastConfig(target_modules=["query", "value"])).save_pretrained(
+        tmp_path / "wrapped")
+    get_peft_model(tiny_bert(), RecastConfig()).save_pretrained(tmp_path / "bare")
+    for folder, model, message in [
+        ("wrapped", tiny_bert(), r"saved from a model that holds this one under 'encoder': the adapter's module keys "
+                                 r"are this model's with 'encoder\.' in front"),
+        ("bare", _Wrapper(tiny_bert()), r"saved from the model this one wraps under 'encoder': this model's module "
+                                        r"keys are the adapter's with 'encoder\.' in front"),
+    ]:
+        with pytest.raises(ValueError, match=message) as error:
+            PeftModel.from_pretrained(model, tmp_path / folder)
+        assert "does not belong to this base model" not in str(error.value)
+        assert not any(isinstance(m, RecastLayer) for m in model.modules())

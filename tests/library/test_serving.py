@@ -140,8 +140,8 @@ def test_the_adapted_weight_is_cached_and_never_served_stale(tmp_path):
 def test_an_adapter_with_a_fitted_grouping_reuses_its_fit_and_mixing(monkeypatch):
     model = get_peft_model(tiny_bert(), RecastConfig(), adapter_name="u")
     fits = []
-    original = peft_recast.model.fit_group
-    monkeypatch.setattr(peft_recast.model, "fit_group", lambda *a, **k: fits.append(1) or original(*a, **k))
+    original = peft_recast.planning.fit_group
+    monkeypatch.setattr(peft_recast.planning, "fit_group", lambda *a, **k: fits.append(1) or original(*a, **k))
     model.add_adapter("v", RecastConfig())
     assert fits == []  # every group was fitted for "u" already
     layers = [m for m in model.modules() if isinstance(m, RecastLayer)]
@@ -249,6 +249,8 @@ def test_add_weighted_adapter_refuses_what_does_not_add_up_and_changes_nothing()
             model.add_weighted_adapter(adapters, weights, "new")
     with pytest.raises(ValueError, match="exists already"):
         model.add_weighted_adapter(["u"], [1], "other")
+    with pytest.raises(ValueError, match="combination_type='linear'; got 'svd'"):
+        model.base_model.add_weighted_adapter(["u"], [1], "new", combination_type="svd")
     assert sorted(model.peft_config) == ["other", "replaced", "u"]
     assert [(name, type(m)) for name, m in model.named_modules()] == modules
 

@@ -52,7 +52,7 @@ PEFT_SUITE_WARNINGS = [
     r"ignore:The PEFT config's `base_model_name_or_path` was renamed:UserWarning:peft.mapping_func",
     # PEFT's custom models (MLP, EmbConv1D, Conv2d, ...) have one module per role, so every RECAST template group holds
     # one module and the default `num_templates`=2 is capped (tests/library/test_bad_inputs.py checks this warning)
-    r"ignore:`num_templates`=\d+ is larger than every template group:UserWarning:peft_recast.grouping",
+    r"ignore:`num_templates`=\d+ is larger than every template group:UserWarning:peft_recast.planning",
     # one config (PEFT's default targets) serves GPT-2's Conv1D layers and the nn.Linear layers of the other models
     r"ignore:fan_in_fan_out is set to False but the target module is `Conv1D`:UserWarning:peft_recast.model",
     r"ignore:fan_in_fan_out is set to False but the target module is `Conv1D`:UserWarning:peft.tuners.lora",

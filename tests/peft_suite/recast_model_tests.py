@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import peft_upstream_tests.testing_utils as testing_utils
-from recast_peft_exclusions import EXCLUSIONS, LORA_SUBSTITUTED
-from recast_peft_harness import lora_as_recast, recast_test_class
+from recast_peft_exclusions import EXCLUSIONS, EXPECTED_FAILURES, LORA_SUBSTITUTED
+from recast_peft_harness import LORA_SUBSTITUTION, recast_test_class
 
 
 class _AlwaysCached(dict):
@@ -30,7 +30,8 @@ def model_test_class(name, parent, module_name, configs, models, *, helper_overr
         kept_params={("model_id",): models},
         exclusions=EXCLUSIONS,
         substituted=LORA_SUBSTITUTED,
-        substitution_overrides={"LoraConfig": lora_as_recast},
+        substitution_overrides=LORA_SUBSTITUTION,
+        expected_failures=EXPECTED_FAILURES,
         test_global_overrides=extra_globals,
         attrs=helper_overrides,
     )

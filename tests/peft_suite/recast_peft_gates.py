@@ -29,6 +29,13 @@ COMMON_HELPER_OVERRIDES["_test_mixed_adapter_batches"] = clone_function(
 COMMON_HELPER_OVERRIDES["_test_generate_with_mixed_adapter_batches_and_beam_search"] = clone_function(
     common.PeftCommonTester._test_generate_with_mixed_adapter_batches_and_beam_search, {"LoraConfig": RecastConfig}
 )
+# `issubclass(config_cls, (LoraConfig, IA3Config))` gate -> RECAST implements add_weighted_adapter; with IA3Config read
+# as RecastConfig it takes IA3's branch, the method-independent one: add_weighted_adapter(adapters, weights, name) for
+# one and for several adapters, positive and negative weights, then a forward pass through each new adapter
+COMMON_HELPER_OVERRIDES["_test_weighted_combination_of_adapters"] = clone_function(
+    common.PeftCommonTester._test_weighted_combination_of_adapters,
+    {"IA3Config": RecastConfig, "_skip_if_conv1d_not_supported": _skip_if_conv1d_not_supported},
+)
 
 
 def check_beft_config(config_cls, model_id, config_kwargs):

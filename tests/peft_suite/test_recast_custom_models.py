@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import peft_upstream_tests.test_custom_models as tcm
 import torch
-from recast_peft_exclusions import EXCLUSIONS, LORA_SUBSTITUTED
+from recast_peft_exclusions import EXCLUSIONS, EXPECTED_FAILURES, LORA_SUBSTITUTED
 from recast_peft_gates import COMMON_HELPER_OVERRIDES
-from recast_peft_harness import lora_as_recast, recast_test_class
+from recast_peft_harness import LORA_SUBSTITUTION, recast_test_class
 
 from peft_recast import RecastConfig
 from tests.models import RecastDeepMLP
@@ -130,9 +130,6 @@ KEY_MULTI = ("test_name", "tuner_method", "config_cls", "config_kwargs_1", "conf
 KEY_MIXED = ("test_name", "config0", "config1")
 
 
-_substitution = {"LoraConfig": lora_as_recast}
-
-
 def _seeded(model_cls):
     """``model_cls`` whose weights are always the same (global RNG untouched), like MockTransformerWrapper's models.
 
@@ -166,7 +163,8 @@ TestRecastCustomModel = recast_test_class(
     },
     exclusions=EXCLUSIONS,
     substituted=LORA_SUBSTITUTED,
-    substitution_overrides=_substitution,
+    substitution_overrides=LORA_SUBSTITUTION,
+    expected_failures=EXPECTED_FAILURES,
     test_global_overrides=SEEDED_BASE_MODELS,
     attrs={"transformers_class": RecastMockTransformerWrapper, **COMMON_HELPER_OVERRIDES},
 )

@@ -17,21 +17,22 @@ head are saved next to it; a rerun skips every recorded run and reloads saved ad
 method x seed chain's forgetting check is saved as soon as it is done. Records merged from another machine (without
 their adapter files) are not trained again; the forgetting check covers the runs whose files are here.
 
-The modules follow the benchmark's seams: :mod:`.methods` (one entry per method: its PEFT config and its rate grid),
-:mod:`.results` (settings, run keys, the resumable store), :mod:`.models` (one method's model, saving and loading
-runs), :mod:`.runner` (the task chains and forgetting checks), :mod:`.costs` (side-by-side ratios) and
-:mod:`.report` (table and plots).
+The modules follow the benchmark's seams: :mod:`.methods` (the methods, read from one experiment file each under
+``experiments/``: PEFT config, rate grid, recipe flags), :mod:`.results` (settings, run keys, the resumable store),
+:mod:`.models` (one method's model, saving and loading runs), :mod:`.runner` (the task chains and forgetting checks),
+:mod:`.costs` (side-by-side ratios) and :mod:`.report` (table and plots).
 """
 
 from .costs import measure_costs, training_memory
-from .methods import LADDER_METHODS, LADDER_SIZES, METHODS, QUICK_METHODS, QUICK_TASKS, Method
+from .methods import FAMILIES, LADDER_METHODS, LADDER_SIZES, METHODS, QUICK_METHODS, QUICK_TASKS, Family, Method
 from .models import load_head
 from .report import PLOT_FILE, TABLE_FILE
 from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, one_rate, run_key
 from .runner import check_forgetting, predictions, run_bench, train_run
 
 __all__ = [
-    "LADDER_METHODS", "LADDER_SIZES", "METHODS", "PLOT_FILE", "QUICK_METHODS", "QUICK_TASKS", "RESULTS_FILE", "TABLE_FILE",
-    "BenchSettings", "Method", "Results", "best_lr", "check_forgetting", "load_head", "lrs_to_run", "measure_costs",
-    "one_rate", "predictions", "run_bench", "run_key", "train_run", "training_memory",
+    "FAMILIES", "LADDER_METHODS", "LADDER_SIZES", "METHODS", "PLOT_FILE", "QUICK_METHODS", "QUICK_TASKS",
+    "RESULTS_FILE", "TABLE_FILE", "BenchSettings", "Family", "Method", "Results", "best_lr", "check_forgetting",
+    "load_head", "lrs_to_run", "measure_costs", "one_rate", "predictions", "run_bench", "run_key", "train_run",
+    "training_memory",
 ]

@@ -8,7 +8,7 @@ from typing import Optional, Sequence
 from ...files import atomic_write
 from ..tasks import HELD_OUT_TASKS
 from .methods import METHODS
-from .results import BenchSettings, Results, best_lr, run_key
+from .results import BenchSettings, Results, best_lr, chosen_rate, rates_run, run_key, validation_means
 
 TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_parameters.png"
@@ -59,6 +59,41 @@ def summarise(settings: BenchSettings, results: Results) -> list[dict]:
             print(f"{name} left out of the table: it has no test record for {', '.join(missing)}; "
                   f"run those tasks to give it a row.")
     return rows
+
+
+def edge_note(means: dict[float, float]) -> Optional[str]:
+    """Why the rate chosen from ``means`` (rate -> mean validation accuracy) may not be the method's best: it is the
+    only rate that ran, or the lowest or highest of them; ``None`` when it lies strictly inside."""
+    rates, chosen = sorted(means), chosen_rate(means)
+    if len(rates) == 1:
+        return f"{chosen:g}, the only rate that ran"
+    if chosen in (rates[0], rates[-1]):
+        edge = "lowest" if chosen == rates[0] else "highest"
+        return f"{chosen:g}, the {edge} of {', '.join(f'{lr:g}' for lr in rates)}"
+    return None
+
+
+def rates_at_the_edge(settings: BenchSettings, results: Results) -> dict[str, list[str]]:
+    """Per method: its rate choices at the edge of the rates that ran (:func:`edge_note`): the one rate over the tuning
+    tasks with ``settings.one_rate``, else each task's, the tasks with the same note named after it. Methods whose
+    every choice lies inside are left out, and so is everything without a sweep."""
+    if not settings.sweep:
+        return {}
+    protocol, edges = settings.protocol(), {}
+    choices = [(None, settings.tuning_tasks())] if settings.one_rate else [(task, [task]) for task in settings.tasks]
+    for name in settings.methods:
+        method = METHODS[name]
+        if method.kind == "probe":
+            continue
+        notes: dict[str, list[str]] = {}
+        for task, tasks in choices:
+            means = validation_means(method, tasks, settings, results, protocol) if tasks else {}
+            note = edge_note(means) if means else None
+            if note:
+                notes.setdefault(note, []).extend([task] if task else [])
+        if notes:
+            edges[name] = [f"{note} ({', '.join(tasks)})" if tasks else note for note, tasks in notes.items()]
+    return edges
 
 
 def _ratio(value: Optional[float]) -> str:
@@ -179,7 +214,7 @@ def learning_rate_curves(settings: BenchSettings, results: Results) -> dict[str,
     for name in settings.methods:
         method = METHODS[name]
         points = {}
-        for lr in method.lrs:
+        for lr in rates_run(method, results, settings.seeds[0]):
             records = [results.runs.get(run_key(name, task, lr, settings.seeds[0], protocol)) for task in settings.tasks]
             if all(records):
                 points[lr] = statistics.mean(100 * r["validation_accuracy"] for r in records)
@@ -207,8 +242,8 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
 
 
 def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dict[str, dict[float, float]]:
-    """Per task, per rate of ``name``'s grid: its mean test accuracy over the seeds that ran there minus the linear
-    probe's (mean over the same seeds), in points; tasks or rates without runs are left out."""
+    """Per task, per rate of ``name`` (:func:`~.results.rates_run`): its mean test accuracy over the seeds that ran
+    there minus the linear probe's (mean over the same seeds), in points; tasks or rates without runs are left out."""
     protocol = settings.protocol()
 
     def test_accuracies(method: str, task: str, lr: float) -> dict[int, float]:
@@ -218,7 +253,7 @@ def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dic
     gains = {}
     for task in settings.tasks:
         probe, points = test_accuracies("probe", task, 0.0), {}
-        for lr in METHODS[name].lrs:
+        for lr in rates_run(METHODS[name], results, settings.seeds[0]):
             method = test_accuracies(name, task, lr)
             seeds = [seed for seed in method if seed in probe]
             if seeds:

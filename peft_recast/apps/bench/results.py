@@ -3,18 +3,22 @@ learning rate each method gets per task."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from importlib import resources
+from typing import Optional, Sequence
 
 from ...files import atomic_write
 from ..tasks import HELD_OUT_TASKS
-from .methods import ALL_TASKS, METHODS, Method
+from .methods import ALL_TASKS, EXPERIMENTS, METHODS, Method
 
 RESULTS_FILE = "results.json"
+ADDED_OPTIONS_FILE = "added_options.json"
 
 
 @dataclass
@@ -60,25 +64,80 @@ def _canonical(value: object) -> object:
     return str(value)
 
 
-def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str:
-    """A run's identity, also its adapter name and folder: ``recast_trec6_lr0_01_seed0_<digest>``.
-
-    The digest covers the protocol, the method's full PEFT config and its alignment stage, so changing any of them
-    never reuses old results.
-    """
+def _digest(method: str, protocol: dict, leave_out: frozenset = frozenset()) -> str:
+    """The protocol, the method's full PEFT config (less the options ``leave_out``) and its recipe flags, hashed."""
     config = METHODS[method].config()
-    described = [protocol, config.to_dict() if config is not None else None]
+    described = [protocol, None if config is None else
+                 {name: value for name, value in config.to_dict().items() if name not in leave_out}]
     if METHODS[method].align_epochs:
         described.append({"align_epochs": METHODS[method].align_epochs})
     if METHODS[method].head_first:
         described.append({"head_first": True})
-    digest = hashlib.sha1(json.dumps(described, sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
+    return hashlib.sha1(json.dumps(described, sort_keys=True, default=_canonical).encode()).hexdigest()[:8]
+
+
+def _key(method: str, task: str, lr: float, seed: int, digest: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"{method}_{task}_lr{lr:g}_seed{seed}_{digest}")
+
+
+def run_key(method: str, task: str, lr: float, seed: int, protocol: dict) -> str:
+    """A run's identity, also its adapter name and folder: ``recast_trec6_lr0_01_seed0_<digest>``.
+
+    The digest covers the protocol, the method's full PEFT config and its recipe flags (alignment stage, head
+    first), so changing any of them never reuses old results.
+    """
+    return _key(method, task, lr, seed, _digest(method, protocol))
+
+
+def _added_options() -> dict[str, list[list[str]]]:
+    text = resources.files(__package__).joinpath(EXPERIMENTS, ADDED_OPTIONS_FILE).read_text()
+    return {name: groups for name, groups in json.loads(text).items() if name != "about"}
+
+
+@functools.lru_cache(maxsize=None)
+def earlier_digests(method: str, protocol_json: str) -> tuple[str, ...]:
+    """The digests the same runs of ``method`` were keyed under before its config class gained the options of
+    ``experiments/added_options.json`` (``protocol_json``: the protocol as sorted JSON): its config less the last
+    group of them, less the last two groups, and so on, as long as every option left out is at its default (a run
+    that sets one is another run)."""
+    config = METHODS[method].config()
+    if config is None:
+        return ()
+    defaults = {field.name: field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+                for field in dataclasses.fields(config)}
+    values = config.to_dict()
+    groups = _added_options().get(type(config).__name__, [])
+    digests, leave_out = [], frozenset()
+    for group in reversed(groups):
+        if any(values.get(option) != defaults.get(option) for option in group):
+            break
+        leave_out |= frozenset(group)
+        digests.append(_digest(method, json.loads(protocol_json), leave_out))
+    return tuple(digests)
+
+
+def _with_todays_keys(runs: dict[str, dict], kept: dict[str, dict]) -> dict[str, dict]:
+    """``runs`` with every record saved under an earlier digest of its method (:func:`earlier_digests`) under today's
+    key instead, unless ``kept`` or ``runs`` holds a record there already; its ``key`` is then today's and
+    ``recorded_key`` the one it was saved under. Records of methods not in :data:`METHODS` stay as they are."""
+    moved = {}
+    for key, record in runs.items():
+        if record.get("method") in METHODS and all(name in record for name in ("task", "lr", "seed", "protocol")):
+            method, task, lr, seed, protocol = (record[name] for name in ("method", "task", "lr", "seed", "protocol"))
+            today = run_key(method, task, lr, seed, protocol)
+            earlier = {_key(method, task, lr, seed, digest)
+                       for digest in earlier_digests(method, json.dumps(protocol, sort_keys=True))}
+            if key != today and key in earlier and today not in runs and today not in kept and today not in moved:
+                moved[today] = {**record, "key": today, "recorded_key": key}
+                continue
+        moved[key] = record
+    return moved
 
 
 class Results:
     """``results.json``: finished runs by key, the cost measurements and the forgetting check; rewritten atomically
-    after each run."""
+    after each run. Records keyed before the config class gained an option are read under today's key
+    (:func:`earlier_digests`)."""
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -89,6 +148,7 @@ class Results:
             with open(path) as handle:
                 data = json.load(handle)
             self.runs, self.costs, self.forgetting = data.get("runs", {}), data.get("costs", {}), data.get("forgetting", {})
+            self.runs = _with_todays_keys(self.runs, {})
 
     def merge(self, path: str) -> int:
         """Add the runs, costs and forgetting checks of another ``results.json`` (e.g. a shard run on another machine
@@ -99,7 +159,7 @@ class Results:
         if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
             raise ValueError(f"{path} is not a benchmark results file (no 'runs' object); pass a results.json written "
                              "by `peft-recast bench`.")
-        self.runs.update(data["runs"])
+        self.runs.update(_with_todays_keys(data["runs"], self.runs))
         self.costs.update(data.get("costs", {}))
         for chain, report in data.get("forgetting", {}).items():
             self.forgetting.setdefault(chain, {}).update(report)
@@ -134,36 +194,57 @@ def _validation_accuracy(method: Method, task: str, lr: float, settings: BenchSe
     return None if record is None else record["validation_accuracy"]
 
 
+def rates_run(method: Method, results: Results, seed: int) -> list[float]:
+    """The rates of ``method`` to choose from: its grid and every other rate it has a record of at ``seed`` (a record
+    made under an earlier grid), ascending."""
+    recorded = {record["lr"] for record in results.runs.values()
+                if record.get("method") == method.name and record.get("seed") == seed}
+    return sorted(set(method.lrs) | recorded)
+
+
+def validation_means(method: Method, tasks: Sequence[str], settings: BenchSettings, results: Results,
+                     protocol: dict) -> dict[float, float]:
+    """Per rate of :func:`rates_run` that finished on every task of ``tasks`` at the first seed: its mean validation
+    accuracy over them (the rates that compete for :func:`best_lr` and :func:`one_rate`)."""
+    means = {}
+    for lr in rates_run(method, results, settings.seeds[0]):
+        values = [_validation_accuracy(method, task, lr, settings, results, protocol) for task in tasks]
+        if all(value is not None for value in values):
+            means[lr] = sum(values) / len(values)
+    return means
+
+
+def chosen_rate(means: dict[float, float]) -> float:
+    """The rate with the best mean validation accuracy (ties: the smaller rate)."""
+    return min((-mean, lr) for lr, mean in means.items())[1]
+
+
 def best_lr(method: Method, task: str, settings: BenchSettings, results: Results, protocol: dict) -> float:
-    """The rate ``task`` is reported at: the best validation accuracy on ``task`` at the first seed, or with
-    ``settings.one_rate`` the method's one rate, :func:`one_rate` (ties: the smaller rate)."""
+    """The rate ``task`` is reported at: the best validation accuracy on ``task`` at the first seed among the rates
+    that ran (:func:`rates_run`), or with ``settings.one_rate`` the method's one rate, :func:`one_rate` (ties: the
+    smaller rate)."""
     if method.kind == "probe":
         return 0.0
     if not settings.sweep:
         return method.default_lr
     if settings.one_rate:
         return one_rate(method, settings, results, protocol)
-    scored = [(-value, lr) for lr in method.lrs
-              if (value := _validation_accuracy(method, task, lr, settings, results, protocol)) is not None]
-    if not scored:
+    means = validation_means(method, [task], settings, results, protocol)
+    if not means:
         raise RuntimeError(f"No finished seed-{settings.seeds[0]} run of {method.name} on {task} to choose from.")
-    return min(scored)[1]
+    return chosen_rate(means)
 
 
 def one_rate(method: Method, settings: BenchSettings, results: Results, protocol: dict) -> float:
-    """The method's one learning rate for every task: the rate of its grid with the best mean validation accuracy
-    over the tuning tasks (:meth:`BenchSettings.tuning_tasks`) at the first seed; only rates that finished on every
-    tuning task compete (ties: the smaller rate)."""
+    """The method's one learning rate for every task: the rate (:func:`rates_run`) with the best mean validation
+    accuracy over the tuning tasks (:meth:`BenchSettings.tuning_tasks`) at the first seed; only rates that finished on
+    every tuning task compete (ties: the smaller rate)."""
     tasks = settings.tuning_tasks()
     if not tasks:
         raise ValueError(f"One rate per method is chosen on tuning tasks, but every task of this run is held out "
                          f"({', '.join(settings.tasks)}); add a task that is not in HELD_OUT_TASKS.")
-    scored = []
-    for lr in method.lrs:
-        values = [_validation_accuracy(method, task, lr, settings, results, protocol) for task in tasks]
-        if all(value is not None for value in values):
-            scored.append((-sum(values) / len(values), lr))
-    if not scored:
+    means = validation_means(method, tasks, settings, results, protocol)
+    if not means:
         raise RuntimeError(f"No rate of {method.name} has finished seed-{settings.seeds[0]} runs on every tuning task "
                            f"({', '.join(tasks)}) to choose one rate from.")
-    return min(scored)[1]
+    return chosen_rate(means)

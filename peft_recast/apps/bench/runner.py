@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ...channels import add_channels, rank_channels
 from ...files import atomic_write
-from ...gates import gate_states, prune_gates
+from ...pruning import gate_states, prune_gates
 from ..encoder import load_tokenizer, mean_pool, new_head, sentence_logits
 from ..loop import (
     RANKING_BATCHES,
@@ -46,6 +46,7 @@ from .report import (
     plot_accuracy,
     plot_gain_bands,
     plot_learning_rates,
+    rates_at_the_edge,
     summarise,
 )
 from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, run_key
@@ -99,10 +100,10 @@ def _probe_run(encoder: nn.Module, head: nn.Module, data: TaskData, seed: int, s
     return time.perf_counter() - started
 
 
-def _add_ranked_rows(encoder: nn.Module, head: nn.Module, method: Method, key: str, data: TaskData, seed: int,
+def _add_ranked_channels(encoder: nn.Module, head: nn.Module, method: Method, key: str, data: TaskData, seed: int,
                      settings: BenchSettings) -> None:
     """A `channels` method, after the head's probe run: :func:`rank_channels` with that head's loss on the run's first
-    training batches, and the chosen rows added to the adapter ``key``."""
+    training batches, and the chosen channels added to the adapter ``key``."""
     order = batch_order(data.train.lengths, Settings(epochs=1, batch_size=settings.batch_size, seed=seed))
     channels = rank_channels(
         encoder, order[:RANKING_BATCHES], method.channels,
@@ -116,10 +117,10 @@ def _align_layernorms(encoder: nn.Module, head: nn.Module, data: TaskData, lr: f
                       settings: BenchSettings, epochs: int, desc: str) -> None:
     """The two-stage recipe's first stage as a run of its own (``epochs`` epochs, its own schedule): only the adapter's
     LayerNorm copies (``modules_to_save``) and the head train; the other adapter parameters are frozen meanwhile and
-    trainable again afterwards, so that :func:`rank_channels` ranks the rows of the aligned model."""
+    trainable again afterwards, so that :func:`rank_channels` ranks the channels of the aligned model."""
     if epochs >= settings.epochs:
-        raise ValueError(f"An alignment stage of {epochs} epoch(s) leaves no epoch for ranking and training the rows "
-                         f"in a {settings.epochs}-epoch run; train for more than {epochs} epochs.")
+        raise ValueError(f"An alignment stage of {epochs} epoch(s) leaves no epoch for ranking and training the "
+                         f"channels in a {settings.epochs}-epoch run; train for more than {epochs} epochs.")
     frozen = _held_during_alignment(encoder)
     for parameter in frozen:
         parameter.requires_grad_(False)
@@ -190,7 +191,7 @@ def run_tasks(settings: BenchSettings, results: Results, device: torch.device) -
                             _align_layernorms(encoder, head, data, lr, seed, settings, align_epochs, f"{desc} align")
                             stage_settings = dataclasses.replace(settings, epochs=settings.epochs - align_epochs)
                             align_epochs = 0
-                        _add_ranked_rows(encoder, head, method, key, data, seed, settings)
+                        _add_ranked_channels(encoder, head, method, key, data, seed, settings)
                     step_seconds = train_run(encoder, head, data, lr, seed, stage_settings, desc, align_epochs)
                     seconds = None
                     if getattr(encoder.peft_config[key], "module_gates", False):
@@ -272,6 +273,11 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
         results.costs.update(measure_costs(settings, device))
         results.save()
     rows = summarise(settings, results)
+    if not rows and not train and results.runs:
+        protocol = settings.protocol()
+        recorded = sorted({record["task"] for record in results.runs.values() if record.get("protocol") == protocol})
+        print(f"No method has records for every task of this report ({', '.join(settings.tasks)}) under its protocol "
+              f"{protocol}; the records under it hold {', '.join(recorded) or 'no task'}: name those with --task.")
     table = format_table(rows, results.costs, settings.tasks)
     with atomic_write(os.path.join(settings.output_dir, TABLE_FILE)) as handle:
         handle.write(f"{describe_protocol(settings)}:\n\n{table}\n")
@@ -291,9 +297,14 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
         plot_gain_bands(bands, os.path.join(settings.output_dir, BAND_PLOT_FILE))
     changed, changed_ever = changed_predictions(forgetting), changed_predictions(results.forgetting)
     print(f"\n{describe_protocol(settings)}:\n{table}")
+    edges = rates_at_the_edge(settings, results)
+    if edges:
+        print("\nRates chosen on validation at the edge of the rates that ran (the best rate may lie beyond them):")
+        for name, notes in edges.items():
+            print(f"  {name}: {'; '.join(notes)}")
     print(f"\nForgetting: {len(results.forgetting)} method x seed chains, every earlier task re-tested after the last "
           f"one and after reloading from disk: "
           f"{'no prediction changed' if not changed_ever else 'CHANGED: ' + ', '.join(changed_ever)}")
     print(f"Results in {settings.output_dir}/ ({RESULTS_FILE}, {TABLE_FILE}, {PLOT_FILE}); "
           f"{time.perf_counter() - started:.0f} s")
-    return dict(rows=rows, costs=results.costs, forgetting=forgetting, changed=changed)
+    return dict(rows=rows, costs=results.costs, forgetting=forgetting, changed=changed, rates_at_the_edge=edges)

@@ -1,0 +1,191 @@
+"""Serving many adapters on one model: swapping an adapter's coefficients in place and loading many at once.
+
+Adapters made with one grouping on one base model share every layer's basis and mixing, so an adapter of a grouping
+the model has already costs its coefficients alone (:meth:`~peft_recast.model.RecastModel.inject_like_existing`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+from peft.config import PeftConfig
+from peft.utils import load_peft_weights
+from peft.utils.save_and_load import _insert_adapter_name_into_state_dict
+from torch import nn
+
+from .checkpoint import coefficient_problem, fill_shared_coefficients, with_block_axis
+from .config import GROUPING_FIELDS, RecastConfig, differing_field
+from .mimicry import fingerprint_mismatch
+from .planning import adapter_layers
+
+
+def _saved_state(tuner: nn.Module, model_id: str, adapter_name: str) -> tuple[dict, dict, Optional[str]]:
+    """The saved tensors of ``model_id`` keyed as ``adapter_name``'s, that adapter's RECAST layers by prefixed key,
+    and the first problem of the saved coefficients against those layers (``coefficient_problem``)."""
+
+    state = _insert_adapter_name_into_state_dict(
+        load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
+    )
+    layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
+    state = with_block_axis(layers, adapter_name, fill_shared_coefficients(layers, adapter_name, state))
+    return state, layers, coefficient_problem(layers, adapter_name, state)
+
+
+def _live_key(key: str, adapter_name: str, targets: dict[str, nn.Parameter]) -> str:
+    """The parameter a saved key fills: itself, or for ``modules_to_save`` its copy ``.modules_to_save.<adapter>.``."""
+    if key in targets:
+        return key
+    module, _, leaf = key.rpartition(".")
+    copied = f"{module}.modules_to_save.{adapter_name}.{leaf}"
+    return copied if copied in targets else key
+
+
+def hotswap_adapter(model: nn.Module, model_id: str, adapter_name: str = "default", **kwargs) -> None:
+    """Replace the coefficients (and ``modules_to_save`` tensors) of the loaded adapter ``adapter_name`` with those
+    saved in ``model_id`` (a folder or Hub id), in place: no re-injection, no new tensors, so a compiled model keeps
+    its graphs. The saved adapter must have the loaded one's grouping and base model (fingerprint); every check runs
+    before anything is copied, so a refused swap leaves the model as it was.
+
+    Example:
+
+        ```py
+        >>> import tempfile, torch, peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertModel
+
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        ...                             intermediate_size=64))
+        >>> model = get_peft_model(base, peft_recast.RecastConfig())
+        >>> folder = tempfile.mkdtemp()
+        >>> model.add_adapter("task_b", peft_recast.RecastConfig(init_weights=False))
+        >>> model.save_pretrained(folder, selected_adapters=["task_b"])
+        >>> coefficients = model.base_model.model.encoder.layer[0].attention.self.query.recast_coefficients
+        >>> before = coefficients["default"]
+        >>> peft_recast.hotswap_adapter(model, f"{folder}/task_b")  # "default" now holds task b's coefficients
+        >>> coefficients["default"] is before, torch.equal(coefficients["default"], coefficients["task_b"])
+        (True, True)
+
+        ```
+    """
+    tuner = model.base_model
+    if adapter_name not in tuner.peft_config:
+        raise ValueError(f"No adapter '{adapter_name}' is loaded; hotswap replaces a loaded adapter's coefficients.")
+    config = PeftConfig.from_pretrained(model_id, **kwargs)
+    if not isinstance(config, RecastConfig):
+        raise ValueError(f"{model_id} holds a {type(config).__name__} adapter, not a RECAST one.")
+    loaded = tuner.peft_config[adapter_name]
+    problem, field = None, differing_field(loaded, config, GROUPING_FIELDS)
+    if field is not None:
+        problem = f"`{field}` is {getattr(config, field)!r} in the file but {getattr(loaded, field)!r} in the adapter"
+    if problem is None and config.base_fingerprint is not None:
+        mismatch = fingerprint_mismatch(config.base_fingerprint, loaded.base_fingerprint)
+        if mismatch is not None:
+            problem = f"it was trained on another base model ({mismatch})"
+    if problem is None and sorted(config.modules_to_save or []) != sorted(loaded.modules_to_save or []):
+        problem = "its `modules_to_save` differ from the loaded adapter's"
+    if problem is not None:
+        raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Load it with "
+                         "`load_adapter` as an adapter of its own instead.")
+    state_dict, _, problem = _saved_state(tuner, model_id, adapter_name)
+    targets = dict(model.named_parameters(remove_duplicate=False))  # shared tensors under each module's key
+    state_dict = {_live_key(key, adapter_name, targets): value for key, value in state_dict.items()}
+    missing = [key for key in state_dict if key not in targets]
+    if problem is None and missing:
+        problem = f"the file holds tensors this model does not have, e.g. {missing[:3]}"
+    if problem is None:
+        for key, value in state_dict.items():
+            if tuple(value.shape) != tuple(targets[key].shape):
+                problem = f"'{key}' has shape {tuple(value.shape)} in the file but {tuple(targets[key].shape)} here"
+                break
+    if problem is not None:
+        raise ValueError(f"Cannot hotswap {model_id} into adapter '{adapter_name}': {problem}. Nothing was changed.")
+    with torch.no_grad():
+        for key, value in state_dict.items():
+            targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
+
+
+def load_adapters(
+    model: nn.Module, model_ids: Sequence[str], adapter_names: Optional[Sequence[str]] = None
+) -> list[str]:
+    """Load many saved RECAST adapters onto a ``PeftModel`` (for inference, as ``load_adapter`` with its default
+    ``is_trainable=False``), in time bounded by reading their files when they share the grouping of an adapter on
+    the model: each gets new coefficients beside that adapter's group and mixing, without PEFT's per-adapter pass
+    over the whole model. Others go through ``model.load_adapter``.
+
+    Args:
+        model (`PeftModel`): a model holding at least one RECAST adapter.
+        model_ids (`Sequence[str]`): adapter folders (or Hub ids).
+        adapter_names (`Sequence[str]`, *optional*): their names; default: each folder's last component.
+
+    Returns:
+        The names loaded. A file that does not load (another base model, a damaged file, a name in use) raises
+        ``ValueError`` and removes every adapter this call added, so the model is as it was.
+
+    Example:
+
+        ```py
+        >>> import tempfile, torch, peft_recast
+        >>> from peft import get_peft_model
+        >>> from transformers import BertConfig, BertModel
+
+        >>> base = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+        ...                             intermediate_size=64))
+        >>> model = get_peft_model(base, peft_recast.RecastConfig())
+        >>> folder = tempfile.mkdtemp()
+        >>> for user in range(3):
+        ...     model.add_adapter(f"user-{user}", peft_recast.RecastConfig(init_weights=False))
+        >>> model.save_pretrained(folder, selected_adapters=["user-0", "user-1", "user-2"])
+        >>> for user in range(3):
+        ...     model.delete_adapter(f"user-{user}")
+        >>> peft_recast.load_adapters(model, [f"{folder}/user-{user}" for user in range(3)])
+        ['user-0', 'user-1', 'user-2']
+        >>> ids = torch.tensor([[1, 2, 3]] * 4)
+        >>> _ = model.eval()
+        >>> rows = model(input_ids=ids, adapter_names=["user-0", "user-1", "user-2", "__base__"]).last_hidden_state
+        >>> rows.shape
+        torch.Size([4, 3, 32])
+
+        ```
+    """
+    names = list(adapter_names) if adapter_names is not None else [
+        os.path.basename(os.path.normpath(model_id)) for model_id in model_ids
+    ]
+    if len(names) != len(model_ids) or len(set(names)) != len(names):
+        raise ValueError("Pass one distinct adapter name per adapter folder.")
+    tuner = model.base_model
+    taken = [name for name in names if name in tuner.peft_config]
+    if taken:
+        raise ValueError(f"Adapter name(s) {taken[:3]} are in use on this model; pass other `adapter_names`.")
+    added: list[str] = []
+    try:
+        for model_id, name in zip(model_ids, names):
+            config = PeftConfig.from_pretrained(model_id)
+            if not isinstance(config, RecastConfig):
+                raise ValueError(f"{model_id} holds a {type(config).__name__} adapter, not a RECAST one.")
+            config.inference_mode = True
+            tuner.peft_config[name] = config
+            if not tuner.inject_like_existing(tuner.model, name):
+                del tuner.peft_config[name]
+                model.load_adapter(model_id, adapter_name=name)
+                added.append(name)
+                continue
+            added.append(name)
+            state, layers, problem = _saved_state(tuner, model_id, name)
+            if problem is not None:
+                raise ValueError(f"Cannot load the RECAST adapter {model_id}: {problem}")
+            with torch.no_grad():
+                for key, value in state.items():
+                    target = layers[key[: key.index(".recast_coefficients")]].recast_coefficients[name]
+                    target.copy_(value.to(device=target.device, dtype=target.dtype))
+    except BaseException:
+        for name in added:
+            model.delete_adapter(name)
+        for name in names:
+            if name not in added:
+                tuner.peft_config.pop(name, None)
+        raise
+    return names
