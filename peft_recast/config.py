@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Callable, Literal, Optional, Union
 
+import safetensors.torch
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
 from ._version import __version__
+from .presets import RECAST_PRESETS
 from .registration import RECAST
 
 # The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
 # README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
 RECOMMENDED_LR = 1e-2
+# The largest count a config field may hold (templates, sets, blocks, layers per group): far above any real model.
+MAX_COUNT = 2**20
 
 # Config fields that decide a layer's basis and mixing, or how its coefficients act: adapters that differ in any of
 # them are not vectors of one space. The base model is compared apart (`base_fingerprint`, with its tolerance).
@@ -40,84 +46,21 @@ def config_list(value: Optional[Union[str, int, list, set]]) -> list:
     return [value] if isinstance(value, (str, int)) else list(value)
 
 
-_PAPER = {"num_templates": 2, "num_coefficient_sets": 2, "coefficient_blocks": 1}
-RECAST_PRESETS: dict[str, dict[str, Any]] = {
-    "attention": {"num_groups": 6, **_PAPER},
-    "mlp": {"num_groups": 6, **_PAPER},
-    "attention+mlp": {"num_groups": 6, **_PAPER},
-    "conv": {"num_groups": 1, **_PAPER, "num_templates": 64},
-}
-# The budget ladder: RECAST settings from ~24 to ~650 trained numbers (counts for a 6-layer, 384-wide BERT such as
-# MiniLM-L6; measured in docs/benchmarks.md). Model-independent: targets are PEFT's defaults (query/value) or all linear
-# layers, so `from_preset` fills in nothing per model type for them.
-RECAST_LADDER: dict[str, dict[str, Any]] = {
-    "ladder-24": {"coefficient_blocks": 1},  # query/value, 2 layers per group, 2 templates, one block of rows
-    "ladder-48": {},  # the default: ladder-24 with 2 blocks of output rows, the best measured under 50 numbers
-    "ladder-144": {"coefficient_blocks": 6},  # ladder-24 with 6 blocks of output rows (MiniLM: one per head)
-    "ladder-216": {"target_modules": "all-linear", "layers_per_group": 6, "num_templates": 6, "coefficient_blocks": 1},
-    "ladder-648": {
-        "target_modules": "all-linear",
-        "layers_per_group": 6,
-        "num_templates": 24,
-        "coefficient_blocks": 1,
-        "share_across_module_types": True,
-    },
-}
-RECAST_PRESETS.update(RECAST_LADDER)
-# Per model type: (regex of the attention projections, names fused into one weight, regex of the MLP layers).
-PRESET_TARGETS: dict[str, tuple[str, Optional[list[str]], str]] = {
-    "vit": (r".*\.attention\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"], r".*\.mlp\.(fc1|fc2)"),
-    "bert": (
-        r".*\.attention\.self\.(query|key|value)",
-        ["query", "key", "value"],
-        r".*\.layer\.\d+\.(intermediate|output)\.dense",
-    ),
-    "llama": (
-        r".*\.self_attn\.(q_proj|k_proj|v_proj)",
-        ["q_proj", "k_proj", "v_proj"],
-        r".*\.mlp\.(gate_proj|up_proj|down_proj)",
-    ),
-    "gpt2": (r".*\.attn\.c_attn", None, r".*\.mlp\.(c_fc|c_proj)"),
-}
-PRESET_TARGETS["roberta"] = PRESET_TARGETS["bert"]
-PRESET_TARGETS["mistral"] = PRESET_TARGETS["qwen2"] = PRESET_TARGETS["llama"]
+def _all(value: Any, kind: Union[type, tuple[type, ...]]) -> bool:
+    """Whether ``value`` is a list, tuple or set of ``kind`` (bools are not numbers here)."""
+    return isinstance(value, (list, tuple, set)) and all(
+        isinstance(item, kind) and not isinstance(item, bool) for item in value)
 
 
-def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
-    """The config fields ``preset`` fills in for a transformers model (``model_config``: its config as a dict).
+def _names_or_regex(value: Any) -> bool:
+    return isinstance(value, str) or _all(value, str)
 
-    ``"conv"`` (transformers' ResNet names): every conv of the blocks after the first of each stage
-    (``layers_pattern="layers"``, ``layers_to_transform = 1 .. max(depths) - 1``); one group per stage and conv
-    position, since the layer index of a group is read after ``layers_pattern``.
-    """
-    if preset in RECAST_LADDER:
-        return {}
-    model_type = model_config.get("model_type")
-    if preset == "conv":
-        depths = model_config.get("depths")
-        if not depths:
-            raise ValueError(
-                "The RECAST preset 'conv' reads the blocks per stage from the model config's `depths` (transformers "
-                "ResNet); for other models pass `target_modules`, `layers_pattern` and `layers_to_transform`."
-            )
-        # a stage of b blocks has b - 1 modules per conv position, hence at most b - 1 templates (the paper's n)
-        return {
-            "target_modules": {"convolution"},
-            "layers_pattern": "layers",
-            "layers_to_transform": list(range(1, max(depths))),
-            "num_templates": min(model_config.get("num_templates", 64), max(depths) - 1),
-        }
-    if model_type not in PRESET_TARGETS:
-        raise ValueError(
-            f"The RECAST preset {preset!r} has no target modules for model type {model_type!r} (known: "
-            f"{sorted(PRESET_TARGETS)}); pass `target_modules` (and `fused_modules`) yourself."
-        )
-    attention, fused, mlp = PRESET_TARGETS[model_type]
-    if preset == "attention":
-        return {"target_modules": attention, "fused_modules": fused}
-    if preset == "mlp":
-        return {"target_modules": mlp}
-    return {"target_modules": f"(?:{attention})|(?:{mlp})", "fused_modules": fused}
+
+def _fingerprint(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and _all(values, (int, float)) and all(math.isfinite(v) for v in values)
+        for name, values in value.items()
+    )
 
 
 @dataclass
@@ -366,6 +309,7 @@ class RecastConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = RECAST
         self._check_recast_version()  # first: a newer config may hold values this version rejects or misreads
+        self._check_types()
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -387,10 +331,17 @@ class RecastConfig(PeftConfig):
             )
         for name in ("layers_per_group", "num_groups", "num_templates", "num_coefficient_sets", "coefficient_blocks"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            optional = name in ("layers_per_group", "num_groups")
+            if (value is not None or not optional) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
                 raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+            if value is not None and value > MAX_COUNT:
+                raise ValueError(f"`{name}` must be at most {MAX_COUNT}, got {value!r}.")
         if self.preset is not None and self.preset not in RECAST_PRESETS:
-            raise ValueError(f"Unknown RECAST preset {self.preset!r}; choose one of {sorted(RECAST_PRESETS)}.")
+            raise ValueError(
+                f"Unknown RECAST preset {self.preset!r} (`preset`); choose one of {sorted(RECAST_PRESETS)}."
+            )
         if self.weight_form not in ("residual", "replace"):
             raise ValueError(f"`weight_form` must be 'residual' or 'replace', got {self.weight_form!r}.")
         if self.coefficient_sharing not in ("module", "position"):
@@ -401,13 +352,43 @@ class RecastConfig(PeftConfig):
         self._check_gates()
         for name in ("coefficient_scale", "coefficient_bound"):
             value = getattr(self, name)
-            if (value is not None or name == "coefficient_scale") and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf")
-            ):
+            if value is None and name == "coefficient_bound":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
+            if value > 1e6:
+                raise ValueError(f"`{name}` must be at most 1e6, got {value!r}.")
+            setattr(self, name, float(value))
         if self.coefficient_bound is not None and self.weight_form != "residual":
             raise ValueError("`coefficient_bound` bounds the change from the pretrained weight, which the 'replace' "
                              "weight form does not have; use weight_form='residual' or coefficient_bound=None.")
+
+    def _check_types(self) -> None:
+        """Refuse a field of the wrong type (an edited or damaged ``adapter_config.json``) with a message that names
+        it, before any other check could fail on it less clearly."""
+        expected: dict[str, tuple[str, Callable[[Any], bool]]] = {
+            "target_modules": ("a module name, a list of names or a regex", lambda v: _names_or_regex(v)),
+            "exclude_modules": ("a module name, a list of names or a regex", lambda v: _names_or_regex(v)),
+            "layers_pattern": ("a name or a list of names", lambda v: _names_or_regex(v)),
+            "layers_to_transform": ("a layer index or a list of them",
+                                    lambda v: isinstance(v, (int, list, tuple, set)) and not isinstance(v, bool)),
+            "modules_to_save": ("a list of module names", lambda v: _all(v, str)),
+            "fused_modules": ("a list of module names", lambda v: _all(v, str)),
+            "preset": ("a preset name", lambda v: isinstance(v, str)),
+            "template_bank": ("a path or Hub id", lambda v: isinstance(v, str)),
+            "base_fingerprint": ("a dict of group names to lists of singular values", _fingerprint),
+            "inactive_modules": ("a list of module keys", lambda v: _all(v, str)),
+            "trainable_token_indices": ("a non-empty list of token ids or a dict of module names to such lists",
+                                        lambda v: bool(v) and (_all(v, int) or isinstance(v, dict) and all(
+                                            isinstance(k, str) and ids and _all(ids, int) for k, ids in v.items()))),
+        }
+        for name, (description, valid) in expected.items():
+            value = getattr(self, name)
+            if value is not None and not valid(value):
+                raise ValueError(f"`{name}` must be {description} (or None), got {value!r}.")
+        for name in ("init_weights", "fan_in_fan_out", "module_gates", "share_across_module_types", "inference_mode"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
 
     def _check_channels(self) -> None:
         """Validate ``channels`` and store it as a new dict of sorted row lists (the caller's dict is not touched)."""
@@ -454,6 +435,25 @@ class RecastConfig(PeftConfig):
             if self.coefficient_sharing != "module" or self.fused_modules:
                 raise ValueError("`inactive_modules` needs coefficient_sharing='module' and no fused_modules.")
             self.inactive_modules = sorted(set(self.inactive_modules)) or None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
+        """PEFT's ``from_pretrained``; for a local adapter folder the weight file beside the config is read once
+        first, so that ``PeftModel.from_pretrained`` and ``load_adapter`` refuse a damaged file (with
+        ``ValueError``) before any module of the model is wrapped."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
+        path = os.path.join(folder, "adapter_model.safetensors")
+        if os.path.isfile(path):
+            try:
+                safetensors.torch.load_file(path)
+            except Exception as error:  # safetensors raises its own types for truncated or corrupted files
+                raise ValueError(
+                    f"Cannot load the RECAST adapter {folder}: {path} is damaged or not a safetensors file "
+                    f"({type(error).__name__}: {error}). Nothing was changed; save the adapter again or restore "
+                    "the file."
+                ) from error
+        return config
 
     @classmethod
     def check_kwargs(cls, **kwargs: Any) -> dict[str, Any]:

@@ -358,11 +358,12 @@ class Linear(nn.Module, RecastLayer):
         key = self._cache_key(adapters)
         values = [self.recast_tie.get(a, self).recast_coefficients[a].detach() for a in adapters]
         values += [self.recast_gate_scores[a].detach() for a in adapters if a in self.recast_gate_scores]
-        cache = self._weight_cache
+        cache = self._weight_cache  # read once: another thread may replace it meanwhile
         if cache is None or cache[0] != key or not all(map(torch.equal, cache[1], values)):
             with torch.no_grad():
-                self._weight_cache = (key, [value.clone() for value in values], self._adapted_weight(adapters))
-        return self._weight_cache[2]
+                cache = (key, [value.clone() for value in values], self._adapted_weight(adapters))
+            self._weight_cache = cache
+        return cache[2]
 
     def _trains(self, adapters: list[str]) -> bool:
         """Whether this call must carry gradients to the coefficients of ``adapters``."""

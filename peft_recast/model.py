@@ -6,6 +6,8 @@ import copy
 import re
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator, Optional, Union
 
@@ -33,8 +35,24 @@ from .planning import (
 from .quantized import QuantizedBase, QuantizedLinear, is_bnb_linear
 
 
-def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]):
-    kwargs["adapter_names"] = adapter_names
+@dataclass(frozen=True)
+class _BatchAdapters:
+    """The ``adapter_names`` of the forward or ``generate`` call running in this thread: one per row, and one per
+    input of an encoder-decoder's encoder (which beam search does not repeat)."""
+
+    rows: list[str]
+    encoder_rows: list[str]
+
+
+# Per thread (and asyncio task): concurrent calls on one model each see their own adapter names, whichever call's
+# hooks run.
+_BATCH_ADAPTERS: ContextVar[Optional[_BatchAdapters]] = ContextVar("recast_batch_adapters", default=None)
+
+
+def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, in_encoder: bool):
+    batch = _BATCH_ADAPTERS.get()
+    if batch is not None:
+        kwargs["adapter_names"] = batch.encoder_rows if in_encoder else batch.rows
     return args, kwargs
 
 
@@ -419,27 +437,25 @@ class RecastModel(QuantizedBase, BaseTuner):
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
-        original_adapter_names = list(adapter_names)
+        rows = list(adapter_names)
         num_beams = kwargs.get("num_beams", None)
-        uses_beam_search = isinstance(num_beams, int) and num_beams > 1
-        if uses_beam_search:
+        if isinstance(num_beams, int) and num_beams > 1:
             # generate() repeats every input num_beams times (the encoder of an encoder-decoder model excepted)
-            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+            rows = [name for name in adapter_names for _ in range(num_beams)]
         wrapped = (RecastLayer, AuxiliaryTrainingWrapper)  # + modules_to_save / trainable tokens
-        handles = []
-        for module in self.modules():
-            if isinstance(module, wrapped):
-                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
-                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
         encoder = _get_encoder(self.model)
-        if uses_beam_search and encoder is not None:
-            for module in encoder.modules():
-                if isinstance(module, wrapped):
-                    hook = partial(_adapter_names_pre_forward_hook, adapter_names=original_adapter_names)
-                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        in_encoder = {id(module) for module in encoder.modules()} if encoder is not None else set()
+        handles = [
+            module.register_forward_pre_hook(
+                partial(_adapter_names_pre_forward_hook, in_encoder=id(module) in in_encoder), with_kwargs=True
+            )
+            for module in self.modules() if isinstance(module, wrapped)
+        ]
+        token = _BATCH_ADAPTERS.set(_BatchAdapters(rows=rows, encoder_rows=list(adapter_names)))
         try:
             yield
         finally:
+            _BATCH_ADAPTERS.reset(token)
             for handle in handles:
                 handle.remove()
 

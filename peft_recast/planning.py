@@ -28,10 +28,11 @@ from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from .bank import TemplateBank, load_template_bank
-from .config import RecastConfig, config_list, preset_fields
+from .config import RecastConfig, config_list
 from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
 from .mimicry import GroupFit, fit_group
+from .presets import preset_fields
 
 # Layers per group when neither `layers_per_group` nor `num_groups` is set.
 DEFAULT_LAYERS_PER_GROUP = 2

@@ -174,7 +174,7 @@ def test_ladder_presets_are_the_benchmarked_rungs():
 
     from peft_recast import RecastConfig
     from peft_recast.apps.encoder import load_encoder
-    from peft_recast.config import RECAST_LADDER
+    from peft_recast.presets import RECAST_LADDER
 
     for name, fields in RECAST_LADDER.items():
         size = int(name.split("-")[1])

@@ -353,11 +353,15 @@ def test_adapter_on_a_base_with_a_lora_merged_into_it_is_refused(saved_adapter):
 )
 def test_truncated_or_corrupted_adapter_file_never_loads(adapter_copy, damage, message):
     """safetensors checks the header and that the data section has exactly the announced size: a cut or garbled file
-    raises ``SafetensorError`` (from PEFT's loader, which names no file: the message is safetensors')."""
+    is refused with ``ValueError`` naming the file and safetensors' reason, before any module is wrapped."""
     path = adapter_copy / WEIGHTS
     path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(SafetensorError, match=message):
-        PeftModel.from_pretrained(tiny_bert(), adapter_copy)
+    base = tiny_bert()
+    with pytest.raises(ValueError, match=rf"{WEIGHTS} is damaged or not a safetensors file \(SafetensorError: "
+                                         rf".*{message}") as error:
+        PeftModel.from_pretrained(base, adapter_copy)
+    assert isinstance(error.value.__cause__, SafetensorError)
+    assert not _has_recast_layers(base)
 
 
 def test_corrupted_coefficient_bytes_that_become_non_finite_are_refused(adapter_copy):

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 from transformers import ViTModel
 
 from peft_recast import RecastConfig, recast_summary
-from peft_recast.config import RECAST_PRESETS
 from peft_recast.layer import RecastLayer
+from peft_recast.presets import RECAST_PRESETS
 
 from .. import models
 from ..models import model_output, tiny_bert, tiny_gpt2
