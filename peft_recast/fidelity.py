@@ -188,7 +188,7 @@ def compare_mimicry(
     start = time.perf_counter()
     fits = GroupFits()
     for plan in plan_model_groups(model, closed):
-        fits.fit(plan, closed.num_templates)
+        fits.fit(plan, closed.num_templates, plan.weights())
     closed_seconds = time.perf_counter() - start
     closed_report = fidelity_report(model, closed, inputs, method="closed form", seconds=closed_seconds)
 

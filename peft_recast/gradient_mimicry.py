@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from .bank import BankGroupEntry, MimicrySettings, TemplateBank
 from .config import RecastConfig
-from .planning import GroupFits, plan_model_groups
+from .planning import GroupFits, flat_cat, plan_model_groups
 
 __all__ = ["MimicrySettings", "fit_bank", "mimic_template_bank"]
 
@@ -122,10 +122,10 @@ def mimic_template_bank(
     fits = GroupFits()
     for plan in plan_model_groups(model, config):
         weights = plan.weights()
-        stacked[plan.name] = torch.stack([torch.cat([w.reshape(-1).float() for w in unit]) for unit in weights])
+        stacked[plan.name] = torch.stack([flat_cat(unit).float() for unit in weights])
         shapes[plan.name] = _template_shape([list(w.shape) for w in weights[0]])
         entries[plan.name] = ([[key for key, _ in unit] for unit in plan.units], [list(w.shape) for w in weights[0]])
-        fingerprint[plan.name] = fits.fit(plan, config.num_templates).fingerprint()
+        fingerprint[plan.name] = fits.fit(plan, config.num_templates, weights).fingerprint()
     fitted, best_loss = fit_bank(
         stacked, shapes, config.num_templates, config.num_coefficient_sets, settings, progress=progress
     )

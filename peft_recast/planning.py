@@ -297,9 +297,9 @@ class GroupFits:
     def __init__(self) -> None:
         self._fits: dict[tuple, GroupFit] = {}
 
-    def fit(self, plan: GroupPlan, num_templates: int) -> GroupFit:
-        """The closed-form fit of ``plan``'s units (a fused unit's weights flattened and concatenated)."""
-        weights = plan.weights()
+    def fit(self, plan: GroupPlan, num_templates: int, weights: list[list[torch.Tensor]]) -> GroupFit:
+        """The closed-form fit of ``plan``'s units (``weights``: :meth:`GroupPlan.weights`; a fused unit's weights
+        flattened and concatenated)."""
         states = tuple(_weight_state(module) for unit in plan.units for _, module in unit)
         key = (num_templates, states, tuple((w.dtype, w.shape) for unit in weights for w in unit))
         if key not in self._fits:
@@ -331,14 +331,15 @@ def build_groups(
     fingerprint: dict[str, list[float]] = {}
     shared: Optional[dict[tuple[str, int], RecastLayer]] = {} if config.coefficient_sharing == "position" else None
     for plan in tqdm(plans, desc="RECAST mimicry", unit="group", disable=numel < PROGRESS_MIN_NUMEL):
-        if any(weight.device.type == "meta" for unit in plan.weights() for weight in unit):
+        weights = plan.weights()  # once per group: a quantized layer dequantizes its weight for this
+        if any(weight.device.type == "meta" for unit in weights for weight in unit):
             raise ValueError(
                 f"The base weights of '{plan.name}' are on the meta device. RECAST builds its templates from the "
                 "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
             )
-        fit = fits.fit(plan, config.num_templates)
+        fit = fits.fit(plan, config.num_templates, weights)
         fingerprint[plan.name] = fit.fingerprint()
-        _attach(adapter_name, config, plan, fit, bank, shared)
+        _attach(adapter_name, config, plan, weights, fit, bank, shared)
     return fingerprint
 
 
@@ -346,6 +347,7 @@ def _attach(
     adapter_name: str,
     config: RecastConfig,
     plan: GroupPlan,
+    weights: list[list[torch.Tensor]],
     fit: GroupFit,
     bank: Optional[TemplateBank],
     shared: Optional[dict[tuple[str, int], RecastLayer]],
@@ -367,11 +369,11 @@ def _attach(
         coefficients = fit.mixing.T * fit.singular_values[: fit.num_templates] ** 2  # C = U_n diag(s_n), (m x n)
     else:
         entry = bank.check(name, [[key for key, _ in unit] for unit in units], fit.fingerprint(), config.num_templates)
-        stacked = torch.stack([flat_cat(weights).float().cpu() for weights in plan.weights()])
+        stacked = torch.stack([flat_cat(unit).float().cpu() for unit in weights])
         error = ((entry.reconstruction() - stacked).norm() / stacked.norm()).item()
         templates, offset, roles = entry.templates, 0, []
         for r in range(len(units[0])):
-            shape = tuple(units[0][r][1].pristine_weight().shape)
+            shape = tuple(weights[0][r].shape)
             size = math.prod(shape)
             piece = templates[:, offset : offset + size].reshape(templates.shape[0], *shape)
             roles.append(BankGroup(name, [unit[r][1] for unit in units], piece, relative_error=error))

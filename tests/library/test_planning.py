@@ -32,7 +32,7 @@ def test_a_bare_model_plans_the_groups_and_fingerprint_that_injection_builds(nam
     assert config == before  # the caller's config is not resolved in place
     assert all(torch.equal(value, state[key]) for key, value in model.state_dict().items())
     fits = GroupFits()
-    fingerprint = {plan.name: fits.fit(plan, config.num_templates).fingerprint() for plan in plans}
+    fingerprint = {plan.name: fits.fit(plan, config.num_templates, plan.weights()).fingerprint() for plan in plans}
     injected = get_peft_model(model, config).peft_config["default"]
     assert fingerprint == injected.base_fingerprint
     keys = sorted(key for plan in plans for unit in plan.units for key, _ in unit)
