@@ -2,6 +2,7 @@
 
 import threading
 
+import pytest
 import torch
 from peft import get_peft_model
 
@@ -10,6 +11,16 @@ from peft_recast import RecastConfig
 from ..models import tiny_bert
 
 THREADS, CALLS = 8, 1000
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread per call, as a server with one worker per core runs: 8 Python threads each starting
+    torch's own pool only measure the scheduler."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _served_model():
@@ -74,22 +85,28 @@ def test_per_call_adapter_names_are_safe_while_another_thread_switches_the_activ
     ids = torch.randint(0, 99, (2, 5), generator=torch.Generator().manual_seed(1))
     names = ["a0", "a1", "a2", "a3"]
     alone = {name: model(input_ids=ids, adapter_names=[name, name]).last_hidden_state for name in names}
-    stop = threading.Event()
+    stop, running, lock = threading.Event(), [THREADS - 1], threading.Lock()
 
     def switcher(problems):
         step = 0
-        while not stop.is_set():
+        while not stop.wait(0.0005):  # a switch every half millisecond, leaving the GIL to the callers between
             model.set_adapter(names[step % len(names)])
             step += 1
+        assert step > 0
 
     def per_call(thread):
         def work(problems):
-            for call in range(CALLS // 4):
-                name = names[(thread + call) % len(names)]
-                if not torch.equal(model(input_ids=ids, adapter_names=[name, name]).last_hidden_state, alone[name]):
-                    problems.append(f"thread {thread}: another adapter's output for {name}")
-            if thread == 0:
-                stop.set()
+            try:
+                for call in range(CALLS // 4):
+                    name = names[(thread + call) % len(names)]
+                    out = model(input_ids=ids, adapter_names=[name, name]).last_hidden_state
+                    if not torch.equal(out, alone[name]):
+                        problems.append(f"thread {thread}: another adapter's output for {name}")
+            finally:  # the last caller to finish stops the switcher, whatever happened
+                with lock:
+                    running[0] -= 1
+                    if running[0] == 0:
+                        stop.set()
 
         return work
 
