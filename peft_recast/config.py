@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
-import safetensors.torch
+import safetensors
 from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
@@ -438,15 +438,17 @@ class RecastConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
-        """PEFT's ``from_pretrained``; for a local adapter folder the weight file beside the config is read once
-        first, so that ``PeftModel.from_pretrained`` and ``load_adapter`` refuse a damaged file (with
+        """PEFT's ``from_pretrained``; for a local adapter folder the header of the weight file beside the config is
+        checked first (safetensors validates every tensor's dtype, shape and offsets against the file's size without
+        reading the data), so that ``PeftModel.from_pretrained`` and ``load_adapter`` refuse a damaged file (with
         ``ValueError``) before any module of the model is wrapped."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(str(pretrained_model_name_or_path), subfolder or "")
         path = os.path.join(folder, "adapter_model.safetensors")
         if os.path.isfile(path):
             try:
-                safetensors.torch.load_file(path)
+                with safetensors.safe_open(path, framework="pt"):
+                    pass
             except Exception as error:  # safetensors raises its own types for truncated or corrupted files
                 raise ValueError(
                     f"Cannot load the RECAST adapter {folder}: {path} is damaged or not a safetensors file "
