@@ -123,9 +123,8 @@ def fidelity_report(
     probe = replace(config, weight_form="replace", init_weights=True, base_fingerprint=None, inference_mode=True)
     peft_model = get_peft_model(model, probe, adapter_name=FIDELITY_ADAPTER)
     try:
-        layers = adapter_layers(peft_model.get_base_model(), FIDELITY_ADAPTER)
+        layers = adapter_layers(peft_model.get_base_model(), FIDELITY_ADAPTER)  # every one lies in one plan's units
         plans = plan_groups(layers, peft_model.peft_config[FIDELITY_ADAPTER])
-        layers = {key: layer for plan in plans for unit in plan.units for key, layer in unit}
         with peft_model.disable_adapter():
             reference, original = _run_with_hooks(peft_model, layers, inputs)
         mimicked_output, mimicked = _run_with_hooks(peft_model, layers, inputs)
