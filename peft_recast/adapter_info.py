@@ -8,8 +8,6 @@ import os
 import re
 from typing import Any
 
-from .planning import role_and_index
-
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 # A group name carries its layer range where the layer index was: "encoder.layer.0-1.attention.self.query[...]".
@@ -37,6 +35,8 @@ def inspect_adapter(path: str) -> dict[str, Any]:
     weights). A tensor shared by several modules (``fused_modules``, ``coefficient_sharing="position"``) is stored
     once, under the first of them, and counted there.
     """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
     directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
     config_path = os.path.join(directory, CONFIG_NAME)
     if not os.path.exists(config_path):
@@ -59,6 +59,8 @@ def inspect_adapter(path: str) -> dict[str, Any]:
 
         tensors = torch.load(weight_path, map_location="cpu", weights_only=True)  # never runs pickled code
         shapes = {key: list(value.shape) for key, value in tensors.items()}
+
+    from .planning import role_and_index  # here, not with the module: it imports PEFT (seconds)
 
     fingerprint = config.get("base_fingerprint") or {}
     groups = {name: dict(name=name, modules=0, coefficients=0, singular_values=values)

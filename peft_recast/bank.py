@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Optional
+from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import safetensors
 import safetensors.torch
@@ -21,42 +21,11 @@ import torch
 
 from .files import atomic_write
 from .mimicry import fingerprint_mismatch
+from .presets import MimicrySettings
 
 BANK_FILE = "recast_template_bank.safetensors"
 BANK_FORMAT = "recast_template_bank"
 BANK_VERSION = "1"
-
-
-@dataclass(frozen=True)
-class MimicrySettings:
-    """Hyper-parameters of gradient Neural Mimicry (:mod:`peft_recast.gradient_mimicry`), recorded in every bank; the
-    defaults are the official ViT settings."""
-
-    steps: int = 1000
-    lr: float = 0.1
-    lr_step: int = 200
-    lr_gamma: float = 0.1
-    noise_std: float = 1e-4
-    clip_norm: float = 1.0
-    loss_weight: float = 2.0
-    smooth_l1_beta: float = 1.0
-    seed: int = 42
-
-    @classmethod
-    def resnet(cls, **kwargs: Any) -> "MimicrySettings":
-        """The official ResNet-34 settings (lr 0.2, StepLR(500, 0.1), 3000 steps, no coefficient noise)."""
-        return replace(cls(steps=3000, lr=0.2, lr_step=500, noise_std=0.0), **kwargs)
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "lr_step"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-        for name in ("lr", "lr_gamma", "clip_norm", "loss_weight", "smooth_l1_beta"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"`{name}` must be a positive finite number, got {getattr(self, name)!r}.")
-        if not 0 <= self.noise_std < math.inf:
-            raise ValueError(f"`noise_std` must be a finite number >= 0, got {self.noise_std!r}.")
 
 
 @dataclass

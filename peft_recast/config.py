@@ -15,9 +15,6 @@ from ._version import __version__
 from .presets import RECAST_PRESETS
 from .registration import RECAST
 
-# The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
-# README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
-RECOMMENDED_LR = 1e-2
 # The largest count a config field may hold (templates, sets, blocks, layers per group): far above any real model.
 MAX_COUNT = 2**20
 

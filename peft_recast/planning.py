@@ -39,10 +39,12 @@ DEFAULT_LAYERS_PER_GROUP = 2
 # Show a progress bar for mimicry once the targeted weights exceed this many elements (~a 100M-parameter model).
 PROGRESS_MIN_NUMEL = 100_000_000
 # Default target modules per transformers model type: LoRA's attention query/value choice, plus ViT (module names
-# of transformers 5).
+# of transformers 5), MPNet's query/value and ModernBERT's fused query-key-value projection.
 TRANSFORMERS_MODELS_TO_RECAST_TARGET_MODULES_MAPPING = {
     **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
     "vit": ["q_proj", "v_proj"],
+    "mpnet": ["q", "v"],
+    "modernbert": ["Wqkv"],
 }
 _LAYER_INDEX = re.compile(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)")
 _SUPPORTED = (nn.Linear, nn.Conv2d, Conv1D)  # bitsandbytes' 4/8-bit layers subclass nn.Linear

@@ -1,9 +1,21 @@
 """Presets: the paper's variants and the budget ladder, as ``RecastConfig`` field values
-(:meth:`~peft_recast.config.RecastConfig.from_preset`), and the target modules each variant takes per model type."""
+(:meth:`~peft_recast.config.RecastConfig.from_preset`), the target modules each variant takes per model type, the
+measured learning rates, and the paper's gradient-mimicry settings. Standard library only: the command line reads these
+defaults without importing torch."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, replace
 from typing import Any, Optional
+
+# The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
+# README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
+RECOMMENDED_LR = 1e-2
+# The rate measured best over the tuning tasks for adapters of every linear layer (ladder-216, ladder-648).
+ALL_LINEAR_LR = 3e-3
+# The peak AdamW learning rate of a new classifier head trained beside the coefficients (and of a linear probe).
+HEAD_LR = 3e-3
 
 _PAPER = {"num_templates": 2, "num_coefficient_sets": 2, "coefficient_blocks": 1}
 RECAST_PRESETS: dict[str, dict[str, Any]] = {
@@ -12,7 +24,7 @@ RECAST_PRESETS: dict[str, dict[str, Any]] = {
     "attention+mlp": {"num_groups": 6, **_PAPER},
     "conv": {"num_groups": 1, **_PAPER, "num_templates": 64},
 }
-# The budget ladder: RECAST settings from ~24 to ~650 trained numbers (counts for a 6-layer, 384-wide BERT such as
+# The budget ladder: RECAST settings from ~24 to ~1,000 trained numbers (counts for a 6-layer, 384-wide BERT such as
 # MiniLM-L6; measured in docs/benchmarks.md). Model-independent: targets are PEFT's defaults (query/value) or all linear
 # layers, so `from_preset` fills in nothing per model type for them.
 RECAST_LADDER: dict[str, dict[str, Any]] = {
@@ -27,6 +39,7 @@ RECAST_LADDER: dict[str, dict[str, Any]] = {
         "coefficient_blocks": 1,
         "share_across_module_types": True,
     },
+    "ladder-1000": {"coefficient_blocks": 41},  # ladder-24 with 41 blocks of output rows: 984 numbers on MiniLM
 }
 RECAST_PRESETS.update(RECAST_LADDER)
 # Per model type: (regex of the attention projections, names fused into one weight, regex of the MLP layers).
@@ -83,3 +96,59 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
     if preset == "mlp":
         return {"target_modules": mlp}
     return {"target_modules": f"(?:{attention})|(?:{mlp})", "fused_modules": fused}
+
+
+def recommended_lr(config: Any) -> float:
+    """The one peak AdamW learning rate of the coefficients measured for ``config``'s family (head first; the records
+    are in docs/benchmarks.md): ``3e-3`` for adapters of every linear layer (``target_modules="all-linear"``, as
+    ``ladder-216`` and ``ladder-648``), :data:`RECOMMENDED_LR` (``1e-2``) otherwise. Both assume the default
+    ``coefficient_scale`` of 10; the rate scales inversely with it.
+
+    Args:
+        config (`RecastConfig`): The adapter's config (a preset's, or your own).
+
+    Example:
+
+        ```py
+        >>> import peft_recast
+        >>> peft_recast.recommended_lr(peft_recast.RecastConfig())
+        0.01
+        >>> peft_recast.recommended_lr(peft_recast.RecastConfig.from_preset("ladder-648"))
+        0.003
+
+        ```
+    """
+    rate = ALL_LINEAR_LR if getattr(config, "target_modules", None) == "all-linear" else RECOMMENDED_LR
+    return rate * 10.0 / getattr(config, "coefficient_scale", 10.0)
+
+
+@dataclass(frozen=True)
+class MimicrySettings:
+    """Hyper-parameters of gradient Neural Mimicry (:mod:`peft_recast.gradient_mimicry`), recorded in every bank; the
+    defaults are the official ViT settings."""
+
+    steps: int = 1000
+    lr: float = 0.1
+    lr_step: int = 200
+    lr_gamma: float = 0.1
+    noise_std: float = 1e-4
+    clip_norm: float = 1.0
+    loss_weight: float = 2.0
+    smooth_l1_beta: float = 1.0
+    seed: int = 42
+
+    @classmethod
+    def resnet(cls, **kwargs: Any) -> "MimicrySettings":
+        """The official ResNet-34 settings (lr 0.2, StepLR(500, 0.1), 3000 steps, no coefficient noise)."""
+        return replace(cls(steps=3000, lr=0.2, lr_step=500, noise_std=0.0), **kwargs)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "lr_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        for name in ("lr", "lr_gamma", "clip_norm", "loss_weight", "smooth_l1_beta"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"`{name}` must be a positive finite number, got {getattr(self, name)!r}.")
+        if not 0 <= self.noise_std < math.inf:
+            raise ValueError(f"`noise_std` must be a finite number >= 0, got {self.noise_std!r}.")

@@ -20,6 +20,7 @@ quantized weight is kept (not copied), so siblings keep their templates and ``un
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from typing import Any, Optional
@@ -49,13 +50,14 @@ def dequantize(param: nn.Parameter, scales: Optional[torch.Tensor] = None) -> to
     """The float weight (``out x in``) of a bitsandbytes parameter, as a new tensor.
 
     4-bit (``Params4bit``): ``code[q] * absmax`` per block of ``blocksize`` elements, in the dtype the weight was
-    quantized from. 8-bit (``Int8Params``): ``q * scales[r] / 127`` on output row ``r``, float32. A weight that
-    bitsandbytes keeps in float (8-bit with ``has_fp16_weights``) is returned as it is (detached).
+    quantized from, whichever layout it is in (:func:`canonical_4bit`). 8-bit (``Int8Params``): ``q * scales[r] / 127``
+    on output row ``r``, float32. A weight that bitsandbytes keeps in float (8-bit with ``has_fp16_weights``) is
+    returned as it is (detached).
     """
     import bitsandbytes as bnb
 
     if isinstance(param, bnb.nn.Params4bit):
-        return bnb.functional.dequantize_4bit(param.data, param.quant_state)
+        return bnb.functional.dequantize_4bit(*canonical_4bit(param.data, param.quant_state))
     if param.dtype != torch.int8:
         return param.detach()
     return bnb.functional.int8_vectorwise_dequant(param.data, scales.to(param.device))
@@ -90,21 +92,53 @@ def install(layer: nn.Module, stored: Stored) -> None:
             param.SCB = scales
 
 
+def canonical_4bit(data: torch.Tensor, quant_state: Any) -> tuple[torch.Tensor, Any]:
+    """A 4-bit weight (``data``, ``quant_state``) in the canonical layout that ``dequantize_4bit`` reads, with the
+    block scales the weight computes with; the arguments are returned as they are unless bitsandbytes' CPU kernel
+    repacked them, and never modified.
+
+    The repacking (bitsandbytes 0.50, a CPU with AVX512-BF16, first eval call without gradients) moves the 4-bit codes
+    into 32-row tiles and stores the block scales as a transposed bfloat16 matrix (double quantization expanded). Its
+    own inverse puts the codes back but not the scales: without double quantization it leaves them transposed, so
+    block ``b`` reads another block's scale (outputs off by 2.4e-2 on a tiny Llama); with it, it quantizes them again
+    (about 3e-3, and another fingerprint). Here the codes come back bit for bit and the scales are the repacked ones in
+    block order, in float32, unquantized (bfloat16 is exact in float32): the dequantized weight is the one the repacked
+    kernel used, which differs from the weight before repacking by the bfloat16 rounding of its scales (relative
+    ``2^-8`` at most), as bitsandbytes' two CPU paths do.
+    """
+    if not getattr(quant_state, "packing_format_for_cpu", False):
+        return data, quant_state
+    rows, cols = quant_state.shape
+    tile = 32  # rows per tile, bitsandbytes' default `block_n`
+    # 64 codes of a tile's 32 rows x columns (c, c+1), row-major: the first 32 in the low nibbles, the others high
+    packed = data.view(torch.uint8).reshape(-1, tile)
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=1)
+    codes = codes.reshape(rows // tile, cols // 2, tile, 2).transpose(1, 2).reshape(-1)  # row-major (rows x cols)
+    canonical = ((codes[0::2] << 4) | codes[1::2]).reshape(quant_state.original_qshape)  # two codes a byte, high first
+    storage = getattr(quant_state, "original_storage_type", None)
+    state = copy.copy(quant_state)
+    state.absmax = quant_state.absmax.T.reshape(-1).float()  # (cols / blocksize, rows) -> block order
+    state.dtype, state.nested, state.state2, state.offset = quant_state.original_dtype, False, None, None
+    state.packing_format_for_cpu = False
+    return (canonical if storage is None else canonical.view(storage)), state
+
+
 def keep_canonical_layout(layer: nn.Module) -> None:
     """Keep a 4-bit weight in the layout that :func:`dequantize` reads.
 
     On a CPU with AVX512-BF16, bitsandbytes 0.50 repacks a ``Linear4bit`` weight for its CPU kernel at the first call
-    in eval mode with an input that needs no gradient (block scales cast to bfloat16, layout changed). That would
-    change the dequantized basis (and the fingerprint) between calls: undo a repacking made before the layer was
-    wrapped (bitsandbytes' own inverse, as it does before saving) and switch it off for this layer. The base output
-    then takes bitsandbytes' generic CPU path, the one training takes.
+    in eval mode with an input that needs no gradient (:func:`canonical_4bit`). A repacked layer passes no input
+    gradient, and the repacking would change the dequantized basis (and the fingerprint) between calls: put back a
+    layer repacked before it was wrapped (the weight it was evaluated with, unpacked by :func:`canonical_4bit`) and
+    switch the repacking off for this layer. The base output then takes bitsandbytes' generic CPU path, the one
+    training takes.
     """
     weight = getattr(layer, "weight", None)
     quant_state = getattr(weight, "quant_state", None)
     if getattr(quant_state, "packing_format_for_cpu", False):
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, quant_state)
+        weight.data, weight.quant_state = canonical_4bit(weight.data, quant_state)
+        if getattr(layer, "quant_state", None) is quant_state:
+            layer.quant_state = weight.quant_state
     if hasattr(layer, "support_avx512bf16_for_cpu"):
         layer.support_avx512bf16_for_cpu = False
 

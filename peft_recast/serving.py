@@ -17,20 +17,32 @@ from torch import nn
 
 from .checkpoint import coefficient_problem, fill_shared_coefficients, with_block_axis
 from .config import GROUPING_FIELDS, RecastConfig, differing_field
+from .layer import RecastLayer
 from .mimicry import fingerprint_mismatch
-from .planning import adapter_layers
 
 
-def _saved_state(tuner: nn.Module, model_id: str, adapter_name: str) -> tuple[dict, dict, Optional[str]]:
+def _saved_state(
+    tuner: nn.Module, model_id: str, adapter_name: str, recast_layers: Optional[list[tuple[str, RecastLayer]]] = None
+) -> tuple[dict, dict, Optional[str]]:
     """The saved tensors of ``model_id`` keyed as ``adapter_name``'s, that adapter's RECAST layers by prefixed key,
-    and the first problem of the saved coefficients against those layers (``coefficient_problem``)."""
+    and the first problem of the saved coefficients against those layers (``coefficient_problem``).
+    ``recast_layers``: the model's RECAST layers by prefixed key (:func:`_recast_layers`), when the caller has them."""
 
     state = _insert_adapter_name_into_state_dict(
         load_peft_weights(model_id), adapter_name=adapter_name, parameter_prefix=tuner.prefix
     )
-    layers = {f"base_model.model.{key}": layer for key, layer in adapter_layers(tuner.model, adapter_name).items()}
+    if recast_layers is None:
+        recast_layers = _recast_layers(tuner)
+    layers = {key: layer for key, layer in recast_layers if adapter_name in layer.recast_coefficients}
     state = with_block_axis(layers, adapter_name, fill_shared_coefficients(layers, adapter_name, state))
     return state, layers, coefficient_problem(layers, adapter_name, state)
+
+
+def _recast_layers(tuner: nn.Module) -> list[tuple[str, RecastLayer]]:
+    """The RECAST layers of the tuner's model, each by its key as in a ``PeftModel``'s state dict (as
+    :func:`~peft_recast.planning.adapter_layers` finds them, for every adapter at once)."""
+    return [(f"base_model.model.{key}", module) for key, module in tuner.model.named_modules()
+            if isinstance(module, RecastLayer)]
 
 
 def _live_key(key: str, adapter_name: str, targets: dict[str, nn.Parameter]) -> str:
@@ -161,6 +173,7 @@ def load_adapters(
     if taken:
         raise ValueError(f"Adapter name(s) {taken[:3]} are in use on this model; pass other `adapter_names`.")
     added: list[str] = []
+    recast_layers = None  # walked once: adapters added on the fast path join layers the model has already
     try:
         for model_id, name in zip(model_ids, names):
             config = PeftConfig.from_pretrained(model_id)
@@ -172,9 +185,12 @@ def load_adapters(
                 del tuner.peft_config[name]
                 model.load_adapter(model_id, adapter_name=name)
                 added.append(name)
+                recast_layers = None  # PEFT's injection may have added layers
                 continue
             added.append(name)
-            state, layers, problem = _saved_state(tuner, model_id, name)
+            if recast_layers is None:
+                recast_layers = _recast_layers(tuner)
+            state, layers, problem = _saved_state(tuner, model_id, name, recast_layers)
             if problem is not None:
                 raise ValueError(f"Cannot load the RECAST adapter {model_id}: {problem}")
             with torch.no_grad():

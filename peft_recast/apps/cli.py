@@ -3,8 +3,9 @@
 ======================  =====================================================================================
 ``demo``                linear probe vs RECAST on real tasks; save, reload and check the adapter (:mod:`.demo`)
 ``sweep``               validation accuracy of RECAST per coefficient learning rate (:mod:`.demo`)
-``train``               train an adapter with ``transformers.Trainer`` (:mod:`.trainer`)
-``eval``                accuracy of a saved adapter (:mod:`.trainer`)
+``train``               train an adapter on a built-in task or one's own file (:mod:`.classify`, :mod:`.trainer`)
+``evaluate`` (``eval``)  accuracy, macro-F1, confusion matrix of a saved run (:mod:`.classify`)
+``predict``             label and probability per text of a file or standard input (:mod:`.classify`)
 ``inspect``             what an adapter directory holds (:mod:`peft_recast.adapter_info`)
 ``mimic``               gradient Neural Mimicry: fit and save a template bank (:mod:`.mimic`)
 ``fidelity``            closed-form vs gradient mimicry: errors, cosines, time (:mod:`.mimic`)
@@ -18,32 +19,33 @@ Everything runs offline: the model and the data come from installed packages. Un
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import logging
 import os
+import re
+import shutil
 import sys
 import time
-from typing import Optional, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
-from .. import RECOMMENDED_LR
-from ..bank import MimicrySettings
-from .bench.methods import (
-    ALL_TASKS,
-    LADDER_METHODS,
-    METHODS,
-    QUICK_METHODS,
-    QUICK_TASKS,
-    SMALL_DATA_EPOCHS,
-    SMALL_DATA_TRAIN,
-    method_families_help,
-)
-from .bench.results import BenchSettings
-from .demo import DEFAULT_SWEEP_LRS, DEFAULT_TASKS
-from .loop import DEFAULT_HEAD_LR
+# Nothing imported here may import torch, PEFT or transformers (seconds): `peft-recast --help` builds the parser from
+# this module alone (tests/apps/test_cli_help.py checks it). Commands import what they run inside their functions.
+from ..presets import HEAD_LR, RECOMMENDED_LR, MimicrySettings
+from .bench import methods as bench_methods
 from .runtime import ThreadGovernor, resolve_device, set_thread_governor, torch_threads
 from .tasks import TASKS
 
+if TYPE_CHECKING:
+    from .bench.results import BenchSettings
+
+DEFAULT_TASKS = ("trec6", "sms")  # of demo and sweep
+DEFAULT_SWEEP_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
 DEVICE_HELP = "cpu, cuda (or cuda:N) or auto (default: cuda if available)"
-THREADS_HELP = "CPU threads for torch (default: follows the cores that other processes leave free)"
+THREADS_HELP = "CPU threads for torch (default: as many as the cores that other processes leave free)"
 
 
 # name -> (one line for ``peft-recast --help``, the description of ``peft-recast NAME --help``)
@@ -55,13 +57,19 @@ COMMANDS = {
     "sweep": ("validation accuracy of RECAST per coefficient learning rate (and of the linear probe)",
               "Train RECAST at each learning rate of --lrs on a task and report the validation accuracy next to a "
               "linear probe's."),
-    "train": ("train a RECAST adapter on a task with transformers' Trainer (checkpoints, resume, best model)",
-              "Fine-tune RECAST (48 coefficients) and a linear head on all-MiniLM-L6-v2 with transformers' Trainer: a "
-              "checkpoint and a validation pass per epoch, the best checkpoint kept, --resume-from-checkpoint to "
-              "continue. The best adapter is saved to OUTPUT_DIR/adapter with a task.json."),
-    "eval": ("accuracy of a saved adapter on a task's test (or validation) split",
-             "Load an adapter written by `peft-recast train` or `peft-recast demo` onto a fresh base model and report "
-             "its accuracy on a task split."),
+    "train": ("train a RECAST adapter on a built-in task or your own CSV/JSON lines/Parquet data (Trainer)",
+              "Train RECAST (48 coefficients on MiniLM) and a linear head on a sentence encoder with transformers' "
+              "Trainer: the head alone first, then both at the recommended learning rate, a validation pass and a "
+              "checkpoint per epoch, the best state kept (the head alone when no epoch beats it). The run folder "
+              "holds adapter/ (a plain PEFT adapter of the base model, head.safetensors, task.json), the checkpoints "
+              "and results.json. Data: --task (built in) or --data FILE with --text-column and --label-column."),
+    "evaluate": ("accuracy, macro-F1 and confusion matrix of a saved run on a task split or your own data",
+                 "Load a run written by `peft-recast train` or `peft-recast demo` onto a fresh base model and report "
+                 "accuracy, macro-F1 and the confusion matrix on a built-in task's split or on --data (a PNG and "
+                 "evaluation.json with --output-dir)."),
+    "predict": ("the label and its probability for every text of a file or of standard input",
+                "Load a saved run and write one JSON line per example, {\"label\": ..., \"probability\": ...}, for "
+                "the texts of --data (a file, or - for standard input: one text per line, or JSON lines)."),
     "inspect": ("what an adapter directory holds: groups, coefficients, bytes, fingerprint, base model",
                 "Read an adapter directory without loading any model: its template groups, coefficients, file bytes, "
                 "base-model fingerprint and the base model it belongs to."),
@@ -80,6 +88,11 @@ COMMANDS = {
 }
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads``, the same for every command that computes (:func:`_with_thread_governor` applies it)."""
+    parser.add_argument("--threads", type=int, default=None, metavar="N", help=THREADS_HELP)
+
+
 def _add_common(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:
     parser.add_argument("--task", nargs="+", choices=sorted(TASKS), default=list(tasks), metavar="TASK",
                         help=f"task(s) to run, from {', '.join(TASKS)} (default: {' '.join(tasks)})")
@@ -88,14 +101,15 @@ def _add_common(parser: argparse.ArgumentParser, tasks: Sequence[str]) -> None:
     parser.add_argument("--max-eval", type=int, default=None,
                         help="evaluate on the first N test (demo) or validation (sweep) examples (default: all)")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the head initialisation and batch order")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head initialisation and batch order "
+                        "(default: 0)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per training step (default: 32)")
     parser.add_argument("--max-length", type=int, default=None,
                         help="tokens per text (default: the task's own, 64 for short texts, 128 for bbc, newsgroups, clothing)")
-    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
-    parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
-                        help=f"peak AdamW learning rate of the classifier head (default: {DEFAULT_HEAD_LR:g})")
+    add_threads_argument(parser)
+    parser.add_argument("--head-lr", type=float, default=HEAD_LR,
+                        help=f"peak AdamW learning rate of the classifier head (default: {HEAD_LR:g})")
 
 
 def add_demo_arguments(demo: argparse.ArgumentParser, sweep: argparse.ArgumentParser) -> None:
@@ -107,26 +121,59 @@ def add_demo_arguments(demo: argparse.ArgumentParser, sweep: argparse.ArgumentPa
                       help=f"peak AdamW learning rate of the RECAST coefficients (default: {RECOMMENDED_LR:g})")
     _add_common(sweep, ("trec6",))
     sweep.add_argument("--lrs", type=float, nargs="+", default=list(DEFAULT_SWEEP_LRS),
-                       help="coefficient learning rates to try")
+                       help="coefficient learning rates to try (default: "
+                       f"{' '.join(f'{lr:g}' for lr in DEFAULT_SWEEP_LRS)})")
     sweep.add_argument("--output", default=None, help="write the results to this JSON file")
     sweep.set_defaults(lr=RECOMMENDED_LR)
 
 
+def _add_data_arguments(parser: argparse.ArgumentParser, label: bool = True) -> None:
+    parser.add_argument("--text-column", default=None,
+                        help="the column of the texts (default: text, or the column the run was trained on)")
+    parser.add_argument("--text-pair-column", default=None,
+                        help="a column of second texts, for sentence-pair tasks (default: none)")
+    if label:
+        parser.add_argument("--label-column", default=None,
+                            help="the column of the labels (default: label, or the column the run was trained on)")
+
+
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``peft-recast train`` and ``examples/train_with_trainer.py``."""
-    parser.add_argument("--task", default="trec6", choices=sorted(TASKS), help="task to train on (default: trec6)")
+    source = parser.add_argument_group("data and model")
+    source.add_argument("--task", default=None, choices=sorted(TASKS), metavar="TASK",
+                        help=f"a built-in task: {', '.join(sorted(TASKS))} (default: trec6 when --data is not given)")
+    source.add_argument("--data", default=None, metavar="FILE",
+                        help="your own training data: a .csv, .tsv, .jsonl, .json or .parquet file, or a folder saved "
+                        "with datasets' save_to_disk")
+    source.add_argument("--validation-data", default=None, metavar="FILE",
+                        help="validation data in the same form (default: 10%% of --data, drawn with --seed)")
+    _add_data_arguments(source)
+    source.set_defaults(text_column="text", label_column="label")
+    source.add_argument("--model", default=None,
+                        help="the encoder: a local folder or Hub id that AutoModel loads (default: the pip "
+                        "all-MiniLM-L6-v2)")
+    source.add_argument("--preset", default=None, metavar="NAME",
+                        help="a RecastConfig preset, such as ladder-24, ladder-144 or ladder-648 (default: RecastConfig(), "
+                        "48 numbers on MiniLM)")
+    source.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                        help="names of the layers to adapt, instead of the model type's defaults")
     parser.add_argument("--output-dir", default=os.path.join("runs", "trainer"),
-                        help="checkpoints go here, the best adapter to OUTPUT_DIR/adapter (default: ./runs/trainer)")
-    parser.add_argument("--max-train", type=int, default=400, help="training examples (default: 400)")
+                        help="the run folder: checkpoints, adapter/ and results.json (default: ./runs/trainer)")
+    parser.add_argument("--max-train", type=int, default=None,
+                        help="use the first N training examples (default: all; a built-in task has at most 2,000)")
     parser.add_argument("--max-eval", type=int, default=None,
-                        help="cap the validation and test splits at N examples (default: all, 500 and 1,000)")
-    parser.add_argument("--epochs", type=int, default=3, help="(default: 3)")
-    parser.add_argument("--batch-size", type=int, default=32, help="(default: 32)")
-    parser.add_argument("--lr", type=float, default=RECOMMENDED_LR,
-                        help=f"learning rate of the RECAST coefficients (default: {RECOMMENDED_LR:g})")
-    parser.add_argument("--head-lr", type=float, default=DEFAULT_HEAD_LR,
-                        help=f"learning rate of the classifier head (default: {DEFAULT_HEAD_LR:g})")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
+                        help="cap a built-in task's validation and test splits at N examples (default: 500 and 1,000)")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="tokens per text (default: 128, or the built-in task's own)")
+    parser.add_argument("--epochs", type=int, default=3, help="training epochs (default: 3)")
+    parser.add_argument("--batch-size", type=int, default=32, help="examples per training step (default: 32)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="peak learning rate of the RECAST coefficients (default: peft_recast.recommended_lr of "
+                        f"the config: {RECOMMENDED_LR:g} for the default)")
+    parser.add_argument("--head-lr", type=float, default=HEAD_LR,
+                        help=f"peak learning rate of the classifier head (default: {HEAD_LR:g})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the head, the batch order and the validation cut "
+                        "(default: 0)")
     parser.add_argument("--resume-from-checkpoint", default=None, metavar="CHECKPOINT",
                         help="continue an interrupted run from OUTPUT_DIR/checkpoint-N ('last': the newest one)")
     parser.add_argument("--no-head-first", action="store_true",
@@ -138,14 +185,29 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 0)")
 
 
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``peft-recast eval``."""
-    parser.add_argument("adapter", help="adapter directory written by `peft-recast train` or `peft-recast demo`")
-    parser.add_argument("--task", default=None, choices=sorted(TASKS),
-                        help="task to evaluate on (default: the one in the adapter's task.json)")
-    parser.add_argument("--split", default="test", choices=("test", "validation", "train"), help="(default: test)")
-    parser.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N examples only")
-    parser.add_argument("--batch-size", type=int, default=64, help="(default: 64)")
+def add_evaluate_arguments(evaluate: argparse.ArgumentParser, predict: argparse.ArgumentParser) -> None:
+    """The options of ``peft-recast evaluate`` and ``peft-recast predict``."""
+    for parser in (evaluate, predict):
+        parser.add_argument("run", help="a run folder of `peft-recast train` (or its adapter/ folder), or a task "
+                            "folder of `peft-recast demo`")
+        parser.add_argument("--batch-size", type=int, default=64, help="examples per forward pass (default: 64)")
+    evaluate.add_argument("--data", default=None, metavar="FILE",
+                          help="labelled data (.csv, .tsv, .jsonl, .json, .parquet, a saved dataset, or - for "
+                          "standard input) instead of a built-in task")
+    _add_data_arguments(evaluate)
+    evaluate.add_argument("--task", default=None, choices=sorted(TASKS), metavar="TASK",
+                          help="a built-in task (default: the one the run was trained on)")
+    evaluate.add_argument("--split", default="test", choices=("test", "validation", "train"),
+                          help="the built-in task's split (default: test)")
+    evaluate.add_argument("--max-eval", type=int, default=None, help="evaluate on the first N examples only")
+    evaluate.add_argument("--output-dir", default=None,
+                          help="also write confusion_matrix.png and evaluation.json here (default: print only)")
+    predict.add_argument("--data", required=True, metavar="FILE",
+                         help="texts to label: a file as for train, or - for standard input (one text per line, or "
+                         "JSON lines)")
+    _add_data_arguments(predict, label=False)
+    predict.add_argument("--output", default=None, metavar="FILE",
+                         help="where the JSON lines go (default: standard output)")
 
 
 def _add_mimicry_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,22 +215,37 @@ def _add_mimicry_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model directory or Hub id (default: the pip MiniLM-L6)")
     parser.add_argument("--preset", default="attention", help="paper variant: attention, mlp, attention+mlp, conv "
                         "(default: attention)")
-    parser.add_argument("--target-modules", nargs="+", default=None, help="instead of the preset's targets")
-    parser.add_argument("--fused-modules", nargs="+", default=None, help="target names fused into one weight")
+    parser.add_argument("--target-modules", nargs="+", default=None, metavar="NAME",
+                        help="names of the layers to mimic, instead of the preset's targets")
+    parser.add_argument("--fused-modules", nargs="+", default=None, metavar="NAME",
+                        help="target names whose weights are stacked into one before mimicry (as q, k, v)")
     parser.add_argument("--layers-per-group", type=int, default=2,
-                        help="layers per group (default 2, the official code's 12 layers / G=6); 0: preset's G")
-    parser.add_argument("--num-templates", type=int, default=None, help="n (default: the preset's, 2)")
-    parser.add_argument("--num-coefficient-sets", type=int, default=None, help="K (default: the preset's, 2)")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help=f"mimicry steps (default {defaults.steps})")
-    parser.add_argument("--lr", type=float, default=defaults.lr, help=f"RMSprop learning rate (default {defaults.lr})")
+                        help="layers per group (default: 2, the official code's 12 layers / G=6); 0: preset's G")
+    parser.add_argument("--num-templates", type=int, default=None,
+                        help="templates per group, n (default: the preset's, 2)")
+    parser.add_argument("--num-coefficient-sets", type=int, default=None,
+                        help="coefficient sets per layer, K (default: the preset's, 2)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"mimicry steps (default: {defaults.steps})")
+    parser.add_argument("--lr", type=float, default=defaults.lr,
+                        help=f"RMSprop learning rate (default: {defaults.lr:g})")
     parser.add_argument("--lr-step", type=int, default=None,
-                        help="StepLR period (default: steps / 5, the paper's 200 of 1000)")
-    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma)
-    parser.add_argument("--noise-std", type=float, default=defaults.noise_std)
-    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm)
-    parser.add_argument("--loss-weight", type=float, default=defaults.loss_weight)
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+                        help="StepLR period: the rate is multiplied by --lr-gamma every N steps (default: steps / 5, "
+                        "the paper's 200 of 1000)")
+    parser.add_argument("--lr-gamma", type=float, default=defaults.lr_gamma,
+                        help=f"StepLR factor applied to the rate every --lr-step steps (default: {defaults.lr_gamma:g})")
+    parser.add_argument("--noise-std", type=float, default=defaults.noise_std,
+                        help="standard deviation of the Gaussian noise added to the coefficients at every step; 0 "
+                        f"for none (default: {defaults.noise_std:g})")
+    parser.add_argument("--clip-norm", type=float, default=defaults.clip_norm,
+                        help=f"largest gradient norm, over all templates and coefficients (default: "
+                        f"{defaults.clip_norm:g})")
+    parser.add_argument("--loss-weight", type=float, default=defaults.loss_weight,
+                        help=f"factor of the SmoothL1 reconstruction loss (default: {defaults.loss_weight:g})")
+    parser.add_argument("--seed", type=int, default=defaults.seed,
+                        help=f"seed of the template and coefficient initialisation and of the noise (default: "
+                        f"{defaults.seed})")
+    add_threads_argument(parser)
 
 
 def add_mimicry_arguments(mimic: argparse.ArgumentParser, fidelity: argparse.ArgumentParser) -> None:
@@ -179,33 +256,51 @@ def add_mimicry_arguments(mimic: argparse.ArgumentParser, fidelity: argparse.Arg
                        help="directory (or .safetensors file) for the bank (default: ./runs/template-bank)")
     fidelity.add_argument("--bank-dir", default=os.path.join("runs", "fidelity"),
                           help="where the gradient bank is written (default: ./runs/fidelity)")
-    fidelity.add_argument("--samples", type=int, default=32, help="sample texts for the output cosines (default 32)")
+    fidelity.add_argument("--samples", type=int, default=32, help="sample texts for the output cosines (default: 32)")
     fidelity.add_argument("--json", default=None, help="also write the reports to this JSON file")
+
+
+def _method_name(name: str) -> str:
+    """``--method``'s type: a known method name, else an error that names the nearest ones (argparse's ``choices``
+    would print all of them)."""
+    methods = bench_methods.METHODS
+    if name in methods:
+        return name
+    near = difflib.get_close_matches(name, list(methods), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(filter(None, [', '.join(near[:-1]), near[-1]]))}?" if near else ""
+    raise argparse.ArgumentTypeError(f"unknown method {name!r}{hint} ('peft-recast bench --help' lists every method, "
+                                     "family by family)")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``peft-recast bench``."""
+    methods = bench_methods
     parser.add_argument("--quick", action="store_true",
-                        help=f"a few minutes: tasks {' '.join(QUICK_TASKS)}, methods {' '.join(QUICK_METHODS)}, one "
-                        "seed, each method at its default learning rate, 500 training examples")
+                        help=f"a few minutes: tasks {' '.join(methods.QUICK_TASKS)}, methods "
+                        f"{' '.join(methods.QUICK_METHODS)}, one seed, each method at its default learning rate, 500 "
+                        "training examples")
     parser.add_argument("--ladder", action="store_true",
                         help="the budget ladder: probe, every RECAST rung, FourierFT at each rung's count, LoRA r=8")
     parser.add_argument("--task", nargs="+", default=None, metavar="TASK",
-                        help=f"tasks, in the order they arrive (default: {' '.join(ALL_TASKS)})")
-    parser.add_argument("--method", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
-                        help="methods by name (default: all); the names, family by family, are listed below")
+                        help=f"tasks, in the order they arrive (default: {' '.join(methods.ALL_TASKS)})")
+    parser.add_argument("--method", nargs="+", default=None, type=_method_name, metavar="METHOD",
+                        help=f"methods by name (default: all {len(methods.METHODS)}); the names, family by family, are "
+                        "listed below")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default: 0 1 2)")
     parser.add_argument("--no-sweep", action="store_true", help="skip the learning-rate sweep (default rates)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=None, metavar="LR",
+                        help="the rates the first seed's sweep runs instead of each method's grid (e.g. one more rate "
+                        "below it); every rate with records still competes for the chosen rate")
     parser.add_argument("--one-rate", action="store_true",
                         help="report each method at one learning rate for every task (its best mean validation "
                         "accuracy over the tuning tasks at the first seed); held-out tasks run at that rate only")
     parser.add_argument("--small-data", action="store_true",
-                        help=f"the small-data protocol: {SMALL_DATA_TRAIN:,} training examples per task, "
-                        f"{SMALL_DATA_EPOCHS} epochs (where a user starts; the CPU runs it in full)")
+                        help=f"the small-data protocol: {methods.SMALL_DATA_TRAIN:,} training examples per task, "
+                        f"{methods.SMALL_DATA_EPOCHS} epochs (where a user starts; the CPU runs it in full)")
     parser.add_argument("--no-costs", action="store_true", help="skip the step time / memory / latency measurements")
     parser.add_argument("--max-train", type=int, default=None, help="training examples per task (default: all, <= 2,000)")
     parser.add_argument("--max-eval", type=int, default=None, help="validation and test examples per task (default: all)")
-    parser.add_argument("--epochs", type=int, default=4, help="(default: 4)")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs (default: 4)")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timing rounds of the cost measurements (default: 5)")
     parser.add_argument("--costs-only", action="store_true",
                         help="train nothing: measure the costs alone (on a GPU, after parallel runs, so that no other "
@@ -224,12 +319,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="distinct adapters per batch for --serving (default: 1 16 256 1024)")
     parser.add_argument("--serving-rows", type=int, default=1024, help="rows of the --serving batch (default: 1024)")
     parser.add_argument("--serving-tokens", type=int, default=32, help="tokens per row for --serving (default: 32)")
+    parser.add_argument("--serving-scale", type=int, default=None, metavar="N",
+                        help="with --serving: instead, N RECAST adapters on one MiniLM (load time, resident memory "
+                        "per adapter, a batch of one row per adapter vs one adapter, every row vs its adapter alone)")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
-    parser.add_argument("--threads", type=int, default=None, help=THREADS_HELP)
+    add_threads_argument(parser)
 
 
 def bench_settings(args: argparse.Namespace) -> BenchSettings:
     """The :class:`~peft_recast.apps.bench.results.BenchSettings` that ``peft-recast bench`` options ask for."""
+    from .bench.methods import LADDER_METHODS, QUICK_METHODS, QUICK_TASKS, SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
+    from .bench.results import BenchSettings
+
     settings = BenchSettings(epochs=args.epochs, device=args.device, cost_repeats=args.cost_repeats)
     if args.quick:
         settings.tasks, settings.methods, settings.seeds = list(QUICK_TASKS), list(QUICK_METHODS), [0]
@@ -246,19 +347,30 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
     if args.small_data:
         settings.max_train, settings.epochs = args.max_train or SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS
     settings.one_rate = args.one_rate
+    settings.lrs = args.lrs
     unknown = [task for task in settings.tasks if task not in TASKS]
     if unknown:
         raise SystemExit(f"Unknown task(s) {', '.join(unknown)}; choose from {', '.join(TASKS)}.")
     return settings
 
 
+def _plain(text: str) -> str:
+    """Help text as a terminal shows it: Markdown borrowed from the docs (`code`, **bold**) as 'code' and bold."""
+    return re.sub(r"`([^`\n]+)`", r"'\1'", text).replace("**", "")
+
+
 class _KeepLines(argparse.HelpFormatter):
-    """argparse's help, except that a description or epilog written over several lines keeps its lines."""
+    """argparse's help in plain text (:func:`_plain`), where a description or epilog written over several lines keeps
+    its lines."""
 
     def _fill_text(self, text: str, width: int, indent: str) -> str:
+        text = _plain(text)
         if "\n" in text:
             return "".join(indent + line for line in text.splitlines(keepends=True))
         return super()._fill_text(text, width, indent)
+
+    def _expand_help(self, action: argparse.Action) -> str:
+        return _plain(super()._expand_help(action))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -266,47 +378,64 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peft-recast",
         description="RECAST for PEFT: train, evaluate, inspect and benchmark adapters of a real pretrained encoder on "
-        "real text tasks, offline (the model and the data come from pip packages). `peft-recast COMMAND --help` "
+        "real text tasks, offline (the model and the data come from pip packages). 'peft-recast COMMAND --help' "
         "describes each command.",
+        formatter_class=_KeepLines,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    sub = {name: commands.add_parser(name, help=summary, description=description, formatter_class=_KeepLines)
+    sub = {name: commands.add_parser(name, help=summary, description=description, formatter_class=_KeepLines,
+                                     aliases=["eval"] if name == "evaluate" else [])
            for name, (summary, description) in COMMANDS.items()}
-    sub["bench"].epilog = "METHOD names, family by family:\n" + method_families_help()
+    methods, width = bench_methods, min(100, shutil.get_terminal_size().columns - 2)  # argparse's width, at most 100
+    sub["bench"].epilog = f"{methods.method_names_help(width)}\n\n{methods.method_families_help(width)}"
     add_demo_arguments(sub["demo"], sub["sweep"])
     add_train_arguments(sub["train"])
-    add_eval_arguments(sub["eval"])
-    for name in ("train", "eval"):
-        sub[name].add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
+    add_evaluate_arguments(sub["evaluate"], sub["predict"])
     sub["inspect"].add_argument("path", help="adapter directory (or a file in it)")
     sub["inspect"].add_argument("--json", action="store_true", help="print the summary as JSON")
     add_mimicry_arguments(sub["mimic"], sub["fidelity"])
     add_bench_arguments(sub["bench"])
+    for name, command in sub.items():  # one --threads, the same for every command that computes
+        if name != "inspect":
+            try:
+                add_threads_argument(command)
+            except argparse.ArgumentError:  # its own add_*_arguments added it
+                pass
     return parser
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
+    """``peft-recast inspect``: reads files only; a path that is missing or not a RECAST adapter prints one line and
+    exits with status 2."""
     from ..adapter_info import format_inspection, inspect_adapter
 
     try:
         info = inspect_adapter(args.path)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"peft-recast inspect: {error}") from error
+        print(f"peft-recast inspect: error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(info, indent=2) if args.json else format_inspection(info))
     return 0
 
 
-def _run_trainer_command(args: argparse.Namespace) -> int:
-    from .trainer import run_eval, run_train
+def _run_classifier_command(args: argparse.Namespace) -> int:
+    """``train``, ``evaluate`` and ``predict``: bad input prints one line and exits with status 2, having written
+    nothing; a run that fails later exits with status 1."""
+    from .classify import run_evaluate, run_predict, run_train
+    from .textdata import UsageError
 
-    with torch_threads(args.threads):
+    command = "evaluate" if args.command == "eval" else args.command
+    run = {"train": run_train, "evaluate": run_evaluate, "predict": run_predict}[command]
+    with warnings.catch_warnings():
+        # transformers deprecates a method that PEFT calls on every wrapped model; it says nothing to a user
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
         try:
-            if args.command == "train":
-                run_train(args)
-            else:
-                run_eval(args)
+            run(args)
+        except UsageError as error:
+            print(f"peft-recast {command}: error: {error}", file=sys.stderr)
+            return 2
         except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"peft-recast {args.command}: {error}") from error
+            raise SystemExit(f"peft-recast {command}: {error}") from error
     return 0
 
 
@@ -315,6 +444,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from .bench import run_bench
     from .bench.serving import SERVING_METHODS
 
+    if args.serving and args.serving_scale is not None:
+        from .bench.serving import ScaleSettings, run_serving_scale
+
+        if args.serving_scale < 1:
+            raise SystemExit("--serving-scale must be at least 1.")
+        run_serving_scale(ScaleSettings(adapters=args.serving_scale, tokens=args.serving_tokens,
+                                        repeats=args.cost_repeats, device=args.device,
+                                        output_dir=args.output_dir or os.path.join("runs", "bench-serving")))
+        return 0
     if args.serving:
         from .bench.serving import ServingSettings, run_serving
 
@@ -348,16 +486,24 @@ def _run_demo_or_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _with_thread_governor(args: argparse.Namespace, run) -> int:
-    """Run a training command with ``--threads`` torch threads, or (on the CPU, without it) a thread governor that
-    follows the cores other processes leave free."""
+def _check_counts(args: argparse.Namespace) -> None:
+    """A count option below 1 (``--epochs 0``): one line and exit status 2, before anything is imported or run."""
     for name in ("epochs", "batch_size", "max_train", "max_eval", "max_length", "threads"):
         value = getattr(args, name, None)
         if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
+            print(f"peft-recast {args.command}: error: --{name.replace('_', '-')} must be a positive integer, got "
+                  f"{value}.", file=sys.stderr)
+            raise SystemExit(2)
+
+
+def _with_thread_governor(args: argparse.Namespace, run) -> int:
+    """Run a command with ``--threads`` torch threads or, on the CPU without it, as many as the cores that other
+    processes leave free: a thread governor re-checks them every few seconds in the training loops that tick it
+    (demo, sweep, bench) and sets them once at the start elsewhere. The count is printed, except by ``predict``, whose
+    standard output is its JSON lines."""
     with torch_threads(args.threads) as threads:
         try:
-            if resolve_device(args.device).type == "cpu":
+            if resolve_device(getattr(args, "device", "auto")).type == "cpu":
                 if args.threads is not None:
                     note = "set by --threads"
                 else:
@@ -366,10 +512,57 @@ def _with_thread_governor(args: argparse.Namespace, run) -> int:
                     time.sleep(0.5)
                     threads = governor.update(force=True)
                     note = "follows the cores other processes leave free; --threads to fix"
-                print(f"Using {threads} CPU thread(s) on {os.cpu_count()} cores ({note})", flush=True)
+                if args.command != "predict":
+                    print(f"Using {threads} CPU thread(s) on {os.cpu_count()} cores ({note})", flush=True)
             return run(args)
         finally:
             set_thread_governor(None)
+
+
+# Messages of other libraries that the command line drops, by logger: bitsandbytes (which PEFT imports) logs this one
+# at import on CPUs with AVX512-BF16 when the optional `kernels` package is missing, then uses its own kernel; nothing
+# a user of these commands needs to act on. Every other message of these loggers passes.
+THIRD_PARTY_NOTICES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropNotice(logging.Filter):
+    """Drops the records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+@contextmanager
+def quiet_third_party_notices() -> Iterator[None]:
+    """Inside the block, the loggers of :data:`THIRD_PARTY_NOTICES` drop those messages (the command line runs every
+    command inside it; a library user's process keeps them)."""
+    filters = [(logging.getLogger(name), _DropNotice(prefix)) for name, prefix in THIRD_PARTY_NOTICES.items()]
+    for logger, notice in filters:
+        logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        for logger, notice in filters:
+            logger.removeFilter(notice)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """The command that ``args`` names (not ``inspect``), once RECAST is registered and the threads are set."""
+    if args.command in ("train", "evaluate", "eval", "predict"):
+        return _run_classifier_command(args)
+    if args.command in ("mimic", "fidelity"):
+        from .mimic import run_mimicry_command
+
+        return run_mimicry_command(args)
+    if args.command == "bench":
+        return run_bench_command(args)
+    return _run_demo_or_sweep(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -377,17 +570,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "model", None) is None:  # local files only: never ask the Hub (the user's setting wins)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if args.command == "inspect":
+    if args.command == "inspect":  # reads files only: needs neither PEFT nor torch's threads
         return _run_inspect(args)
-    if args.command in ("train", "eval"):
-        return _run_trainer_command(args)
-    if args.command in ("mimic", "fidelity"):
-        from .mimic import run_mimicry_command
+    _check_counts(args)
+    from .. import register
 
-        return run_mimicry_command(args)
-    if args.command == "bench":
-        return _with_thread_governor(args, run_bench_command)
-    return _with_thread_governor(args, _run_demo_or_sweep)
+    with quiet_third_party_notices():
+        register()  # `peft-recast` imports the package with its imports deferred (peft_recast_launcher)
+        return _with_thread_governor(args, _run_command)
 
 
 if __name__ == "__main__":

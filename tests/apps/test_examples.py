@@ -28,9 +28,11 @@ def test_example_script_tiny_run(tmp_path):
         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "trec6: 32 training examples, 2358 trainable parameters" in result.stdout  # 48 coefficients + 2310 head
+    assert "trec6: 32 training examples, 48 coefficients + 2310 head parameters" in result.stdout
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     adapter = tmp_path / "adapter"
     assert json.loads((adapter / "task.json").read_text())["classes"] == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
     tensors = load_file(adapter / "adapter_model.safetensors")
     assert sum(t.numel() for k, t in tensors.items() if k.endswith("recast_coefficients")) == 48
+    assert all(key.startswith("base_model.model.encoder.layer.") for key in tensors)  # the plain encoder's keys
+    assert set(load_file(adapter / "head.safetensors")) == {"weight", "bias"}

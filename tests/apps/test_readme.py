@@ -58,3 +58,27 @@ def test_every_documented_command_parses():
             build_parser().parse_args(words)
         except SystemExit as error:
             pytest.fail(f"{name}: `peft-recast {command}` does not parse (exit {error.code})")
+
+
+def test_readme_says_how_much_the_full_bench_runs():
+    """The warnings beside ``peft-recast bench`` without ``--quick`` (set-up and results) give the methods, chains and
+    training runs that the default settings make, counted here the way ``lrs_to_run`` chooses the runs: seed 0 sweeps
+    each method's grid (with ``--one-rate`` on the tuning tasks only), later seeds run one rate, the probe runs once."""
+    from peft_recast.apps.bench.methods import METHODS
+    from peft_recast.apps.bench.results import BenchSettings
+    from peft_recast.apps.tasks import HELD_OUT_TASKS
+
+    def training_runs(settings: BenchSettings) -> int:
+        total = 0
+        for method in (METHODS[name] for name in settings.methods):
+            for task in settings.tasks:
+                sweep = method.kind != "probe" and not (settings.one_rate and task in HELD_OUT_TASKS)
+                total += (len(method.lrs) if sweep else 1) + len(settings.seeds) - 1
+        return total
+
+    text = " ".join(README.read_text().split())
+    full, small_data = BenchSettings(), BenchSettings(one_rate=True)
+    chains = len(full.methods) * len(full.seeds)
+    assert (f"`peft-recast bench` runs all {len(METHODS)} methods with {len(full.seeds)} seeds each: {chains:,} method "
+            f"× seed chains of {len(full.tasks)} tasks, about {round(training_runs(full), -2):,} training runs") in text
+    assert f"runs all {chains:,} chains, about {round(training_runs(small_data), -2):,} training runs" in text

@@ -103,3 +103,26 @@ def test_preset_survives_the_config_round_trip(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = RecastConfig.from_pretrained(tmp_path)
     assert (loaded.preset, loaded.num_coefficient_sets, loaded.layers_per_group) == ("attention+mlp", 2, 2)
+
+
+def test_recommended_lr_is_the_measured_rate_of_each_family():
+    """1e-2 for query/value adapters (the default and ladder-24/144/1000), 3e-3 for every linear layer (ladder-216/648,
+    or any all-linear config); inversely proportional to ``coefficient_scale``."""
+    import peft_recast
+
+    rates = {name: peft_recast.recommended_lr(RecastConfig.from_preset(name))
+             for name in ("ladder-24", "ladder-48", "ladder-144", "ladder-216", "ladder-648", "ladder-1000")}
+    assert rates == {"ladder-24": 1e-2, "ladder-48": 1e-2, "ladder-144": 1e-2, "ladder-216": 3e-3, "ladder-648": 3e-3,
+                     "ladder-1000": 1e-2}
+    assert peft_recast.recommended_lr(RecastConfig()) == peft_recast.RECOMMENDED_LR
+    assert peft_recast.recommended_lr(RecastConfig(target_modules="all-linear")) == 3e-3
+    assert peft_recast.recommended_lr(RecastConfig(coefficient_scale=5.0)) == pytest.approx(2e-2)
+
+
+def test_ladder_1000_trains_at_most_1000_numbers_on_a_minilm_sized_bert():
+    from transformers import BertConfig, BertModel
+
+    base = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=64,
+                                vocab_size=32))
+    model = get_peft_model(base, RecastConfig.from_preset("ladder-1000"))
+    assert model.get_nb_trainable_parameters()[0] == 984  # 12 modules x 2 templates x 41 row blocks

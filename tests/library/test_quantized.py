@@ -1,16 +1,19 @@
 """RECAST on a bitsandbytes-quantized base (4-bit nf4 and fp4, 8-bit) on the CPU: a tiny Llama saved from a config
 and loaded with transformers' ``BitsAndBytesConfig`` (``peft_recast/quantized.py``)."""
 
-import bitsandbytes as bnb
+import copy
+
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from peft_recast import RECOMMENDED_LR, RecastConfig
-from peft_recast.quantized import QuantizedLinear
+from peft_recast.quantized import QuantizedLinear, canonical_4bit, dequantize
 
 from ..models import llama_kwargs
+
+pytestmark = pytest.mark.requires_modules("bitsandbytes")
 
 KINDS = ["nf4", "fp4", "8bit"]
 # Hidden size 64: bitsandbytes 0.50.2's CPU inference path for 4-bit layers (AVX512-BF16 CPUs) needs in_features to be
@@ -146,6 +149,8 @@ def test_fingerprint_accepts_the_quantized_base_and_refuses_another_model(checkp
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_merge_requantizes_and_unmerge_restores_exactly(checkpoints, kind):
+    import bitsandbytes as bnb
+
     float_logits = _logits(AutoModelForCausalLM.from_pretrained(checkpoints["base"]))
     model = get_peft_model(_load(checkpoints, kind), RecastConfig(init_weights=False)).eval()
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -178,3 +183,115 @@ def test_mixed_batch_gives_each_sample_its_adapter(checkpoints, kind):
     assert torch.allclose(mixed[0], _logits(model)[0], atol=1e-5)
     with model.disable_adapter():
         assert torch.allclose(mixed[1], _logits(model)[1], atol=1e-5)
+
+
+# ---------------------------------------------------------------- a 4-bit base evaluated before injection (issue 36.7)
+# On a CPU with AVX512-BF16, bitsandbytes 0.50.2 repacks a 4-bit layer at its first eval call without gradients and
+# computes it on another path, with its block scales rounded to bfloat16. Measured on such a CPU (max |logit
+# difference|, nf4 / fp4): bitsandbytes' two paths on one base 3.4e-3 / 3.1e-3 (the tolerance below). Injected after
+# such a call, theta = 0 was 2.4e-2 / 2.5e-2 from the base and a reload across the two orders 2.6e-2 / 2.3e-2 from the
+# trained model while RECAST read the repacked block scales out of order; now 2.2e-3 / 2.5e-3 and 2.0e-3 / 2.8e-3.
+# Without the repacking (other CPUs, or the base never evaluated) all are 0.
+
+
+def _evaluated(model):
+    """``model``'s logits in eval mode, as one measures a base: bitsandbytes repacks its 4-bit layers on CPUs with
+    AVX512-BF16 (checked), and on no other CPU."""
+    import bitsandbytes as bnb
+
+    logits = _logits(model.eval())
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    repacked = [getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers]
+    assert layers and all(flag == bnb.functional.has_avx512bf16() for flag in repacked)
+    return logits
+
+
+def _paths(checkpoints, kind: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One base's logits on bitsandbytes' generic CPU path (train mode: never repacked) and then in eval mode (the
+    repacked path where the CPU has it), and their largest difference: bitsandbytes' own tolerance."""
+    base = _load(checkpoints, kind)
+    generic = _logits(base)
+    evaluated = _evaluated(base)
+    return generic, evaluated, (generic - evaluated).abs().max().item()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_canonical_4bit_reads_the_cpu_layout_exactly(quant_type, double_quant, dtype):
+    """The repacked weight unpacks to the same 4-bit codes, with the bfloat16 block scales the repacked kernel uses,
+    in block order; the repacked weight itself is left as it is."""
+    from bitsandbytes import functional as F
+
+    weight = torch.randn(96, 192, generator=torch.Generator().manual_seed(0)).to(dtype) / 50
+    codes, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type=quant_type)
+    same = canonical_4bit(codes, state)
+    assert same[0] is codes and same[1] is state  # not repacked: returned as it is
+    scales = F.dequantize_blockwise(state.absmax, state.state2) + state.offset if double_quant else state.absmax
+    rounded = copy.copy(state)
+    rounded.absmax, rounded.nested = scales.to(torch.bfloat16).float(), False
+    expected = F.dequantize_4bit(codes, rounded)
+
+    packed, packed_state = F._convert_weight_packed_for_cpu(codes.clone(), copy.deepcopy(state))
+    kept = (packed.clone(), packed_state.absmax.clone())
+    unpacked, unpacked_state = canonical_4bit(packed, packed_state)
+    assert unpacked.dtype == codes.dtype and torch.equal(unpacked, codes)
+    assert not unpacked_state.packing_format_for_cpu and unpacked_state.absmax.dtype == torch.float32
+    result = F.dequantize_4bit(unpacked, unpacked_state)
+    assert result.dtype == dtype and torch.equal(result, expected)
+    # the weight before repacking, up to the bfloat16 rounding of its scales (2^-8 relative)
+    original = F.dequantize_4bit(codes, state).float()
+    assert _max_diff(result.float(), original) <= 2**-8 * scales.abs().max().item()
+    assert torch.equal(packed, kept[0]) and torch.equal(packed_state.absmax, kept[1])
+    assert packed_state.packing_format_for_cpu
+
+
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_identity_at_init_whichever_order(checkpoints, kind):
+    """``theta = 0`` gives the base's output to bitsandbytes' own tolerance whether the base was evaluated before
+    ``get_peft_model`` (the usual order) or not."""
+    generic, repacked, tolerance = _paths(checkpoints, kind)
+    assert tolerance < 1e-2
+
+    base = _load(checkpoints, kind)
+    measured = _evaluated(base)  # the usual order: measure the base, then inject
+    weight = dequantize(base.model.layers[0].self_attn.q_proj.weight)  # read from the repacked layout
+    model = get_peft_model(base, RecastConfig(target_modules="all-linear"))
+    assert torch.equal(model.base_model.model.model.layers[0].self_attn.q_proj.pristine_weight(), weight)
+    after = _logits(model.eval())
+    assert _max_diff(after, measured) <= tolerance
+    assert _max_diff(after, generic) <= tolerance  # and the same base never evaluated
+
+    after = _logits(get_peft_model(_load(checkpoints, kind), RecastConfig(target_modules="all-linear")).eval())
+    assert torch.equal(after, generic)  # never evaluated: bitsandbytes' generic path, exactly
+    assert _max_diff(after, repacked) <= tolerance
+
+
+@pytest.mark.parametrize("trained_on", ["evaluated", "fresh"])
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_reload_onto_a_base_evaluated_or_not(checkpoints, kind, trained_on, tmp_path):
+    """An adapter trained on a base evaluated before injection or not reloads onto a freshly quantized base, evaluated
+    before loading or not: exactly where both bases were treated alike, else to bitsandbytes' own tolerance."""
+    tolerance = _paths(checkpoints, kind)[2]
+    base = _load(checkpoints, kind)
+    if trained_on == "evaluated":
+        _evaluated(base)
+    model = get_peft_model(base, RecastConfig())
+    start = _logits(model.eval())
+    _train(model, steps=3)
+    trained = _logits(model.eval())
+    assert _max_diff(trained, start) > 10 * tolerance  # training moved the outputs far beyond that tolerance
+    model.save_pretrained(tmp_path)
+    for reloaded_on in ("evaluated", "fresh"):
+        fresh = _load(checkpoints, kind)
+        if reloaded_on == "evaluated":
+            _evaluated(fresh)
+        reloaded = _logits(PeftModel.from_pretrained(fresh, tmp_path).eval())
+        if reloaded_on == trained_on:
+            assert torch.equal(reloaded, trained), reloaded_on
+        else:
+            assert _max_diff(reloaded, trained) <= tolerance, reloaded_on

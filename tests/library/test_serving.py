@@ -2,6 +2,7 @@
 once per grouping, training that keeps no adapted weight, task arithmetic, hotswap and torch.compile."""
 
 import copy
+import random
 
 import pytest
 import torch
@@ -357,3 +358,38 @@ def test_an_adapter_trained_with_the_recomputing_function_matches_plain_autograd
     assert recomputed.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+def test_ten_thousand_adapters_load_in_bulk_and_one_mixed_batch_over_all_equals_each_alone(tmp_path):
+    """10,000 saved adapters on one model: ``load_adapters`` adds them all, each with its own coefficients beside the
+    first one's templates and mixing, and one call of 10,000 rows, each through its own adapter, gives every sampled
+    row (300, seeded) as a model holding that adapter alone does. (MiniLM-L6: tests/apps/test_serving_bench.py and
+    ``peft-recast bench --serving --serving-scale 10000``.)"""
+    count, base = 10_000, tiny_bert()
+    get_peft_model(copy.deepcopy(base), RecastConfig(init_weights=False), adapter_name="a0").save_pretrained(
+        str(tmp_path))
+    first = tmp_path / "a0"
+    config, saved = (first / "adapter_config.json").read_bytes(), (first / "adapter_model.safetensors").read_bytes()
+    header = 8 + int.from_bytes(saved[:8], "little")  # then the header (JSON), then the float32 coefficients
+    values = 0.1 * torch.randn(count, (len(saved) - header) // 4, generator=torch.Generator().manual_seed(0))
+    names = [f"a{i}" for i in range(count)]
+    for i in range(1, count):  # what save_pretrained writes for adapters of one config, with other coefficients
+        (tmp_path / names[i]).mkdir()
+        (tmp_path / names[i] / "adapter_config.json").write_bytes(config)
+        (tmp_path / names[i] / "adapter_model.safetensors").write_bytes(saved[:header] + values[i].numpy().tobytes())
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(first), adapter_name="a0").eval()
+    assert peft_recast.load_adapters(model, [str(tmp_path / name) for name in names[1:]]) == names[1:]
+    layers = [m for m in model.modules() if isinstance(m, RecastLayer)]
+    assert layers and all(len(layer.recast_coefficients) == count for layer in layers)
+    assert all(layer.recast_group[name] is layer.recast_group["a0"] and layer.recast_mixing[name] is
+               layer.recast_mixing["a0"] for layer in layers for name in names[::97])
+    ids = torch.randint(1, 100, (count, 4), generator=torch.Generator().manual_seed(1))
+    reference = PeftModel.from_pretrained(copy.deepcopy(base), str(first)).eval()
+    with torch.no_grad():
+        mixed = model(input_ids=ids, adapter_names=names).last_hidden_state
+        for i in sorted(random.Random(0).sample(range(count), 300)):
+            hotswap_adapter(reference, str(tmp_path / names[i]))
+            alone = reference(input_ids=ids[i: i + 1]).last_hidden_state[0]
+            torch.testing.assert_close(mixed[i], alone, rtol=1e-5, atol=1e-5)
+            with reference.disable_adapter():  # the adapter moves its row: equality says something
+                assert (reference(input_ids=ids[i: i + 1]).last_hidden_state[0] - alone).abs().max() > 1e-3

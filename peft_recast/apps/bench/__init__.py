@@ -23,16 +23,38 @@ The modules follow the benchmark's seams: :mod:`.methods` (the methods, read fro
 :mod:`.costs` (side-by-side ratios) and :mod:`.report` (table and plots).
 """
 
-from .costs import measure_costs, training_memory
-from .methods import FAMILIES, LADDER_METHODS, LADDER_SIZES, METHODS, QUICK_METHODS, QUICK_TASKS, Family, Method
-from .models import load_head
-from .report import PLOT_FILE, TABLE_FILE
-from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, one_rate, run_key
-from .runner import check_forgetting, predictions, run_bench, train_run
+import importlib
+from typing import TYPE_CHECKING, Any
 
+# The module of each name, imported on first access (PEP 562): the command line reads `.methods` (standard library
+# only) to build its help without importing torch and PEFT, which the other modules need.
+_SOURCES = {
+    "measure_costs": "costs", "training_memory": "costs", "FAMILIES": "methods", "LADDER_METHODS": "methods",
+    "LADDER_SIZES": "methods", "METHODS": "methods", "QUICK_METHODS": "methods", "QUICK_TASKS": "methods",
+    "Family": "methods", "Method": "methods", "load_head": "models", "PLOT_FILE": "report", "TABLE_FILE": "report",
+    "RESULTS_FILE": "results", "BenchSettings": "results", "Results": "results", "best_lr": "results",
+    "lrs_to_run": "results", "one_rate": "results", "run_key": "results", "check_forgetting": "runner",
+    "predictions": "runner", "run_bench": "runner", "train_run": "runner",
+}
 __all__ = [
     "FAMILIES", "LADDER_METHODS", "LADDER_SIZES", "METHODS", "PLOT_FILE", "QUICK_METHODS", "QUICK_TASKS",
     "RESULTS_FILE", "TABLE_FILE", "BenchSettings", "Family", "Method", "Results", "best_lr", "check_forgetting",
     "load_head", "lrs_to_run", "measure_costs", "one_rate", "predictions", "run_bench", "run_key", "train_run",
     "training_memory",
 ]
+
+if TYPE_CHECKING:
+    from .costs import measure_costs, training_memory
+    from .methods import FAMILIES, LADDER_METHODS, LADDER_SIZES, METHODS, QUICK_METHODS, QUICK_TASKS, Family, Method
+    from .models import load_head
+    from .report import PLOT_FILE, TABLE_FILE
+    from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, one_rate, run_key
+    from .runner import check_forgetting, predictions, run_bench, train_run
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _SOURCES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_SOURCES[name]}"), name)
+    globals()[name] = value
+    return value

@@ -16,7 +16,7 @@ import copy
 import json
 import textwrap
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 EXPERIMENTS = "experiments"
@@ -115,7 +115,8 @@ def load_methods(root=None) -> tuple[dict[str, Method], dict[str, Family]]:
     """Every method of ``root`` (default: the ``experiments`` folder shipped with this module), in the order of
     ``families.json``, and the families. Refuses a file that ``families.json`` does not list, a listed method without
     its file, a name given twice, and a file whose ``name`` is not its file name."""
-    root = root if root is not None else resources.files(__package__).joinpath(EXPERIMENTS)
+    # beside this file, found without importing the package: the command line reads this module for its help alone
+    root = root if root is not None else Path(__file__).resolve().parent / EXPERIMENTS
     methods: dict[str, Method] = {}
     families: dict[str, Family] = {}
     for entry in json.loads(root.joinpath(FAMILIES_FILE).read_text()):
@@ -141,13 +142,24 @@ METHODS, FAMILIES = load_methods()
 
 
 def method_families_help(width: int = 100) -> str:
-    """Plain text for ``peft-recast bench --help``: every family with its line, then its method names."""
+    """Plain text for ``peft-recast bench --help``: every family with its line, then its method names (whole names,
+    never split at a hyphen)."""
     lines = []
     for family in FAMILIES.values():
         lines.append(f"{family.name}: {family.about}")
         lines += textwrap.wrap(" ".join(family.methods), width, initial_indent="    ", subsequent_indent="    ",
                                break_on_hyphens=False, break_long_words=False)
     return "\n".join(lines)
+
+
+def method_names_help(width: int = 100) -> str:
+    """Plain text for ``peft-recast bench --help``, before :func:`method_families_help`: how many methods there are,
+    which run by default, and how their names are made."""
+    text = (f"METHOD names: {len(METHODS)} methods in {len(FAMILIES)} families, below (default: all of them; --quick: "
+            f"{' '.join(QUICK_METHODS)}). A number in a name is the count of numbers the adapter trains per task (the "
+            "head not counted); -hf: the head trains alone first, then head and adapter together. The table names "
+            "each method in words.")
+    return "\n".join(textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False))
 
 
 QUICK_METHODS = ("probe", "recast", "fourierft-48", "lora-r8")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import re
 import statistics
 from typing import Optional, Sequence
 
@@ -176,34 +178,92 @@ def method_family(name: str) -> str:
     return "-".join(part for part in name.split("-") if not part.isdigit())
 
 
+def _numbers_as_ranges(labels: Sequence[str]) -> Optional[str]:
+    """Labels that differ only in their numbers, as one with each differing number written as the range:
+    ``"FourierFT, 2 frequencies, q,v"`` and ``"FourierFT, 72 frequencies, q,v"`` -> ``"FourierFT, 2-72 frequencies,
+    q,v"``; ``None`` where they differ in more."""
+    parts = [re.split(r"(\d+(?:\.\d+)?)", label) for label in labels]
+    if len({tuple(split[0::2]) for split in parts}) != 1:
+        return None
+    merged = list(parts[0])
+    for index in range(1, len(merged), 2):
+        values = sorted({split[index] for split in parts}, key=float)
+        merged[index] = values[0] if len(values) == 1 else f"{values[0]}-{values[-1]}"
+    return "".join(merged)
+
+
+def _shared_words(labels: Sequence[str]) -> str:
+    """The words every label has, in order, "…" where the labels part: runs of two or more words, and a first word
+    every label starts with. ``"RECAST ladder-24, head first"`` and ``"RECAST default, head first (probe, ...)"`` ->
+    ``"RECAST … head first"``."""
+    runs = [labels[0].split()]
+    for label in labels[1:]:
+        common = [word for run in runs for word in (*run, None)]  # None: where earlier labels parted, matches nothing
+        blocks = difflib.SequenceMatcher(None, common, label.split(), autojunk=False).get_matching_blocks()
+        runs = [common[start:start + size] for start, _, size in blocks if size]
+    first = {label.split()[0] for label in labels}
+    kept = [run for index, run in enumerate(runs) if len(run) > 1 or (index == 0 and len(first) == 1 and run == [*first])]
+    return " … ".join(" ".join(run) for run in kept)
+
+
+def legend_label(family: str, members: Sequence[dict]) -> str:
+    """How the accuracy plot's legend names a family's line, in the table's words (the rows' ``label``): one row's
+    label, the rungs' labels with their differing numbers as ranges, or else the words all of them share (details in
+    brackets left out) and the range of trainable numbers. Rows made without a label of their own (``label`` = the method name) are named by family."""
+    labels = [row["label"] for row in members]
+    if all(row["label"] == row["method"] for row in members):
+        return family
+    merged = _numbers_as_ranges(labels)
+    if merged is not None:
+        return merged
+    low, high = min(row["trainable"] for row in members), max(row["trainable"] for row in members)
+    shared = _shared_words([label.split(" (")[0] for label in labels])  # details in brackets left out
+    return f"{shared}, {low:,}" + (f"-{high:,} numbers" if high > low else " numbers")
+
+
 def plot_accuracy(rows: list[dict], path: str) -> None:
     """Mean test accuracy against trainable numbers (log scale; head not counted): the rungs of one family
-    (:func:`method_family`) joined by a line, RECAST's solid with circles, the others dashed with squares, the probe's
-    accuracy as a horizontal line; bars are the mean spread over seeds; the legend names each family as the method names do."""
+    (:func:`method_family`) joined by a line, named in the legend in the table's words (:func:`legend_label`); RECAST
+    stands out (thick solid lines with circles in warm colours, bold in the legend) from the other methods (thin dashed
+    lines with squares in cool colours; the legend lists the probe, then RECAST, then the others); the probe's accuracy
+    is a dotted horizontal line; bars are the mean spread over seeds."""
     import matplotlib.pyplot as plt
 
     figure, axis = new_figure()
-    figure.set_size_inches(10, 5)
+    figure.set_size_inches(8, 5)  # the axes and labels; the figure grows by the legend's width below
     families: dict[str, list[dict]] = {}
     for row in rows:
         families.setdefault(method_family(row["method"]), []).append(row)
-    for index, (family, members) in enumerate(families.items()):
+    # the probe, then RECAST's lines, then the others (each in the rows' order): RECAST's entries together in the legend
+    families = dict(sorted(families.items(), key=lambda item: (item[0] != "probe", not item[0].startswith("recast"))))
+    # tab20 indices: reds, oranges, browns, pinks, olives for RECAST; blues, greens, purples, cyans, greys for the rest
+    warm, cool = iter([6, 2, 10, 12, 16, 7, 3, 11, 13, 17] * 3), iter([0, 4, 8, 18, 14, 1, 5, 9, 19, 15] * 3)
+    recast_labels = []
+    for family, members in families.items():
         members = sorted(members, key=lambda row: row["trainable"])
         xs = [max(row["trainable"], 1) for row in members]
         spreads = [statistics.mean(v["spread"] for v in row["tasks"].values()) for row in members]
         recast = family.startswith("recast")
-        axis.errorbar(xs, [row["mean"] for row in members], yerr=spreads, color=plt.cm.tab20(index % 20),
-                      marker="o" if recast else "s", linestyle="-" if recast else "--", capsize=3,
-                      label=family)
+        color = "dimgray" if family == "probe" else plt.cm.tab20(next(warm if recast else cool) % 20)
+        label = legend_label(family, members)
+        axis.errorbar(xs, [row["mean"] for row in members], yerr=spreads, color=color, capsize=3, label=label,
+                      marker="o" if recast else "s", markersize=6 if recast else 4, linestyle="-" if recast else "--",
+                      linewidth=2.4 if recast else 1.0, alpha=1.0 if recast else 0.75, zorder=3 if recast else 2)
+        if recast:
+            recast_labels.append(label)
         if family == "probe":
-            axis.axhline(members[0]["mean"], color=plt.cm.tab20(index % 20), linewidth=0.8, linestyle=":")
+            axis.axhline(members[0]["mean"], color=color, linewidth=0.8, linestyle=":")
     axis.set_xscale("log")
     axis.set_xlabel("trainable numbers per task (head excluded; probe plotted at 1)")
     axis.set_ylabel("mean test accuracy over tasks (%)")
-    axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2")
+    axis.set_title("Accuracy against trainable numbers, all-MiniLM-L6-v2 (RECAST: thick lines, bold)")
     axis.grid(True, which="both", alpha=0.3)
     if families:  # a costs-only run has no rows
-        axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        legend = axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        for text in legend.get_texts():
+            if text.get_text() in recast_labels:
+                text.set_fontweight("bold")
+        figure.set_size_inches(8.2 + legend.get_window_extent(figure.canvas.get_renderer()).width / figure.dpi, 5)
     save_figure(figure, path)
 
 

@@ -39,6 +39,7 @@ class BenchSettings:
     cost_repeats: int = 5
     cost_length: int = 128
     one_rate: bool = False
+    lrs: Optional[list[float]] = None  # the rates a sweep runs instead of each method's grid (not part of a run's key)
 
     def tuning_tasks(self) -> list[str]:
         """The tasks a learning rate may be chosen on: those of :attr:`tasks` not in ``HELD_OUT_TASKS``."""
@@ -177,14 +178,15 @@ class Results:
 
 def lrs_to_run(method: Method, task: str, seed: int, settings: BenchSettings, results: Results,
                 protocol: dict) -> list[float]:
-    """Seed 0 sweeps the grid (when ``settings.sweep``); later seeds run the chosen rate (:func:`best_lr`). With
-    ``settings.one_rate`` seed 0 sweeps the tuning tasks only, and every held-out task runs at the one rate."""
+    """Seed 0 sweeps the grid (when ``settings.sweep``; ``settings.lrs`` instead of the grid where given); later seeds
+    run the chosen rate (:func:`best_lr`). With ``settings.one_rate`` seed 0 sweeps the tuning tasks only, and every
+    held-out task runs at the one rate."""
     if method.kind == "probe":
         return [0.0]
     if not settings.sweep:
         return [method.default_lr]
     if seed == settings.seeds[0] and not (settings.one_rate and task in HELD_OUT_TASKS):
-        return list(method.lrs)
+        return list(settings.lrs or method.lrs)
     return [best_lr(method, task, settings, results, protocol)]
 
 

@@ -10,11 +10,18 @@ all-MiniLM-L6-v2 and real SMS texts cut or padded to a fixed token count:
 * the milliseconds to add one more adapter (``add_adapter``) to the model holding them all;
 * the bytes each extra adapter keeps resident (distinct tensor storages of the model, LoRA's and RECAST's alike);
 * unmerged single-adapter latency as a ratio to the bare model (RECAST serves a cached adapted weight).
+
+``--serving-scale N`` (:func:`run_serving_scale`) measures RECAST alone at scale: N saved adapters loaded onto one
+MiniLM with ``load_adapters`` (seconds, resident memory per adapter), a mixed batch of N rows with one adapter per row
+against the same rows through one adapter (throughput), and every row (or a seeded sample) against its adapter alone.
 """
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -25,7 +32,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ... import load_adapters
+from ... import hotswap_adapter, load_adapters
 from ...files import atomic_write
 from ..encoder import load_encoder, load_tokenizer
 from ..runtime import timed
@@ -35,6 +42,9 @@ SERVING_FILE = "serving.json"
 SERVING_TABLE = "serving.md"
 SERVING_PLOT = "serving_throughput.png"
 SERVING_METHODS = ("recast", "lora-r8")
+SCALE_FILE = "serving_scale.json"
+SCALE_TABLE = "serving_scale.md"
+SCALE_TOLERANCE = 1e-4  # rtol and atol of "equal to the adapter alone": float32 rounding of six layers' sums
 
 
 @dataclass
@@ -76,11 +86,11 @@ def _resident_bytes(model: nn.Module) -> int:
     return sum(storages.values())
 
 
-def _batch(settings: ServingSettings, device: torch.device) -> dict[str, torch.Tensor]:
+def _batch(rows: int, tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``rows`` real SMS texts (cycled), cut or padded to ``tokens`` tokens."""
     texts = load_task("sms")["test"]["text"]
-    texts = [texts[i % len(texts)] for i in range(settings.rows)]
-    encoded = load_tokenizer()(texts, padding="max_length", truncation=True, max_length=settings.tokens,
-                               return_tensors="pt")
+    texts = [texts[i % len(texts)] for i in range(rows)]
+    encoded = load_tokenizer()(texts, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt")
     return {key: value.to(device) for key, value in encoded.items()}
 
 
@@ -196,12 +206,10 @@ def plot_serving(results: dict, settings: ServingSettings, path: str) -> None:
 
 def run_serving(settings: ServingSettings, methods: Optional[list[str]] = None) -> dict:
     """Measure every method (default: RECAST and LoRA r=8); write ``serving.json``, the table and the plot."""
-    import json
-
     from ..runtime import resolve_device
 
     device = resolve_device(settings.device)
-    batch = _batch(settings, device)
+    batch = _batch(settings.rows, settings.tokens, device)
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         for name in methods or list(_configs()):
@@ -216,3 +224,216 @@ def run_serving(settings: ServingSettings, methods: Optional[list[str]] = None) 
     print(table)
     print(f"Results in {settings.output_dir}/ ({SERVING_FILE}, {SERVING_TABLE}, {SERVING_PLOT})")
     return results
+
+
+@dataclass
+class ScaleSettings:
+    """What ``--serving-scale`` measures: ``adapters`` saved RECAST adapters (MiniLM-L6's default config) loaded onto
+    one model; a batch of one row of ``tokens`` tokens per adapter, run ``chunk`` rows per call, timed in ``repeats``
+    rounds against the same rows through one adapter (0: not timed); ``check`` of its rows compared with their adapter
+    alone (``None``: every row; else a sample drawn with ``seed``, which also draws the coefficients); with
+    ``read_files``, the seconds to read the adapter files alone."""
+
+    adapters: int = 10_000
+    tokens: int = 16
+    chunk: int = 1024
+    repeats: int = 3
+    check: Optional[int] = None
+    seed: int = 0
+    read_files: bool = True
+    device: str = "cpu"
+    output_dir: str = os.path.join("runs", "bench-serving")
+
+
+def rss_bytes() -> Optional[int]:
+    """This process's resident set size after a garbage collection and, with glibc, ``malloc_trim`` (freed heap pages
+    leave the count, so that what a later allocation reuses counts again); ``None`` where it cannot be read."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return psutil.Process().memory_info().rss
+
+
+def write_adapters(folder: str, count: int, device: torch.device, seed: int = 0) -> list[str]:
+    """``count`` saved RECAST adapters of MiniLM-L6's default config with random coefficients (normal, std 0.1,
+    drawn with ``seed``), folders ``a0``, ``a1``, ... in ``folder``: ``a0`` written by ``save_pretrained``, each other
+    one as ``a0``'s ``adapter_config.json`` beside ``a0``'s ``adapter_model.safetensors`` with new values in place of
+    its float32 data (same header: keys, shapes, offsets). That is what ``save_pretrained`` writes for adapters of one
+    config, without building each in a model (about 0.1 ms against 11 ms per adapter)."""
+    import peft
+    from safetensors import safe_open
+
+    from ... import RecastConfig
+
+    first = os.path.join(folder, "a0")
+    source = peft.get_peft_model(load_encoder(device), RecastConfig())
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in source.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype))
+    source.save_pretrained(first, save_embedding_layers=False)
+    weights = os.path.join(first, "adapter_model.safetensors")
+    with safe_open(weights, framework="pt") as handle:
+        if any(handle.get_slice(key).get_dtype() != "F32" for key in handle.keys()):
+            raise ValueError("write_adapters expects float32 coefficients only")
+    with open(weights, "rb") as handle:
+        saved = handle.read()
+    with open(os.path.join(first, "adapter_config.json"), "rb") as handle:
+        config = handle.read()
+    header = 8 + int.from_bytes(saved[:8], "little")  # the header's length, then the header (JSON), then the data
+    values = 0.1 * torch.randn(count - 1, (len(saved) - header) // 4, generator=generator)
+    paths = [first]
+    for i in tqdm(range(1, count), desc="serving scale: save adapters", leave=False):
+        path = os.path.join(folder, f"a{i}")
+        os.makedirs(path)
+        with open(os.path.join(path, "adapter_config.json"), "wb") as handle:
+            handle.write(config)
+        with open(os.path.join(path, "adapter_model.safetensors"), "wb") as handle:
+            handle.write(saved[:header] + values[i - 1].numpy().tobytes())
+        paths.append(path)
+    return paths
+
+
+def measure_scale(settings: ScaleSettings) -> dict:
+    """Load ``settings.adapters`` saved adapters onto one MiniLM (the first with ``PeftModel.from_pretrained``, the
+    rest with ``load_adapters``: seconds, resident memory), time a batch with one row per adapter against the same
+    rows through one adapter, then run the mixed batch once more and compare rows with their adapter alone: a second
+    model holding one adapter, into which each row's adapter is hotswapped from its folder, runs that row as a batch
+    of one (and with its adapter disabled, to show how far the adapter moves the row)."""
+    import peft
+
+    from ..runtime import resolve_device
+
+    device = resolve_device(settings.device)
+    count = settings.adapters
+    names = [f"a{i}" for i in range(count)]
+    batch = _batch(count, settings.tokens, device)
+    spans = [range(start, min(start + settings.chunk, count)) for start in range(0, count, settings.chunk)]
+
+    def rows(span: range) -> dict[str, torch.Tensor]:
+        return {key: value[span.start: span.stop] for key, value in batch.items()}
+
+    def mixed(span: range) -> torch.Tensor:
+        return model(**rows(span), adapter_names=names[span.start: span.stop]).last_hidden_state
+
+    with tempfile.TemporaryDirectory() as folder:
+        started = time.perf_counter()
+        paths = write_adapters(folder, count, device, settings.seed)
+        write_seconds = time.perf_counter() - started
+        model = peft.PeftModel.from_pretrained(load_encoder(device), paths[0], adapter_name=names[0]).eval()
+        rss_before, tensors_before = rss_bytes(), _resident_bytes(model)
+        started = time.perf_counter()
+        load_adapters(model, paths[1:], names[1:])
+        load_seconds = time.perf_counter() - started
+        rss_after, tensors_after = rss_bytes(), _resident_bytes(model)
+        read_seconds = timed(lambda: [(peft.PeftConfig.from_pretrained(path), peft.utils.load_peft_weights(path))
+                                       for path in paths[1:]]) if settings.read_files else None
+        model.set_adapter(names[0])
+        single_seconds, mixed_seconds = [], []
+        with torch.no_grad():
+            if settings.repeats:
+                model(**rows(spans[0]))  # first calls: the cached adapted weight, one-time allocations
+                mixed(spans[0])
+            for _ in tqdm(range(settings.repeats), desc="serving scale: batches", leave=False):
+                single_seconds.append(timed(lambda: [model(**rows(span)) for span in spans], device))
+                mixed_seconds.append(timed(lambda: [mixed(span) for span in spans], device))
+        rss_served = rss_bytes()
+
+        if settings.check is None or settings.check >= count:
+            checked = list(range(count))
+        else:
+            checked = sorted(random.Random(settings.seed).sample(range(count), settings.check))
+        reference = peft.PeftModel.from_pretrained(load_encoder(device), paths[0]).eval()
+        equal, difference, moved, position = 0, 0.0, float("inf"), 0
+        with torch.no_grad():
+            for span in tqdm(spans, desc="serving scale: rows against their adapter alone", leave=False):
+                ours = [i for i in checked[position:] if i < span.stop]
+                position += len(ours)
+                together = mixed(span)  # every chunk: the whole mixed batch runs, checked rows or not
+                for i in ours:
+                    hotswap_adapter(reference, paths[i])
+                    alone = reference(**rows(range(i, i + 1))).last_hidden_state[0]
+                    with reference.disable_adapter():
+                        bare = reference(**rows(range(i, i + 1))).last_hidden_state[0]
+                    row = together[i - span.start]
+                    equal += bool(torch.allclose(row, alone, rtol=SCALE_TOLERANCE, atol=SCALE_TOLERANCE))
+                    difference = max(difference, (row - alone).abs().max().item())
+                    moved = min(moved, (bare - alone).abs().max().item())
+    timings = dict(single_rows_per_second=None, mixed_rows_per_second=None, mixed_vs_single=None)
+    if settings.repeats:
+        single, together = statistics.median(single_seconds), statistics.median(mixed_seconds)
+        timings = dict(single_rows_per_second=count / single, mixed_rows_per_second=count / together,
+                       mixed_vs_single=single / together)
+    return dict(
+        adapters=count, tokens=settings.tokens, chunk=settings.chunk, threads=torch.get_num_threads(),
+        write_seconds=write_seconds, load_seconds=load_seconds, load_ms_per_adapter=1e3 * load_seconds / max(count - 1, 1),
+        read_seconds=read_seconds, rss_before=rss_before, rss_after=rss_after, rss_served=rss_served,
+        rss_bytes_per_adapter=None if rss_before is None else (rss_after - rss_before) / max(count - 1, 1),
+        tensor_bytes_per_adapter=(tensors_after - tensors_before) / max(count - 1, 1),
+        **timings,
+        rows_checked=len(checked), rows_sampled=len(checked) < count, rows_equal=equal,
+        max_abs_difference=difference, min_adapter_effect=moved if checked else None,
+    )
+
+
+def format_scale(result: dict) -> str:
+    """Markdown: the scale measurement's figures, one per line (``n/a``: not measured)."""
+    mib = 2 ** 20
+
+    def given(value: Optional[float], text: Callable[[float], str]) -> str:
+        return "n/a" if value is None else text(value)
+
+    rss = given(result["rss_before"], lambda before: (
+        f"{before / mib:,.0f} MiB before, {result['rss_after'] / mib:,.0f} MiB after loading, "
+        f"{result['rss_served'] / mib:,.0f} MiB after the batches"))
+    sample = "a seeded random sample" if result["rows_sampled"] else "every row"
+    figures = [
+        ("adapters on one model", f"{result['adapters']:,}"),
+        ("load (`load_adapters`, all but the first)",
+         f"{result['load_seconds']:.1f} s, {result['load_ms_per_adapter']:.2f} ms per adapter"),
+        ("reading their files alone", given(result["read_seconds"], lambda seconds: f"{seconds:.1f} s")),
+        ("resident memory (RSS)", rss),
+        ("RSS per extra adapter", given(result["rss_bytes_per_adapter"], lambda size: f"{size:,.0f} B")),
+        ("tensor bytes per extra adapter", f"{result['tensor_bytes_per_adapter']:,.0f} B"),
+        (f"mixed batch, one row of {result['tokens']} tokens per adapter, {result['chunk']:,} rows per call",
+         given(result["mixed_rows_per_second"], lambda rate: f"{rate:,.0f} rows/s")),
+        ("the same rows through one adapter",
+         given(result["single_rows_per_second"], lambda rate: f"{rate:,.0f} rows/s")),
+        ("mixed vs one adapter", given(result["mixed_vs_single"], lambda ratio: f"{ratio:.2f}x")),
+        ("rows checked against their adapter alone", f"{result['rows_checked']:,} ({sample})"),
+        (f"rows equal to it (rtol = atol = {SCALE_TOLERANCE:g})",
+         f"{result['rows_equal']:,} of {result['rows_checked']:,}"),
+        ("max abs difference to the adapter alone", f"{result['max_abs_difference']:.1e}"),
+        ("smallest max abs change of a checked row by its adapter",
+         given(result["min_adapter_effect"], lambda change: f"{change:.1e}")),
+    ]
+    lines = [f"RECAST default on MiniLM-L6, {result['threads']} torch thread(s).", "", "| figure | value |", "|---|---|"]
+    lines += [f"| {name} | {value} |" for name, value in figures]
+    return "\n".join(lines)
+
+
+def run_serving_scale(settings: ScaleSettings) -> dict:
+    """:func:`measure_scale`; write ``serving_scale.json`` and ``serving_scale.md`` to the output dir, print the table."""
+    result = measure_scale(settings)
+    os.makedirs(settings.output_dir, exist_ok=True)
+    table = format_scale(result)
+    with atomic_write(os.path.join(settings.output_dir, SCALE_FILE)) as handle:
+        json.dump(dict(settings=settings.__dict__, result=result), handle, indent=1)
+    with atomic_write(os.path.join(settings.output_dir, SCALE_TABLE)) as handle:
+        handle.write(table + "\n")
+    print(table)
+    print(f"Results in {settings.output_dir}/ ({SCALE_FILE}, {SCALE_TABLE})")
+    return result
