@@ -39,6 +39,12 @@ def test_one_rate_is_the_best_mean_validation_over_tuning_tasks_only(tmp_path):
     assert bench.lrs_to_run(method, "trec6", 0, settings, results, protocol) == list(method.lrs)
     assert bench.lrs_to_run(method, "clothing", 0, settings, results, protocol) == [1e-2]
     assert bench.lrs_to_run(method, "sms", 1, settings, results, protocol) == [1e-2]
+    # --lrs: seed 0 runs those rates instead of the grid; every rate with records still competes for the one rate
+    settings.lrs = [1e-3]
+    assert bench.lrs_to_run(method, "trec6", 0, settings, results, protocol) == [1e-3]
+    assert bench.lrs_to_run(method, "sms", 1, settings, results, protocol) == [1e-2]
+    assert bench.one_rate(method, settings, results, protocol) == 1e-2
+    assert cli.bench_settings(cli.build_parser().parse_args(["bench", "--lrs", "0.001", "0.003"])).lrs == [1e-3, 3e-3]
 
 
 def test_a_rate_missing_on_a_tuning_task_does_not_compete(tmp_path):
@@ -186,9 +192,10 @@ def test_each_one_rate_the_shipped_records_give_lies_inside_the_rates_that_ran_o
         assert (name in edges) == at_edge, name
         if not at_edge:
             inside.append(name)
-    # what these records hold: the recommended recipe chose inside its grid; the all-linear rungs with the head first
-    # chose their lowest rate, and the 1,000-number ranked channels ran one rate
-    assert "recast-hf" in inside and bench.one_rate(bench.METHODS["recast-hf"], settings, results, protocol) == 1e-2
-    assert edges["recast-216-hf"] == ["0.003, the lowest of 0.003, 0.01, 0.03"]
+    # what these records hold: the recommended recipe, the all-linear rungs with the head first (3e-3, 1e-3 run too)
+    # and ladder-1000 chose inside their grids; the 1,000-number ranked channels ran one rate
+    for name, rate in (("recast-hf", 1e-2), ("recast-216-hf", 3e-3), ("recast-648-hf", 3e-3),
+                       ("recast-984-blocks", 1e-2)):
+        assert name in inside and bench.one_rate(bench.METHODS[name], settings, results, protocol) == rate, name
     assert edges["recast-ch-1000"] == ["0.01, the only rate that ran"]
     assert len(inside) >= 20 and len(edges) >= 10
