@@ -154,12 +154,11 @@ def _examples_for_run(args: argparse.Namespace, record: dict, labelled: bool) ->
 def _logits(classifier, record: dict, examples: TextExamples, batch_size: int, desc: str) -> torch.Tensor:
     import torch
 
-    from .encoder import load_tokenizer
+    from .encoder import load_tokenizer, record_model
     from .loop import predict_logits
     from .tasks import Batches
 
-    model = record.get("base_model")
-    tokenizer = load_tokenizer(None if model in (None, "sentence-transformers/all-MiniLM-L6-v2") else model)
+    tokenizer = load_tokenizer(record_model(record))
     batches = Batches(tokenizer, examples.texts, record["max_length"], torch.device("cpu"), examples.pairs)
     return predict_logits(classifier, batches, batch_size, desc)
 

@@ -153,14 +153,15 @@ def task_record(task: str, classes: list[str], max_length: int, model: Optional[
 def save_classifier(classifier: SentenceClassifier, adapter_dir: str, record: dict[str, Any]) -> None:
     """Write the PEFT-wrapped encoder's adapter, ``head.safetensors`` and ``task.json`` (``record``) to
     ``adapter_dir`` (the layout in the module's docstring)."""
-    from safetensors.torch import save
-
     classifier.encoder.save_pretrained(adapter_dir, save_embedding_layers=False)  # no Hub look-up
-    head = {name: value.detach().cpu().contiguous() for name, value in classifier.classifier.state_dict().items()}
-    with atomic_write(os.path.join(adapter_dir, HEAD_FILE), mode="wb") as handle:
-        handle.write(save(head))
+    save_head(classifier.classifier, adapter_dir)
     with atomic_write(os.path.join(adapter_dir, TASK_FILE)) as handle:
         json.dump(record, handle, indent=2)
+
+
+def record_model(record: dict[str, Any]) -> Optional[str]:
+    """The ``model`` argument of :func:`load_encoder` and :func:`load_tokenizer` for a task record (``None``: MiniLM)."""
+    return None if record.get("base_model", BASE_MODEL_ID) == BASE_MODEL_ID else record["base_model"]
 
 
 def read_task_record(adapter_dir: str) -> dict[str, Any]:
@@ -175,11 +176,21 @@ def read_task_record(adapter_dir: str) -> dict[str, Any]:
         return json.load(handle)
 
 
-def _load_head(adapter_dir: str, head: nn.Linear) -> None:
+def save_head(head: nn.Module, folder: str) -> None:
+    """Write ``folder/head.safetensors``: the head's ``weight`` and ``bias``."""
+    from safetensors.torch import save
+
+    tensors = {name: value.detach().cpu().contiguous() for name, value in head.state_dict().items()}
+    with atomic_write(os.path.join(folder, HEAD_FILE), mode="wb") as handle:
+        handle.write(save(tensors))
+
+
+def load_head(folder: str, head: nn.Linear) -> None:
+    """Load ``folder/head.safetensors`` into ``head``; a damaged file or other shapes raise ``ValueError``."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    path = os.path.join(adapter_dir, HEAD_FILE)
+    path = os.path.join(folder, HEAD_FILE)
     try:
         state = load_file(path)
     except (OSError, SafetensorError) as error:
@@ -199,10 +210,9 @@ def load_classifier(adapter_dir: str, device: torch.device) -> tuple[nn.Module, 
     from peft import PeftModel
 
     record = read_task_record(adapter_dir)
-    model = None if record.get("base_model", BASE_MODEL_ID) == BASE_MODEL_ID else record["base_model"]
-    classifier = new_classifier(len(record["classes"]), device, seed=0, model=model)
+    classifier = new_classifier(len(record["classes"]), device, seed=0, model=record_model(record))
     if not os.path.exists(os.path.join(adapter_dir, HEAD_FILE)):
         return PeftModel.from_pretrained(classifier, adapter_dir).eval(), record
     classifier.encoder = PeftModel.from_pretrained(classifier.encoder, adapter_dir)
-    _load_head(adapter_dir, classifier.classifier)
+    load_head(adapter_dir, classifier.classifier)
     return classifier.eval(), record

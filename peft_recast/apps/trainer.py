@@ -29,10 +29,12 @@ from ..presets import HEAD_LR
 from .encoder import (
     HEAD_FILE,
     SentenceClassifier,
+    load_head,
     load_tokenizer,
     mean_pool,
     recast_classifier,
     save_classifier,
+    save_head,
 )
 from .loop import RANKING_BATCHES, Settings, accuracy, embed_texts, predict_logits, train_probe
 from .tasks import Batches
@@ -140,15 +142,11 @@ def _trainer_classes():
             self.head = head
 
         def on_save(self, args, state, control, **kwargs):
-            from safetensors.torch import save_file
-
-            folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
-            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()},
-                      os.path.join(folder, HEAD_FILE))
+            save_head(self.head, os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
         def on_train_end(self, args, state, control, **kwargs):
             if args.load_best_model_at_end and state.best_model_checkpoint:
-                load_head(self.head, state.best_model_checkpoint)
+                load_head(state.best_model_checkpoint, self.head)
 
     class ReadableProgress(TrainerCallback):
         """A progress bar with the running loss, and one line per validation pass (instead of raw log dicts)."""
@@ -177,13 +175,6 @@ def _trainer_classes():
                 self.bar.close()
 
     return ClassifierTrainer, HeadCheckpoints, ReadableProgress
-
-
-def load_head(head: nn.Module, folder: str) -> None:
-    """Load ``folder/head.safetensors`` into ``head``."""
-    from safetensors.torch import load_file
-
-    head.load_state_dict(load_file(os.path.join(folder, HEAD_FILE)))
 
 
 def checkpoint_path(settings: TrainSettings) -> str:
@@ -261,7 +252,7 @@ def train_classifier(
     if settings.channels:
         add_channels(model, _ranked_channels(classifier, train_batches, train_labels, settings.channels, settings))
     if settings.resume_from_checkpoint:
-        load_head(classifier.classifier, checkpoint_path(settings))
+        load_head(checkpoint_path(settings), classifier.classifier)
     coefficients = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([{"params": coefficients, "lr": settings.lr},
                                    {"params": list(classifier.classifier.parameters()), "lr": settings.head_lr}],
