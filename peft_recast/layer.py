@@ -15,6 +15,7 @@ from torch import nn
 from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
 from .gates import GatedLayer, GateState
+from .spectrum import spectrum_of, spectrum_update
 
 if TYPE_CHECKING:
     from .group import RecastGroup
@@ -250,10 +251,30 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``delta_W`` of ``adapter`` in the base weight's layout and dtype (float32 maths for half on CPU)."""
         weight = self.pristine_weight()
+        dtype = self._compute_dtype(weight.dtype, weight.device)
+        if spectrum_of(self, adapter) is not None:
+            return self._spectral_delta(adapter, weight.device, dtype).to(weight.dtype)
         mixes, bases, blocks, subtract = self._terms([adapter], weight.device)
         axis = 1 if getattr(self, "fan_in_fan_out", False) else 0  # the output rows' axis of the stored weight
-        delta = combine(None, mixes, bases, blocks, axis, self._compute_dtype(weight.dtype, weight.device), subtract)
-        return delta.to(weight.dtype)
+        return combine(None, mixes, bases, blocks, axis, dtype, subtract).to(weight.dtype)
+
+    def _spectral_delta(self, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """``delta_W`` of an ``own_spectrum`` adapter in the stored layout, in ``dtype``."""
+        mix = self._mix(adapter).to(device)
+        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0
+        blocks = self._blocks(adapter, mix.shape[1], device)
+        return spectrum_of(self, adapter).delta(mix, blocks, self.weight_shape(), axis, dtype)
+
+    def _spectral_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
+        """``x delta_W^T`` of an ``own_spectrum`` adapter on a linear layer, in ``x``'s dtype (autograd throughout)."""
+        mix = self._mix(adapter).to(x.device)
+        blocks = self._blocks(adapter, mix.shape[1], x.device)
+        dtype = self._compute_dtype(x.dtype, x.device)
+        return spectrum_of(self, adapter).update(x, mix, blocks, dtype).to(x.dtype)
+
+    def _span_adapters(self, adapters: list[str]) -> list[str]:
+        """Those of ``adapters`` whose templates span a group's weights (not ``own_spectrum``)."""
+        return [adapter for adapter in adapters if spectrum_of(self, adapter) is None]
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """RECAST is additive (``W + delta_W``), so ``peft.convert_to_lora`` can factor ``get_delta_weight`` by SVD;
@@ -331,10 +352,14 @@ class Linear(nn.Module, RecastLayer):
     def _adapted_weight(self, adapters: list[str]) -> torch.Tensor:
         """``W + sum_a delta_W_a`` of ``adapters`` in the base weight's dtype (autograd flows to the coefficients)."""
         weight = self.get_base_layer().weight
-        mixes, bases, blocks, subtract = self._terms(adapters, weight.device)
+        mixes, bases, blocks, subtract = self._terms(self._span_adapters(adapters), weight.device)
         axis = 1 if self.fan_in_fan_out else 0
         dtype = self._compute_dtype(weight.dtype, weight.device)
-        return combine(weight, mixes, bases, blocks, axis, dtype, subtract).to(weight.dtype)
+        adapted = combine(weight, mixes, bases, blocks, axis, dtype, subtract)
+        for adapter in adapters:
+            if spectrum_of(self, adapter) is not None:
+                adapted = adapted + self._spectral_delta(adapter, weight.device, dtype)
+        return adapted.to(weight.dtype)
 
     def _cache_key(self, adapters: list[str]) -> tuple:
         """What the adapted weight of ``adapters`` depends on: every tensor involved, by storage and version."""
@@ -347,7 +372,10 @@ class Linear(nn.Module, RecastLayer):
             if adapter in self.recast_gate_scores:
                 score = self.recast_gate_scores[adapter]
                 parts += [id(score), score._version]
-            parts += [(member.data_ptr(), member._version) for member in self.recast_group[adapter].basis()]
+            if spectrum_of(self, adapter) is not None:
+                parts.append(id(self.recast_group[adapter]))  # fixed factors
+            else:
+                parts += [(member.data_ptr(), member._version) for member in self.recast_group[adapter].basis()]
         return tuple(parts)
 
     def _cached_weight(self, adapters: list[str]) -> torch.Tensor:
@@ -380,8 +408,16 @@ class Linear(nn.Module, RecastLayer):
             return self._call_base(x, self._cached_weight(adapters))
         base_layer = self.get_base_layer()
         operation = Operation.of(base_layer, self.fan_in_fan_out)
-        if operation is None:  # e.g. a convolution with reflect padding: plain autograd through the weight
+        span = self._span_adapters(adapters)
+        if operation is None or (len(span) < len(adapters) and operation.kind != "linear"):
+            # a convolution with reflect padding, or own_spectrum on a convolution: autograd through the weight
             return self._call_base(x, self._adapted_weight(adapters))
+        if len(span) < len(adapters):  # own_spectrum: the base (and span) output plus a low-rank update
+            result = self._adapted_forward(x, span) if span else self.base_layer(x)
+            for adapter in adapters:
+                if adapter not in span:
+                    result = result + self._spectral_update(x, adapter).to(result.dtype)
+            return result
         weight = base_layer.weight
         x = self._cast_input_dtype(x, weight.dtype)
         mixes, bases, blocks, subtract = self._terms(adapters, weight.device)
@@ -422,6 +458,12 @@ class Linear(nn.Module, RecastLayer):
         distinct = [name for name in dict.fromkeys(adapter_names) if name in self.recast_coefficients]
         weight = self.get_base_layer().weight
         operation = Operation.of(self.get_base_layer(), self.fan_in_fan_out)
+        span = self._span_adapters(distinct)
+        if distinct and not span and operation is not None and operation.kind == "linear":
+            result = self.base_layer(x, *args, **kwargs)
+            return result + spectrum_update(self, x, adapter_names, distinct).to(result.dtype)
+        if len(span) < len(distinct):
+            distinct = []  # own_spectrum beside other families, or on a convolution: one weight per adapter
         bases = {tuple(member.data_ptr() for member in self.recast_group[name].basis()) for name in distinct}
         if operation is not None and len(bases) == 1 and self._prefers_shared_products(distinct, x, operation):
             x = self._cast_input_dtype(x, weight.dtype)

@@ -33,6 +33,7 @@ from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
 from .mimicry import GroupFit, fit_group
 from .presets import preset_fields
+from .spectrum import OwnSpectrum, SpectrumFit, fit_spectrum, matrix_of
 
 # Layers per group when neither `layers_per_group` nor `num_groups` is set.
 DEFAULT_LAYERS_PER_GROUP = 2
@@ -275,6 +276,8 @@ def warn_if_templates_exceed_groups(
     """Warn when ``num_templates`` is larger than every group: a group of ``m`` modules spans ``m`` templates.
     Presets are exempt: the paper's conv variant asks for as many templates as each group holds."""
     largest = max((len(plan.units) for plan in plans), default=0)
+    if config.template_family == "own_spectrum":
+        return  # each module's templates come from its own weight
     if plans and config.num_templates > largest and getattr(config, "preset", None) is None:
         plural = "s" if largest > 1 else ""
         warnings.warn(
@@ -298,6 +301,15 @@ class GroupFits:
 
     def __init__(self) -> None:
         self._fits: dict[tuple, GroupFit] = {}
+        self._spectra: dict[tuple, SpectrumFit] = {}
+
+    def spectrum(self, layer: RecastLayer, num_templates: int, weight: torch.Tensor) -> SpectrumFit:
+        """The ``own_spectrum`` fit of one layer's pretrained ``weight`` (:func:`~peft_recast.spectrum.fit_spectrum`)."""
+        key = (num_templates, layer.weight_state(), tuple(weight.shape))
+        if key not in self._spectra:
+            axis = 1 if getattr(layer, "fan_in_fan_out", False) else 0
+            self._spectra[key] = fit_spectrum(matrix_of(weight, axis), num_templates)
+        return self._spectra[key]
 
     def fit(self, plan: GroupPlan, num_templates: int, weights: list[list[torch.Tensor]]) -> GroupFit:
         """The closed-form fit of ``plan``'s units (``weights``: :meth:`GroupPlan.weights`; a fused unit's weights
@@ -339,9 +351,47 @@ def build_groups(
                 f"The base weights of '{plan.name}' are on the meta device. RECAST builds its templates from the "
                 "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
             )
+        if config.template_family == "own_spectrum":
+            fingerprint.update(_attach_spectra(adapter_name, config, plan, weights, fits, shared))
+            continue
         fit = fits.fit(plan, config.num_templates, weights)
         fingerprint[plan.name] = fit.fingerprint()
         _attach(adapter_name, config, plan, weights, fit, bank, shared)
+    return fingerprint
+
+
+def _owner(unit: list[tuple[str, Any]], j: int, config: RecastConfig,
+           shared: Optional[dict[tuple[str, int], RecastLayer]]) -> RecastLayer:
+    """The layer whose coefficient tensor the unit at position ``j`` of its group uses: its first module, or with
+    ``shared`` (``coefficient_sharing="position"``) the first such unit's of the role."""
+    owner = unit[0][1]
+    if shared is not None:
+        owner = shared.setdefault((role_and_index(unit[0][0], config.layers_pattern)[0], j), owner)
+    return owner
+
+
+def _attach_spectra(
+    adapter_name: str,
+    config: RecastConfig,
+    plan: GroupPlan,
+    weights: list[list[torch.Tensor]],
+    fits: GroupFits,
+    shared: Optional[dict[tuple[str, int], RecastLayer]],
+) -> dict[str, list[float]]:
+    """``template_family="own_spectrum"``: give every module of ``plan`` its own templates
+    (:class:`~peft_recast.spectrum.OwnSpectrum`, scale ``u`` in the factors, mixing ``I``); returns each module's
+    fingerprint (its top singular values) by key. The plan's groups only decide which modules share coefficients."""
+    fingerprint = {}
+    for j, (unit, (weight,)) in enumerate(zip(plan.units, weights)):
+        (key, layer), = unit  # fused modules are refused by the config
+        fit = fits.spectrum(layer, config.num_templates, weight)
+        fingerprint[key] = fit.fingerprint()
+        unit_scale = coefficient_unit(float(fit.singular_values.norm()), config, config.num_templates)
+        spectrum = OwnSpectrum(key, layer, fit, config.num_templates, unit_scale)
+        layer.attach_group(adapter_name, spectrum, torch.eye(config.num_templates))
+        owner = _owner(unit, j, config, shared)
+        if layer is not owner:
+            layer.tie_coefficients(adapter_name, owner)
     return fingerprint
 
 
@@ -396,9 +446,7 @@ def _attach(
             )
         else:
             mixing = torch.diag(coefficient_unit(norm, config, len(template_norms)) / template_norms)
-        owner = unit[0][1]
-        if shared is not None:
-            owner = shared.setdefault((role_and_index(unit[0][0], config.layers_pattern)[0], j), owner)
+        owner = _owner(unit, j, config, shared)
         for r, (_, member) in enumerate(unit):
             member.attach_group(adapter_name, roles[r], mixing, initial=initial, replace=replace_form)
             if member is not owner:

@@ -237,8 +237,16 @@ class QuantizedLinear(Linear):
 
     def _update(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """``x @ sum_a delta_W_a^T`` (``(..., out)``, ``x``'s dtype); gradients reach the coefficients."""
-        mixes, *terms = self._terms(adapters, x.device)
-        return QuantizedUpdate.apply(x, self, adapters, terms, *mixes)
+        span = self._span_adapters(adapters)
+        total = None
+        if span:
+            mixes, *terms = self._terms(span, x.device)
+            total = QuantizedUpdate.apply(x, self, span, terms, *mixes)
+        for adapter in adapters:
+            if adapter not in span:
+                update = self._spectral_update(x, adapter)
+                total = update if total is None else total + update
+        return total
 
     def _adapted_forward(self, x: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         result = self.base_layer(x)

@@ -14,6 +14,7 @@ from .config import RecastConfig
 from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
 from .mimicry import reconstruction_error
+from .spectrum import OwnSpectrum
 
 
 @dataclass
@@ -141,7 +142,7 @@ def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSum
                 templates=templates,
                 coefficients=owned[group.name],
                 relative_error=group.relative_error
-                if isinstance(group, BankGroup)
+                if isinstance(group, (BankGroup, OwnSpectrum))
                 else reconstruction_error(config.base_fingerprint[group.name], templates),
             )
         )

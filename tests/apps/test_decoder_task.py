@@ -55,8 +55,10 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     records = json.loads((tmp_path / "quick.json").read_text())
     methods = {record["method"] for record in records.values()}
-    assert methods == {"base model", "RECAST default", "RECAST, 42 row blocks", "TinyLoRA tied, u=48", "UniLoRA, 48",
-                       "LoRA r=8"}
+    assert methods == {"base model", "RECAST default", "RECAST, 42 row blocks", "RECAST position, 48",
+                       "RECAST own_spectrum position, 48", "TinyLoRA tied, u=48", "UniLoRA, 48", "LoRA r=8"}
+    spectral = [r for r in records.values() if r["method"] == "RECAST own_spectrum position, 48"]
+    assert {r["numbers"] for r in spectral} == {2 * 2 * 4}  # q, v x 2 positions (2 layers) x 4 templates
     recast = [r for r in records.values() if r["method"] == "RECAST default"]
     assert {r["numbers"] for r in recast} == {16}  # q, v of 2 layers x 2 templates x 2 row blocks
     base = [r for r in records.values() if r["method"] == "base model"]
@@ -64,7 +66,7 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     rows = [line for line in first.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0][2:] for row in rows[1:]] == [
         "always the most frequent training class (reference)", "base model", "RECAST default", "RECAST, 42 row blocks",
-        "TinyLoRA tied, u=48", "UniLoRA, 48", "LoRA r=8",
+        "RECAST position, 48", "RECAST own_spectrum position, 48", "TinyLoRA tied, u=48", "UniLoRA, 48", "LoRA r=8",
     ]
     before = (tmp_path / "quick.json").read_text()
     second = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)

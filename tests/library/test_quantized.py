@@ -295,3 +295,25 @@ def test_reload_onto_a_base_evaluated_or_not(checkpoints, kind, trained_on, tmp_
             assert torch.equal(reloaded, trained), reloaded_on
         else:
             assert _max_diff(reloaded, trained) <= tolerance, reloaded_on
+
+
+@pytest.mark.parametrize("kind", ["nf4", "8bit"])
+def test_own_spectrum_trains_saves_and_serves_on_a_quantized_base(checkpoints, kind, tmp_path):
+    """``template_family="own_spectrum"``: templates from each dequantized weight's SVD, a low-rank update beside
+    the quantized product (nothing dequantized kept), saved and reloaded exactly, mixed batches per sample."""
+    base = _load(checkpoints, kind)
+    bare = _logits(base)
+    config = RecastConfig(template_family="own_spectrum", num_templates=4, coefficient_blocks=1)
+    model = get_peft_model(base, config)
+    assert torch.equal(_logits(model), bare)
+    losses = _train(model, steps=6)
+    assert losses[-1] < losses[0] - 0.05, losses
+    trained = _logits(model.eval())
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(_load(checkpoints, kind), tmp_path).eval()
+    assert torch.equal(_logits(reloaded), trained)
+    with torch.no_grad():
+        mixed = reloaded(input_ids=IDS, adapter_names=["default", "__base__"]).logits
+    torch.testing.assert_close(mixed[0], trained[0])
+    with reloaded.disable_adapter():
+        torch.testing.assert_close(mixed[1], _logits(reloaded)[1])
