@@ -57,7 +57,7 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     "RECAST, 42 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=42),
                               (*WIDE_RECAST_LRS, 0.3)),
     "RECAST position, 48": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_sharing="position",
-                                                 layers_per_group=6, coefficient_blocks=1), WIDE_RECAST_LRS),
+                                                 layers_per_group=6), WIDE_RECAST_LRS),
     "RECAST own_spectrum position, 48": (
         lambda: RecastConfig(task_type="CAUSAL_LM", template_family="own_spectrum", num_templates=4,
                              coefficient_sharing="position", layers_per_group=6, coefficient_blocks=1),

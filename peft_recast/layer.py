@@ -15,7 +15,7 @@ from torch import nn
 from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
 from .config import RecastConfig
 from .gates import GatedLayer, GateState
-from .spectrum import spectrum_of, spectrum_update
+from .spectrum import spectral_delta, spectral_update, spectrum_of, spectrum_update
 
 if TYPE_CHECKING:
     from .group import RecastGroup
@@ -253,24 +253,10 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         weight = self.pristine_weight()
         dtype = self._compute_dtype(weight.dtype, weight.device)
         if spectrum_of(self, adapter) is not None:
-            return self._spectral_delta(adapter, weight.device, dtype).to(weight.dtype)
+            return spectral_delta(self, adapter, weight.device, dtype).to(weight.dtype)
         mixes, bases, blocks, subtract = self._terms([adapter], weight.device)
         axis = 1 if getattr(self, "fan_in_fan_out", False) else 0  # the output rows' axis of the stored weight
         return combine(None, mixes, bases, blocks, axis, dtype, subtract).to(weight.dtype)
-
-    def _spectral_delta(self, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """``delta_W`` of an ``own_spectrum`` adapter in the stored layout, in ``dtype``."""
-        mix = self._mix(adapter).to(device)
-        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0
-        blocks = self._blocks(adapter, mix.shape[1], device)
-        return spectrum_of(self, adapter).delta(mix, blocks, self.weight_shape(), axis, dtype)
-
-    def _spectral_update(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """``x delta_W^T`` of an ``own_spectrum`` adapter on a linear layer, in ``x``'s dtype (autograd throughout)."""
-        mix = self._mix(adapter).to(x.device)
-        blocks = self._blocks(adapter, mix.shape[1], x.device)
-        dtype = self._compute_dtype(x.dtype, x.device)
-        return spectrum_of(self, adapter).update(x, mix, blocks, dtype).to(x.dtype)
 
     def _span_adapters(self, adapters: list[str]) -> list[str]:
         """Those of ``adapters`` whose templates span a group's weights (not ``own_spectrum``)."""
@@ -358,7 +344,7 @@ class Linear(nn.Module, RecastLayer):
         adapted = combine(weight, mixes, bases, blocks, axis, dtype, subtract)
         for adapter in adapters:
             if spectrum_of(self, adapter) is not None:
-                adapted = adapted + self._spectral_delta(adapter, weight.device, dtype)
+                adapted = adapted + spectral_delta(self, adapter, weight.device, dtype)
         return adapted.to(weight.dtype)
 
     def _cache_key(self, adapters: list[str]) -> tuple:
@@ -416,7 +402,7 @@ class Linear(nn.Module, RecastLayer):
             result = self._adapted_forward(x, span) if span else self.base_layer(x)
             for adapter in adapters:
                 if adapter not in span:
-                    result = result + self._spectral_update(x, adapter).to(result.dtype)
+                    result = result + spectral_update(self, x, adapter).to(result.dtype)
             return result
         weight = base_layer.weight
         x = self._cast_input_dtype(x, weight.dtype)

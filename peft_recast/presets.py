@@ -12,7 +12,8 @@ from typing import Any, Optional
 # The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
 # README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
 RECOMMENDED_LR = 1e-2
-# The rate measured best over the tuning tasks for adapters of every linear layer (ladder-216, ladder-648).
+# The rate measured best over the tuning tasks for adapters of every linear layer (ladder-216, ladder-648), and for
+# template_family="own_spectrum" (48 and 972 numbers on query/value).
 ALL_LINEAR_LR = 3e-3
 # The peak AdamW learning rate of a new classifier head trained beside the coefficients (and of a linear probe).
 HEAD_LR = 3e-3
@@ -101,8 +102,8 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
 def recommended_lr(config: Any) -> float:
     """The one peak AdamW learning rate of the coefficients measured for ``config``'s family (head first; the records
     are in docs/benchmarks.md): ``3e-3`` for adapters of every linear layer (``target_modules="all-linear"``, as
-    ``ladder-216`` and ``ladder-648``), :data:`RECOMMENDED_LR` (``1e-2``) otherwise. Both assume the default
-    ``coefficient_scale`` of 10; the rate scales inversely with it.
+    ``ladder-216`` and ``ladder-648``) and for ``template_family="own_spectrum"``, :data:`RECOMMENDED_LR` (``1e-2``)
+    otherwise. Both assume the default ``coefficient_scale`` of 10; the rate scales inversely with it.
 
     Args:
         config (`RecastConfig`): The adapter's config (a preset's, or your own).
@@ -118,7 +119,9 @@ def recommended_lr(config: Any) -> float:
 
         ```
     """
-    rate = ALL_LINEAR_LR if getattr(config, "target_modules", None) == "all-linear" else RECOMMENDED_LR
+    lower = getattr(config, "target_modules", None) == "all-linear" or getattr(
+        config, "template_family", "group_span") == "own_spectrum"
+    rate = ALL_LINEAR_LR if lower else RECOMMENDED_LR
     return rate * 10.0 / getattr(config, "coefficient_scale", 10.0)
 
 

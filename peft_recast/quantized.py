@@ -32,6 +32,7 @@ from torch import nn
 from .combination import Operation, basis_grads, combine
 from .config import RecastConfig
 from .layer import Linear
+from .spectrum import spectral_update
 
 # The stored weight of a quantized layer: the parameter and, for 8-bit, its row scales (bitsandbytes moves them from
 # the parameter into the layer's state at the first forward).
@@ -244,7 +245,7 @@ class QuantizedLinear(Linear):
             total = QuantizedUpdate.apply(x, self, span, terms, *mixes)
         for adapter in adapters:
             if adapter not in span:
-                update = self._spectral_update(x, adapter)
+                update = spectral_update(self, x, adapter)
                 total = update if total is None else total + update
         return total
 

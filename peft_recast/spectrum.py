@@ -149,6 +149,22 @@ def spectrum_of(layer: Any, adapter: str) -> Optional[OwnSpectrum]:
     return group if isinstance(group, OwnSpectrum) else None
 
 
+def spectral_delta(layer: Any, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``delta_W`` of ``layer``'s ``own_spectrum`` adapter in the stored layout, in ``dtype``."""
+    mix = layer._mix(adapter).to(device)
+    axis = 1 if getattr(layer, "fan_in_fan_out", False) else 0
+    blocks = layer._blocks(adapter, mix.shape[1], device)
+    return spectrum_of(layer, adapter).delta(mix, blocks, layer.weight_shape(), axis, dtype)
+
+
+def spectral_update(layer: Any, x: torch.Tensor, adapter: str) -> torch.Tensor:
+    """``x delta_W^T`` of ``layer``'s ``own_spectrum`` adapter (a linear layer), in ``x``'s dtype, with autograd."""
+    mix = layer._mix(adapter).to(x.device)
+    blocks = layer._blocks(adapter, mix.shape[1], x.device)
+    dtype = layer._compute_dtype(x.dtype, x.device)
+    return spectrum_of(layer, adapter).update(x, mix, blocks, dtype).to(x.dtype)
+
+
 def spectrum_update(layer: Any, x: torch.Tensor, adapter_names: list[str], adapters: list[str]) -> torch.Tensor:
     """``x_n delta_W_n^T`` for a batch whose sample ``n`` uses ``adapter_names[n]`` (a linear layer; zero for samples
     whose adapter is not among ``adapters``, all ``own_spectrum`` on ``layer``). Adapters with the same templates, block
