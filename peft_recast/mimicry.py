@@ -80,6 +80,18 @@ def gram_matrix(weights: Sequence[torch.Tensor]) -> torch.Tensor:
     return gram.cpu()
 
 
+def numerical_rank(singular_values: torch.Tensor) -> int:
+    """How many of the descending ``singular_values`` exceed ``RANK_RTOL`` times the largest."""
+    return int((singular_values > RANK_RTOL * singular_values[0]).sum())
+
+
+def canonical_signs(columns: torch.Tensor) -> torch.Tensor:
+    """``(k,)`` signs that make each column of ``columns`` (``d x k``) have its entry of largest magnitude (the first
+    on ties) positive: singular vectors are defined up to sign, and coefficients need one fixed choice."""
+    pivot = columns.abs().argmax(dim=0)
+    return torch.sign(columns[pivot, torch.arange(columns.shape[1])])
+
+
 def fit_group(weights: Sequence[torch.Tensor], num_templates: int) -> GroupFit:
     """Closed-form mimicry of one group: the rank-``n`` SVD basis of the stacked ``weights``.
 
@@ -101,12 +113,9 @@ def fit_group(weights: Sequence[torch.Tensor], num_templates: int) -> GroupFit:
     eigenvectors = eigenvectors[:, order]
     if singular_values[0] <= 0:
         raise ValueError("Every weight of this template group is zero, so RECAST has nothing to build templates from.")
-    rank = int((singular_values > RANK_RTOL * singular_values[0]).sum())
-    n = min(num_templates, rank)
+    n = min(num_templates, numerical_rank(singular_values))
     basis = eigenvectors[:, :n]
-    pivot = basis.abs().argmax(dim=0)
-    signs = torch.sign(basis[pivot, torch.arange(n)])
-    basis = basis * signs
+    basis = basis * canonical_signs(basis)
     mixing = basis.T / singular_values[:n, None]
     return GroupFit(mixing=mixing, singular_values=singular_values, member_norms=gram.diagonal().sqrt())
 

@@ -30,6 +30,7 @@ from typing import Any, Optional
 import torch
 
 from .group import RecastGroup
+from .mimicry import canonical_signs, numerical_rank
 
 # Singular values written to the base fingerprint per module (enough to tell two bases apart; the config stays small).
 FINGERPRINT_VALUES = 8
@@ -75,15 +76,14 @@ def fit_spectrum(weight: torch.Tensor, num_templates: int) -> SpectrumFit:
     matrix = weight.detach().to(torch.float64)
     left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
     rank = 1 + max(max(pair) for pair in shell_pairs(num_templates))
-    if singular_values[0] <= 0 or rank > int((singular_values > 1e-6 * singular_values[0]).sum()):
+    available = numerical_rank(singular_values) if singular_values[0] > 0 else 0
+    if rank > available:
         raise ValueError(
             f"template_family='own_spectrum' needs {rank} nonzero singular values for {num_templates} templates, but a "
-            f"weight of shape {tuple(weight.shape)} has {int((singular_values > 1e-6 * singular_values[0]).sum())}; "
-            "use fewer num_templates."
+            f"weight of shape {tuple(weight.shape)} has {available}; use fewer num_templates."
         )
     left, right = left[:, :rank], right[:rank]
-    pivot = left.abs().argmax(dim=0)
-    signs = torch.sign(left[pivot, torch.arange(rank)])
+    signs = canonical_signs(left)
     return SpectrumFit(left=left * signs, right=right * signs[:, None], singular_values=singular_values)
 
 
