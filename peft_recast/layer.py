@@ -244,6 +244,11 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
             subtract.append(self.pristine_weight() if self.recast_replace.get(adapter, False) else None)
         return mixes, bases, blocks, subtract
 
+    @property
+    def output_axis(self) -> int:
+        """The axis of the stored weight that indexes output rows: 1 for a ``fan_in_fan_out`` (``Conv1D``) layout."""
+        return 1 if getattr(self, "fan_in_fan_out", False) else 0
+
     def _compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         """float32 maths for half-precision weights on the CPU, else the weights' own dtype."""
         return torch.float32 if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16) else dtype
@@ -255,8 +260,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         if spectrum_of(self, adapter) is not None:
             return spectral_delta(self, adapter, weight.device, dtype).to(weight.dtype)
         mixes, bases, blocks, subtract = self._terms([adapter], weight.device)
-        axis = 1 if getattr(self, "fan_in_fan_out", False) else 0  # the output rows' axis of the stored weight
-        return combine(None, mixes, bases, blocks, axis, dtype, subtract).to(weight.dtype)
+        return combine(None, mixes, bases, blocks, self.output_axis, dtype, subtract).to(weight.dtype)
 
     def _span_adapters(self, adapters: list[str]) -> list[str]:
         """Those of ``adapters`` whose templates span a group's weights (not ``own_spectrum``)."""
@@ -339,9 +343,8 @@ class Linear(nn.Module, RecastLayer):
         """``W + sum_a delta_W_a`` of ``adapters`` in the base weight's dtype (autograd flows to the coefficients)."""
         weight = self.get_base_layer().weight
         mixes, bases, blocks, subtract = self._terms(self._span_adapters(adapters), weight.device)
-        axis = 1 if self.fan_in_fan_out else 0
         dtype = self._compute_dtype(weight.dtype, weight.device)
-        adapted = combine(weight, mixes, bases, blocks, axis, dtype, subtract)
+        adapted = combine(weight, mixes, bases, blocks, self.output_axis, dtype, subtract)
         for adapter in adapters:
             if spectrum_of(self, adapter) is not None:
                 adapted = adapted + spectral_delta(self, adapter, weight.device, dtype)
@@ -448,10 +451,10 @@ class Linear(nn.Module, RecastLayer):
         if distinct and not span and operation is not None and operation.kind == "linear":
             result = self.base_layer(x, *args, **kwargs)
             return result + spectrum_update(self, x, adapter_names, distinct).to(result.dtype)
-        if len(span) < len(distinct):
-            distinct = []  # own_spectrum beside other families, or on a convolution: one weight per adapter
-        bases = {tuple(member.data_ptr() for member in self.recast_group[name].basis()) for name in distinct}
-        if operation is not None and len(bases) == 1 and self._prefers_shared_products(distinct, x, operation):
+        # own_spectrum beside group-span adapters, or on a convolution: one weight per adapter
+        bases = {tuple(member.data_ptr() for member in self.recast_group[name].basis()) for name in span}
+        one_basis = len(span) == len(distinct) and operation is not None and len(bases) == 1
+        if one_basis and self._prefers_shared_products(distinct, x, operation):
             x = self._cast_input_dtype(x, weight.dtype)
             index = {name: i for i, name in enumerate(distinct)}
             mixes, basis, _, _ = self._terms(distinct, weight.device)

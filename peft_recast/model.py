@@ -160,9 +160,10 @@ class RecastModel(QuantizedBase, BaseTuner):
         interrupt), every module wrapped for ``adapter_name`` is unwrapped again and every parameter gets back its
         ``requires_grad``, so the model is exactly as it was before the call.
         """
-        requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+        requires_grad = []  # the fast path adds parameters and changes no other's flag: only PEFT's pass needs these
         try:
             if low_cpu_mem_usage or not self.inject_like_existing(model, adapter_name):
+                requires_grad = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
                 super().inject_adapter(
                     model,
                     adapter_name,

@@ -307,8 +307,7 @@ class GroupFits:
         """The ``own_spectrum`` fit of one layer's pretrained ``weight`` (:func:`~peft_recast.spectrum.fit_spectrum`)."""
         key = (num_templates, layer.weight_state(), tuple(weight.shape))
         if key not in self._spectra:
-            axis = 1 if getattr(layer, "fan_in_fan_out", False) else 0
-            self._spectra[key] = fit_spectrum(matrix_of(weight, axis), num_templates)
+            self._spectra[key] = fit_spectrum(matrix_of(weight, layer.output_axis), num_templates)
         return self._spectra[key]
 
     def fit(self, plan: GroupPlan, num_templates: int, weights: list[list[torch.Tensor]]) -> GroupFit:

@@ -152,9 +152,8 @@ def spectrum_of(layer: Any, adapter: str) -> Optional[OwnSpectrum]:
 def spectral_delta(layer: Any, adapter: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """``delta_W`` of ``layer``'s ``own_spectrum`` adapter in the stored layout, in ``dtype``."""
     mix = layer._mix(adapter).to(device)
-    axis = 1 if getattr(layer, "fan_in_fan_out", False) else 0
     blocks = layer._blocks(adapter, mix.shape[1], device)
-    return spectrum_of(layer, adapter).delta(mix, blocks, layer.weight_shape(), axis, dtype)
+    return spectrum_of(layer, adapter).delta(mix, blocks, layer.weight_shape(), layer.output_axis, dtype)
 
 
 def spectral_update(layer: Any, x: torch.Tensor, adapter: str) -> torch.Tensor:

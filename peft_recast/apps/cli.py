@@ -294,6 +294,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--one-rate", action="store_true",
                         help="report each method at one learning rate for every task (its best mean validation "
                         "accuracy over the tuning tasks at the first seed); held-out tasks run at that rate only")
+    parser.add_argument("--probe-candidate", action="store_true",
+                        help="report each run, or the linear probe of its task and seed where the probe's validation "
+                        "accuracy is higher (what `peft-recast train` keeps); needs the probe among the records")
     parser.add_argument("--small-data", action="store_true",
                         help=f"the small-data protocol: {methods.SMALL_DATA_TRAIN:,} training examples per task, "
                         f"{methods.SMALL_DATA_EPOCHS} epochs (where a user starts; the CPU runs it in full)")
@@ -346,7 +349,7 @@ def bench_settings(args: argparse.Namespace) -> BenchSettings:
         settings.sweep = False
     if args.small_data:
         settings.max_train, settings.epochs = args.max_train or SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS
-    settings.one_rate = args.one_rate
+    settings.one_rate, settings.probe_candidate = args.one_rate, args.probe_candidate
     settings.lrs = args.lrs
     unknown = [task for task in settings.tasks if task not in TASKS]
     if unknown:

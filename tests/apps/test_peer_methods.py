@@ -92,3 +92,31 @@ def test_head_first_peer_is_its_plain_peer_with_the_head_first(name):
     assert first.head_first and not plain.head_first
     assert first.config().to_dict() == plain.config().to_dict()
     assert (first.lrs, first.default_lr) == (plain.lrs, plain.default_lr)
+
+
+SUPERTUNING = [f"supertuning-{size}-hf" for size in (24, 48, 144)]
+
+
+def test_supertuning_family_is_its_counts_head_first():
+    assert FAMILIES["supertuning"].methods == tuple(SUPERTUNING)
+    assert all(METHODS[name].head_first and METHODS[name].kind == "peft" for name in SUPERTUNING)
+
+
+@pytest.mark.parametrize("name", SUPERTUNING)
+def test_supertuning_trains_the_largest_entries_of_query_and_value_exactly_the_count_in_its_name(name, encoder):
+    import peft
+
+    method = METHODS[name]
+    assert len(method.lrs) >= 5 and method.lrs[0] < method.default_lr < method.lrs[-1]
+    config = method.config()
+    assert set(config.target_modules) == {"query", "value"} and config.select_top and config.r is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.get_peft_model(copy.deepcopy(encoder), config)
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == _count(name[: -len("-hf")])
+    # the trained entries are the largest-magnitude entries of each weight
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    weight = layer.get_base_layer().weight.detach().abs().flatten()
+    per_module = _count(name[: -len("-hf")]) // 12
+    chosen = weight[layer.supertuning_indices["default"].to(torch.int64).flatten()]
+    assert torch.equal(chosen.sort().values, weight.topk(per_module).values.sort().values)

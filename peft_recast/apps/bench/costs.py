@@ -4,7 +4,7 @@ memory against LoRA r=8, inference latency against the bare model, mixed-task ba
 from __future__ import annotations
 
 import statistics
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,24 +27,22 @@ def cost_batch(tokenizer, settings: BenchSettings, device: torch.device) -> dict
     return {key: value.to(device) for key, value in encoded.items()}
 
 
-def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer) -> int:
-    """Bytes a training step adds on top of the frozen model: activations kept for backward, gradients, optimizer.
+def step_memory(step: Callable[[], None], modules: Sequence[nn.Module], optimizer, device: torch.device) -> int:
+    """Bytes one training ``step()`` adds on top of the frozen ``modules``: activations kept for backward, gradients,
+    optimizer state.
 
     CUDA: the peak allocated during the step minus what was allocated before it. CPU (no allocator statistics): the
-    tensors autograd saves for backward (distinct storages that are not parameters or buffers), plus every
-    gradient and optimizer state after the step, counted exactly.
+    tensors autograd saves for backward (distinct storages that are not parameters or buffers of ``modules``), plus
+    every gradient and optimizer state after the step, counted exactly.
     """
-    device = batch["input_ids"].device
-    labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
-        train_step(encoder, head, batch, labels, optimizer)
+        step()
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    owned = {t.untyped_storage().data_ptr() for module in (encoder, head) for t in
-             [*module.parameters(), *module.buffers()]}
+    owned = {t.untyped_storage().data_ptr() for module in modules for t in [*module.parameters(), *module.buffers()]}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -54,11 +52,18 @@ def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer)
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        train_step(encoder, head, batch, labels, optimizer)
+        step()
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if isinstance(t, torch.Tensor))
     grads = sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
     return sum(saved.values()) + state + grads
+
+
+def training_memory(encoder: nn.Module, head: nn.Module, batch: dict, optimizer) -> int:
+    """:func:`step_memory` of one :func:`train_step` of ``encoder`` and ``head`` on ``batch``."""
+    device = batch["input_ids"].device
+    labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
+    return step_memory(lambda: train_step(encoder, head, batch, labels, optimizer), (encoder, head), optimizer, device)
 
 
 def train_step(encoder: nn.Module, head: nn.Module, batch: dict, labels: torch.Tensor, optimizer) -> None:

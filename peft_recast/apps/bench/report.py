@@ -16,6 +16,7 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "accuracy_vs_parameters.png"
 LR_PLOT_FILE = "accuracy_vs_learning_rate.png"
 BAND_PLOT_FILE = "gain_over_probe_vs_learning_rate.png"
+GAINS_FILE = "gain_over_probe_by_rate.md"
 
 
 def summarise(settings: BenchSettings, results: Results) -> list[dict]:
@@ -169,7 +170,10 @@ def describe_protocol(settings: BenchSettings) -> str:
              "tasks at seed 0" if settings.one_rate else "learning rate chosen per task on validation from each "
              "method's grid") if settings.sweep else "each method at its default learning rate (no sweep)"
     examples = f"{settings.max_train:,}" if settings.max_train else "up to 2,000"
-    return f"Test accuracy (%), {seeds}; {rates}; {examples} training examples per task, {settings.epochs} epochs"
+    candidate = "; validation chooses between each run and the probe of its task and seed" if settings.probe_candidate \
+        else ""
+    return (f"Test accuracy (%), {seeds}; {rates}; {examples} training examples per task, {settings.epochs} "
+            f"epochs{candidate}")
 
 
 def method_family(name: str) -> str:
@@ -321,6 +325,17 @@ def gain_over_probe(settings: BenchSettings, results: Results, name: str) -> dic
         if points:
             gains[task] = points
     return gains
+
+
+def format_gains_by_rate(bands: dict[str, dict[str, dict[float, float]]]) -> str:
+    """:func:`gain_over_probe` of each method as a Markdown table: a row per method and task, a column per rate."""
+    rates = sorted({lr for gains in bands.values() for points in gains.values() for lr in points})
+    lines = ["| method | task | " + " | ".join(f"{lr:g}" for lr in rates) + " |", "|---|---|" + "---|" * len(rates)]
+    for name, gains in bands.items():
+        for task, points in gains.items():
+            cells = [f"{points[lr]:+.2f}" if lr in points else "" for lr in rates]
+            lines.append(f"| {name} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot_gain_bands(bands: dict[str, dict[str, dict[float, float]]], path: str) -> None:

@@ -3,6 +3,7 @@ learning rate each method gets per task."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import hashlib
@@ -40,6 +41,7 @@ class BenchSettings:
     cost_length: int = 128
     one_rate: bool = False
     lrs: Optional[list[float]] = None  # the rates a sweep runs instead of each method's grid (not part of a run's key)
+    probe_candidate: bool = False  # the report lets validation choose the probe over a run (not part of a run's key)
 
     def tuning_tasks(self) -> list[str]:
         """The tasks a learning rate may be chosen on: those of :attr:`tasks` not in ``HELD_OUT_TASKS``."""
@@ -172,8 +174,29 @@ class Results:
         self.save()
 
     def save(self) -> None:
+        if self.path is None:
+            raise RuntimeError("This is a report's view of the records (probe_candidates), not a results file.")
         with atomic_write(self.path) as handle:
             json.dump(dict(runs=self.runs, costs=self.costs, forgetting=self.forgetting), handle, indent=1)
+
+
+def probe_candidates(results: Results, protocol: dict) -> Results:
+    """The records as the report reads them when validation may choose the linear probe over a run, the state
+    ``peft-recast train`` keeps when no epoch beats the head alone: a copy of ``results`` in which every run whose
+    validation accuracy is strictly under the probe's of the same task and seed takes the probe's validation and test
+    accuracies and test digest, with ``probe_chosen`` true. Runs without such a probe record stay as they are; the
+    copy cannot be saved."""
+    view = copy.copy(results)
+    view.path, view.runs = None, {}
+    for key, record in results.runs.items():
+        probe = None
+        if record.get("method") != "probe" and record.get("protocol") == protocol:
+            probe = results.runs.get(run_key("probe", record["task"], 0.0, record["seed"], protocol))
+        if probe is not None and probe["validation_accuracy"] > record["validation_accuracy"]:
+            record = {**record, "probe_chosen": True,
+                      **{name: probe[name] for name in ("validation_accuracy", "test_accuracy", "test_digest")}}
+        view.runs[key] = record
+    return view
 
 
 def lrs_to_run(method: Method, task: str, seed: int, settings: BenchSettings, results: Results,

@@ -35,11 +35,13 @@ from .methods import METHODS, Method
 from .models import MethodModel, load_head, save_run
 from .report import (
     BAND_PLOT_FILE,
+    GAINS_FILE,
     LR_PLOT_FILE,
     PLOT_FILE,
     TABLE_FILE,
     changed_predictions,
     describe_protocol,
+    format_gains_by_rate,
     format_table,
     gain_over_probe,
     learning_rate_curves,
@@ -49,7 +51,7 @@ from .report import (
     rates_at_the_edge,
     summarise,
 )
-from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, run_key
+from .results import RESULTS_FILE, BenchSettings, Results, best_lr, lrs_to_run, probe_candidates, run_key
 
 
 def _held_during_alignment(encoder: nn.Module) -> list[nn.Parameter]:
@@ -272,6 +274,10 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
     if costs:
         results.costs.update(measure_costs(settings, device))
         results.save()
+    if settings.probe_candidate:
+        results = probe_candidates(results, settings.protocol())
+        chosen = [r for r in results.runs.values() if r.get("probe_chosen") and r["method"] in settings.methods]
+        print(f"Validation chose the probe over {len(chosen)} run(s) of these methods (every rate, task and seed).")
     rows = summarise(settings, results)
     if not rows and not train and results.runs:
         protocol = settings.protocol()
@@ -295,6 +301,9 @@ def run_bench(settings: BenchSettings, costs: bool = True, train: bool = True, m
     bands = {name: gains for name, gains in bands.items() if len({lr for p in gains.values() for lr in p}) > 1}
     if bands:
         plot_gain_bands(bands, os.path.join(settings.output_dir, BAND_PLOT_FILE))
+        with atomic_write(os.path.join(settings.output_dir, GAINS_FILE)) as handle:
+            handle.write(f"Test accuracy minus the probe's per learning rate, points, mean over the seeds each rate "
+                         f"ran at. {describe_protocol(settings)}:\n\n{format_gains_by_rate(bands)}\n")
     changed, changed_ever = changed_predictions(forgetting), changed_predictions(results.forgetting)
     print(f"\n{describe_protocol(settings)}:\n{table}")
     edges = rates_at_the_edge(settings, results)
