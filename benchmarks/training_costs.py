@@ -8,8 +8,6 @@ median step time over rounds taken in rotation, on 32 real BBC articles x 128 to
 """
 
 import argparse
-import statistics
-import time
 
 import peft
 import torch
@@ -17,6 +15,7 @@ import torch
 import peft_recast
 from peft_recast.apps.bench.costs import train_step, training_memory
 from peft_recast.apps.encoder import load_encoder, load_tokenizer, new_head
+from peft_recast.apps.runtime import side_by_side
 from peft_recast.apps.tasks import load_task
 
 CONFIGS = {  # name -> (config builder, the LoRA reference on the same targets)
@@ -48,16 +47,12 @@ def main() -> None:
         train_step(encoder, head, batch, labels, optimizer)
         built[name] = (encoder, head, optimizer)
     memory = {name: training_memory(*built[name][:2], batch, built[name][2]) for name in built}
-    seconds = {name: [] for name in built}
-    for _ in range(args.rounds):
-        for name, (encoder, head, optimizer) in built.items():
-            started = time.perf_counter()
-            train_step(encoder, head, batch, labels, optimizer)
-            seconds[name].append(time.perf_counter() - started)
+    seconds = side_by_side({name: lambda name=name: train_step(*built[name][:2], batch, labels, built[name][2])
+                            for name in built}, args.rounds, description="training steps")
     print(f"{'config':<32} {'memory MiB':>10} {'vs LoRA':>8} {'step s':>7} {'vs LoRA':>8}")
     for name, (_, reference) in CONFIGS.items():
         reference = reference or name
-        step, base = statistics.median(seconds[name]), statistics.median(seconds[reference])
+        step, base = seconds[name], seconds[reference]
         print(f"{name:<32} {memory[name] / 2**20:>10.1f} {memory[name] / memory[reference]:>7.2f}x {step:>7.2f} "
               f"{step / base:>7.2f}x")
 

@@ -133,3 +133,20 @@ def median_seconds(function: Callable[[], object], repeats: int, device: Optiona
     """The median of ``repeats`` :func:`timed` calls, after one call that is not timed (one-time costs)."""
     function()
     return statistics.median(timed(function, device) for _ in range(repeats))
+
+
+def side_by_side(calls: dict[str, Callable[[], object]], repeats: int, device: Optional[torch.device] = None,
+                 description: Optional[str] = None) -> dict[str, float]:
+    """Median :func:`timed` seconds of each of ``calls``, compared under the same machine load: one untimed call each
+    (one-time costs: caches, allocations), then ``repeats`` rounds, each calling all of them, in an order that
+    rotates by one per round. With a ``description``, a progress bar counts the rounds."""
+    from tqdm.auto import tqdm
+
+    names = list(calls)
+    for name in names:
+        calls[name]()
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for round_ in tqdm(range(repeats), desc=description, unit="round", disable=description is None, leave=False):
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            seconds[name].append(timed(calls[name], device))
+    return {name: statistics.median(values) for name, values in seconds.items()}

@@ -240,6 +240,7 @@ def test_merge_refuses_a_file_that_is_not_benchmark_results(tmp_path):
 def test_costs_only_trains_nothing_and_reports_the_timers_medians_and_their_quotients(tmp_path, monkeypatch):
     """``--costs-only`` trains nothing; each step time is the median of what the timer measured over the rounds, each
     ratio the quotient of those medians, and the table prints the ratios of the methods with records."""
+    from peft_recast.apps import runtime
     from peft_recast.apps.bench import costs as costs_module
 
     _forbid_training(monkeypatch, "--costs-only trained a run")
@@ -268,7 +269,7 @@ def test_costs_only_trains_nothing_and_reports_the_timers_medians_and_their_quot
 
     monkeypatch.setattr(costs_module, "train_step", step)
     monkeypatch.setattr(costs_module, "sentence_logits", lambda *args, **kwargs: None)
-    monkeypatch.setattr(costs_module, "timed", timer)
+    monkeypatch.setattr(runtime, "timed", timer)
     assert cli.run_bench_command(args) == 0
     assert step_times == {48: [], 73_728: []}  # every round timed one step of each method
     with open(tmp_path / bench.RESULTS_FILE) as handle:

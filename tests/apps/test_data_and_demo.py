@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import sys
+import time
 
 import pytest
 import torch
@@ -225,3 +226,13 @@ def test_thread_governor_counts_only_other_processes():
         assert 1 <= governor.update(force=True) <= 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_side_by_side_times_calls_in_rotating_order():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
+    medians = runtime.side_by_side(calls, 3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # one untimed call each, then 3 rounds
+    assert set(medians) == set("abc")
+    slow = runtime.side_by_side({"fast": lambda: None, "slow": lambda: time.sleep(0.01)}, 3)
+    assert slow["slow"] >= 0.01 > slow["fast"]

@@ -92,11 +92,3 @@ def test_table_prints_every_figure_and_verdict(quick_run):
         assert f"| {target} | {row['value']:.3f} | {'yes' if row['met'] else 'no'} |" in lines
     for name, row in results["training"].items():
         assert any(line.startswith(f"| training step, {name} ({row['trainable']:,} trainable)") for line in lines)
-
-
-def test_calls_are_timed_in_rotating_order(decoder_costs):
-    order = []
-    calls = {name: (lambda name=name: order.append(name)) for name in "abc"}
-    medians = decoder_costs.side_by_side(calls, 3, "test")
-    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # one untimed call each, then 3 rounds
-    assert set(medians) == set("abc") and all(seconds >= 0 for seconds in medians.values())

@@ -3,7 +3,6 @@ memory against LoRA r=8, inference latency against the bare model, mixed-task ba
 
 from __future__ import annotations
 
-import statistics
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -12,11 +11,13 @@ from tqdm.auto import tqdm
 
 from ..encoder import load_encoder, load_tokenizer, new_head, sentence_logits
 from ..loop import trainable_numbers
-from ..runtime import timed
+from ..runtime import side_by_side
 from ..tasks import load_task
 from .methods import METHODS, REFERENCE_METHOD
 from .models import MethodModel
 from .results import BenchSettings
+
+BARE = "_bare base model"  # the key of the base model's own forward among the timed calls
 
 
 def cost_batch(tokenizer, settings: BenchSettings, device: torch.device) -> dict:
@@ -78,8 +79,9 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     """Per method: numbers, step time and training memory relative to LoRA r=8, inference latency unmerged and
     merged relative to the bare base model, and mixed-task batch throughput relative to a single-task batch.
 
-    All methods are built first and timed in rotating order, ``cost_repeats`` rounds, so that every ratio compares
-    steps taken under the same machine load; each figure is the median over rounds.
+    All methods are built first and timed side by side (:func:`~peft_recast.apps.runtime.side_by_side`:
+    ``cost_repeats`` rounds in rotating order), so that every ratio compares calls made under the same machine load;
+    each figure is the median over rounds.
     """
     batch = cost_batch(load_tokenizer(), settings, device)
     labels = torch.zeros(len(batch["input_ids"]), dtype=torch.long, device=device)
@@ -99,35 +101,31 @@ def measure_costs(settings: BenchSettings, device: torch.device) -> dict:
     for name in names:  # one step each first: one-time allocations (e.g. cuBLAS workspaces) land on no method
         train_step(models[name], heads[name], batch, labels, optimizers[name])
     memory = {name: training_memory(models[name], heads[name], batch, optimizers[name]) for name in names}
-    steps: dict[str, list[float]] = {name: [] for name in names}
-    unmerged: dict[str, list[float]] = {name: [] for name in names}
-    merged: dict[str, list[float]] = {name: [] for name in names}
-    bare: list[float] = []
-    for round_ in tqdm(range(settings.cost_repeats), desc="costs: timing", unit="round", leave=False):
-        order = names[round_ % len(names):] + names[: round_ % len(names)]
-        with torch.no_grad():
-            bare.append(timed(lambda: sentence_logits(base, base_head, batch), device))
-        for name in order:
-            encoder, head = models[name], heads[name]
-            steps[name].append(timed(lambda: train_step(encoder, head, batch, labels, optimizers[name]), device))
-            with torch.no_grad():
-                unmerged[name].append(timed(lambda: sentence_logits(encoder, head, batch), device))
-                if METHODS[name].kind == "peft":
-                    encoder.merge_adapter()
-                    merged[name].append(timed(lambda: sentence_logits(encoder, head, batch), device))
-                    encoder.unmerge_adapter()
-    median = statistics.median
-    reference_step, reference_memory, bare_time = median(steps[REFERENCE_METHOD]), memory[REFERENCE_METHOD], median(bare)
+    repeats = settings.cost_repeats
+    steps = side_by_side({name: lambda name=name: train_step(models[name], heads[name], batch, labels,
+                                                             optimizers[name]) for name in names},
+                         repeats, device, "costs: training steps")
+    merging = [name for name in names if METHODS[name].kind == "peft"]
+    with torch.no_grad():
+        forward = {BARE: lambda: sentence_logits(base, base_head, batch)}
+        forward.update({name: lambda name=name: sentence_logits(models[name], heads[name], batch) for name in names})
+        unmerged = side_by_side(forward, repeats, device, "costs: unmerged forward")
+        for name in merging:
+            models[name].merge_adapter()
+        merged = side_by_side({key: forward[key] for key in (BARE, *merging)}, repeats, device, "costs: merged forward")
+        for name in merging:
+            models[name].unmerge_adapter()
+    reference_step, reference_memory = steps[REFERENCE_METHOD], memory[REFERENCE_METHOD]
     costs = {}
     for name in names:
         costs[name] = dict(
             trainable=trainable_numbers(models[name]),
-            step_seconds=median(steps[name]), step_ratio=median(steps[name]) / reference_step,
+            step_seconds=steps[name], step_ratio=steps[name] / reference_step,
             training_memory_bytes=memory[name], memory_ratio=memory[name] / reference_memory,
-            unmerged_latency_ratio=median(unmerged[name]) / bare_time,
-            merged_latency_ratio=median(merged[name]) / bare_time if merged[name] else None,
+            unmerged_latency_ratio=unmerged[name] / unmerged[BARE],
+            merged_latency_ratio=merged[name] / merged[BARE] if name in merged else None,
         )
-    costs["_bare_forward_seconds"] = bare_time
+    costs["_bare_forward_seconds"] = unmerged[BARE]
     for built in (models, heads, optimizers):  # free the models before building the mixed-batch ones
         built.clear()
     mixed = measure_mixed_batches(settings, device, batch, [n for n in names if METHODS[n].kind == "peft"])
@@ -153,13 +151,11 @@ def measure_mixed_batches(settings: BenchSettings, device: torch.device, batch: 
         head = new_head(encoder.config.hidden_size, 2, 0, device)
         try:
             with torch.no_grad():
-                sentence_logits(encoder, head, batch, adapter_names=adapter_names)
-                single, mixed = [], []
-                for _ in range(settings.cost_repeats):
-                    single.append(timed(lambda: sentence_logits(encoder, head, batch), device))
-                    mixed.append(timed(lambda: sentence_logits(encoder, head, batch, adapter_names=adapter_names),
-                                        device))
-            ratios[name] = statistics.median(single) / statistics.median(mixed)
+                seconds = side_by_side({
+                    "one task": lambda: sentence_logits(encoder, head, batch),
+                    "mixed": lambda: sentence_logits(encoder, head, batch, adapter_names=adapter_names),
+                }, settings.cost_repeats, device)
+            ratios[name] = seconds["one task"] / seconds["mixed"]
         except (ValueError, TypeError, NotImplementedError):
             ratios[name] = None
     return ratios

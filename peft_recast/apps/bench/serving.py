@@ -22,7 +22,6 @@ import gc
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from tqdm.auto import tqdm
 from ... import hotswap_adapter, load_adapters
 from ...files import atomic_write
 from ..encoder import load_encoder, load_tokenizer
-from ..runtime import timed
+from ..runtime import side_by_side, timed
 from ..tasks import load_task
 
 SERVING_FILE = "serving.json"
@@ -136,25 +135,17 @@ def measure_method(name: str, settings: ServingSettings, batch: dict, device: to
     model.set_adapter("a0")
     ratios = {}
     with torch.no_grad():
-        model(**batch)  # first call: RECAST builds and caches its adapted weights
         for count in tqdm(settings.adapters, desc=f"serving {name}: batches", leave=False):
             names = [f"a{i % count}" for i in range(settings.rows)]
-            model(**batch, adapter_names=names)
-            single, mixed = [], []
-            for _ in range(settings.repeats):
-                single.append(timed(lambda: model(**batch)))
-                mixed.append(timed(lambda: model(**batch, adapter_names=names)))
-            ratios[count] = statistics.median(single) / statistics.median(mixed)
+            # the first, untimed calls build and cache RECAST's adapted weights
+            batches = side_by_side({"one adapter": lambda: model(**batch),
+                                    "mixed": lambda names=names: model(**batch, adapter_names=names)}, settings.repeats)
+            ratios[count] = batches["one adapter"] / batches["mixed"]
         bare = load_encoder(device).eval()
-        bare(**batch)
-        unmerged, plain = [], []
-        for _ in range(settings.repeats):
-            unmerged.append(timed(lambda: model(**batch)))
-            plain.append(timed(lambda: bare(**batch)))
+        latency = side_by_side({"unmerged": lambda: model(**batch), "bare": lambda: bare(**batch)}, settings.repeats)
     return dict(throughput_ratio=ratios, load_seconds=load_seconds, read_seconds=read_seconds, add_seconds=add_seconds,
-                bytes_per_adapter=per_adapter,
-                unmerged_latency_ratio=statistics.median(unmerged) / statistics.median(plain),
-                single_batch_seconds=statistics.median(single))
+                bytes_per_adapter=per_adapter, unmerged_latency_ratio=latency["unmerged"] / latency["bare"],
+                single_batch_seconds=batches["one adapter"])
 
 
 def format_serving(results: dict, settings: ServingSettings) -> str:
@@ -342,14 +333,12 @@ def measure_scale(settings: ScaleSettings) -> dict:
         read_seconds = timed(lambda: [(peft.PeftConfig.from_pretrained(path), peft.utils.load_peft_weights(path))
                                        for path in paths[1:]]) if settings.read_files else None
         model.set_adapter(names[0])
-        single_seconds, mixed_seconds = [], []
-        with torch.no_grad():
-            if settings.repeats:
-                model(**rows(spans[0]))  # first calls: the cached adapted weight, one-time allocations
-                mixed(spans[0])
-            for _ in tqdm(range(settings.repeats), desc="serving scale: batches", leave=False):
-                single_seconds.append(timed(lambda: [model(**rows(span)) for span in spans], device))
-                mixed_seconds.append(timed(lambda: [mixed(span) for span in spans], device))
+        seconds = None
+        if settings.repeats:
+            with torch.no_grad():  # first, untimed calls: the cached adapted weight, one-time allocations
+                seconds = side_by_side({"one adapter": lambda: [model(**rows(span)) for span in spans],
+                                        "mixed": lambda: [mixed(span) for span in spans]},
+                                       settings.repeats, device, "serving scale: batches")
         rss_served = rss_bytes()
 
         if settings.check is None or settings.check >= count:
@@ -373,8 +362,8 @@ def measure_scale(settings: ScaleSettings) -> dict:
                     difference = max(difference, (row - alone).abs().max().item())
                     moved = min(moved, (bare - alone).abs().max().item())
     timings = dict(single_rows_per_second=None, mixed_rows_per_second=None, mixed_vs_single=None)
-    if settings.repeats:
-        single, together = statistics.median(single_seconds), statistics.median(mixed_seconds)
+    if seconds is not None:
+        single, together = seconds["one adapter"], seconds["mixed"]
         timings = dict(single_rows_per_second=count / single, mixed_rows_per_second=count / together,
                        mixed_vs_single=single / together)
     return dict(
