@@ -2,7 +2,7 @@
 
 Times one RECAST query layer of MiniLM-L6's size (384 x 384, default config: 2 templates over a 2-layer group, 2 row
 blocks) on batches of 64, 2,048 and 32,768 tokens whose rows cycle through k distinct adapters, once forced onto each
-path (``peft_recast.layer.REBUILD_TOKENS_PER_MEMBER`` set to 0: always rebuild; to 10**9: always share), and prints
+path (``peft_recast.combination.REBUILD_TOKENS_PER_MEMBER`` set to 0: always rebuild; to 10**9: always share), and prints
 the ratio rebuild / shared (> 1: sharing is faster). The rule in ``Linear._prefers_shared_products`` shares when
 ``k * REBUILD_TOKENS_PER_MEMBER * m >= (m - 1) * tokens``.
 
@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import peft_recast
-from peft_recast import layer as recast_layer
+from peft_recast import combination
 from peft_recast.apps.runtime import median_seconds
 
 
@@ -34,7 +34,7 @@ def main() -> None:
         model.add_adapter(f"a{i}", peft_recast.RecastConfig(target_modules=["query"], init_weights=False))
     model.eval()
     layer = stack[0]["query"]
-    rule = recast_layer.REBUILD_TOKENS_PER_MEMBER
+    rule = combination.REBUILD_TOKENS_PER_MEMBER
     print(f"{'tokens':>7} {'adapters':>8} {'shared ms':>10} {'rebuild ms':>11} {'rebuild/shared':>15} {'rule picks':>10}")
     for rows, tokens in [(64, 1), (64, 32), (1024, 32)]:
         x = torch.randn(rows, tokens, 384)
@@ -45,9 +45,9 @@ def main() -> None:
             times = {}
             with torch.no_grad():
                 for path, value in (("shared", 10**9), ("rebuild", 0)):
-                    recast_layer.REBUILD_TOKENS_PER_MEMBER = value
+                    combination.REBUILD_TOKENS_PER_MEMBER = value
                     times[path] = median_seconds(lambda: layer(x, adapter_names=names), args.repeats)
-            recast_layer.REBUILD_TOKENS_PER_MEMBER = rule
+            combination.REBUILD_TOKENS_PER_MEMBER = rule
             picks = "shared" if count * rule * 2 >= rows * tokens else "rebuild"
             print(f"{rows * tokens:>7} {count:>8} {1e3 * times['shared']:>10.2f} {1e3 * times['rebuild']:>11.2f} "
                   f"{times['rebuild'] / times['shared']:>15.2f} {picks:>10}", flush=True)

@@ -206,6 +206,19 @@ def block_slices(rows: int, num_blocks: int) -> list[slice]:
     return slices
 
 
+# A mixed batch rebuilds one weight per adapter (about this many tokens' worth of product per basis member, measured
+# on MiniLM-L6's 384 x 384 query/value on a 2-core CPU: the crossover falls at 2, ~40 and ~650 adapters for batches
+# of 64, 2,048 and 32,768 tokens) or takes the group's shared products.
+REBUILD_TOKENS_PER_MEMBER = 25
+
+
+def shared_products_pay(adapters: int, members: int, tokens: int) -> bool:
+    """Whether :func:`shared_products` over a batch of ``tokens`` tokens (``members - 1`` products more than one
+    plain product) cost less than rebuilding one weight per adapter (``REBUILD_TOKENS_PER_MEMBER * members`` tokens'
+    worth of product each, measured with ``benchmarks/mixed_batch_rule.py``)."""
+    return adapters * REBUILD_TOKENS_PER_MEMBER * members >= (members - 1) * tokens
+
+
 def shared_products(
     x: torch.Tensor,
     operation: Operation,

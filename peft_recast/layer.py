@@ -12,7 +12,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check
 from peft.utils.other import transpose
 from torch import nn
 
-from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products
+from .cache import cached
+from .combination import AdaptedCall, Operation, combine, row_blocks, shared_products, shared_products_pay
 from .config import RecastConfig
 from .gates import GatedLayer, GateState
 from .spectrum import spectral_delta, spectral_update, spectrum_of, spectrum_update
@@ -23,10 +24,6 @@ if TYPE_CHECKING:
 # Standard deviation of the coefficients when `init_weights=False`: each weight moves by about 20 % of its norm at the
 # default coefficient_scale of 10 (enough to change the greedy generations of PEFT's tiny test models).
 RANDOM_INIT_STD = 0.02
-# A mixed batch rebuilds one weight per adapter (about this many tokens' worth of product per basis member, measured
-# on MiniLM-L6's 384 x 384 query/value on a 2-core CPU: the crossover falls at 2, ~40 and ~650 adapters for batches
-# of 64, 2,048 and 32,768 tokens) or takes the group's shared products: see `Linear._prefers_shared_products`.
-REBUILD_TOKENS_PER_MEMBER = 25
 
 
 class RecastLayer(GatedLayer, BaseTunerLayer):
@@ -81,7 +78,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         self.out_features = out_features
         self.kwargs = kwargs
         self._row_blocks: dict[tuple, torch.Tensor] = {}
-        self._weight_cache: Optional[tuple[tuple, list[torch.Tensor], torch.Tensor]] = None
+        self._weight_cache: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None  # see peft_recast.cache
+        self._mix_cache: Optional[tuple[tuple, torch.Tensor, torch.Tensor]] = None
         self._mixings: dict[tuple, torch.Tensor] = {}
 
     def update_layer(self, adapter_name: str, config: RecastConfig, inference_mode: bool = False) -> None:
@@ -108,7 +106,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         del self.recast_coefficients[adapter_name]
         self.recast_bound.pop(adapter_name, None)
         self.recast_channels.pop(adapter_name, None)
-        self._weight_cache = None
+        self._weight_cache = self._mix_cache = None
 
     def add_adapter_like(self, adapter_name: str, template: str, config: RecastConfig, trainable: bool) -> None:
         """Add ``adapter_name`` with the group, mixing and (fused) tie of ``template``, an adapter of the same grouping
@@ -350,37 +348,24 @@ class Linear(nn.Module, RecastLayer):
                 adapted = adapted + spectral_delta(self, adapter, weight.device, dtype)
         return adapted.to(weight.dtype)
 
-    def _cache_key(self, adapters: list[str]) -> tuple:
-        """What the adapted weight of ``adapters`` depends on: every tensor involved, by storage and version."""
-        weight = self.get_base_layer().weight
-        parts: list = [torch.is_inference_mode_enabled(), weight.data_ptr(), weight._version, weight.dtype]
-        for adapter in adapters:
-            owner = self.recast_tie.get(adapter, self)
-            coefficients, mixing = owner.recast_coefficients[adapter], self.recast_mixing[adapter]
-            parts += [adapter, id(coefficients), coefficients._version, id(mixing), mixing._version]
-            if adapter in self.recast_gate_scores:
-                score = self.recast_gate_scores[adapter]
-                parts += [id(score), score._version]
-            if spectrum_of(self, adapter) is not None:
-                parts.append(id(self.recast_group[adapter]))  # fixed factors
-            else:
-                parts += [(member.data_ptr(), member._version) for member in self.recast_group[adapter].basis()]
-        return tuple(parts)
-
     def _cached_weight(self, adapters: list[str]) -> torch.Tensor:
-        """The adapted weight, rebuilt only when something it depends on changed: a key of :meth:`_cache_key`, and
-        the coefficients' values themselves (a change through ``.data`` bumps no version counter)."""
+        """The adapted weight of ``adapters``, rebuilt only when something it depends on changed
+        (:func:`~peft_recast.cache.cached`)."""
         if torch.compiler.is_compiling():
             return self._adapted_weight(adapters)
-        key = self._cache_key(adapters)
-        values = [self.recast_tie.get(a, self).recast_coefficients[a].detach() for a in adapters]
-        values += [self.recast_gate_scores[a].detach() for a in adapters if a in self.recast_gate_scores]
-        cache = self._weight_cache  # read once: another thread may replace it meanwhile
-        if cache is None or cache[0] != key or not all(map(torch.equal, cache[1], values)):
-            with torch.no_grad():
-                cache = (key, [value.clone() for value in values], self._adapted_weight(adapters))
-            self._weight_cache = cache
-        return cache[2]
+        return cached(self, "_weight_cache", adapters, lambda: self._adapted_weight(adapters))
+
+    def _stacked_mixes(self, adapters: list[str], device: torch.device) -> torch.Tensor:
+        """The mixes (:meth:`_mix`) of ``adapters`` stacked, then a zero mix for rows of no adapter, ``(A + 1, m, B)``
+        on ``device``; cached while the coefficients do not train."""
+
+        def build() -> torch.Tensor:
+            stacked = torch.stack([self._mix(adapter).to(device) for adapter in adapters])
+            return torch.cat([stacked, stacked.new_zeros(1, *stacked.shape[1:])])
+
+        if self._trains(adapters) or torch.compiler.is_compiling():
+            return build()
+        return cached(self, "_mix_cache", adapters, build, basis=False)
 
     def _trains(self, adapters: list[str]) -> bool:
         """Whether this call must carry gradients to the coefficients of ``adapters``."""
@@ -452,18 +437,18 @@ class Linear(nn.Module, RecastLayer):
             result = self.base_layer(x, *args, **kwargs)
             return result + spectrum_update(self, x, adapter_names, distinct).to(result.dtype)
         # own_spectrum beside group-span adapters, or on a convolution: one weight per adapter
-        bases = {tuple(member.data_ptr() for member in self.recast_group[name].basis()) for name in span}
+        groups = {id(group): group for group in (self.recast_group[name] for name in span)}
+        bases = {tuple(member.data_ptr() for member in group.basis()) for group in groups.values()}
         one_basis = len(span) == len(distinct) and operation is not None and len(bases) == 1
         if one_basis and self._prefers_shared_products(distinct, x, operation):
             x = self._cast_input_dtype(x, weight.dtype)
             index = {name: i for i, name in enumerate(distinct)}
-            mixes, basis, _, _ = self._terms(distinct, weight.device)
-            stacked = torch.stack(mixes)  # (A, m, B)
-            stacked = torch.cat([stacked, stacked.new_zeros(1, *stacked.shape[1:])])  # last: no adapter
+            stacked = self._stacked_mixes(distinct, weight.device)  # (A + 1, m, B), last: no adapter
+            basis = next(iter(groups.values())).basis()
             samples = torch.tensor([index.get(name, len(distinct)) for name in adapter_names], device=x.device)
             keep = torch.tensor([0.0 if self.recast_replace.get(name, False) else 1.0 for name in adapter_names],
                                 device=x.device)
-            return shared_products(x, operation, weight, self.get_base_layer().bias, basis[0], stacked[samples], keep)
+            return shared_products(x, operation, weight, self.get_base_layer().bias, basis, stacked[samples], keep)
         result = None
         for name in dict.fromkeys(adapter_names):
             rows = [i for i, sample_adapter in enumerate(adapter_names) if sample_adapter == name]
@@ -481,9 +466,8 @@ class Linear(nn.Module, RecastLayer):
         (half-precision weights on the CPU always rebuild: there the rebuilt weight is summed in float32, which the
         shared products in half precision would not reproduce).
 
-        Rebuilding costs about ``REBUILD_TOKENS_PER_MEMBER * m`` tokens' worth of product per adapter (measured with
-        ``benchmarks/mixed_batch_rule.py``) on top of one product over all tokens; sharing costs ``m - 1`` more
-        products over all tokens (``m`` counts the base weight when it is not a basis member).
+        The cost rule is :func:`~peft_recast.combination.shared_products_pay` (``m`` counts the base weight when it is
+        not a basis member).
         """
         if any(adapter in self.recast_channels for adapter in adapters):
             return False  # the shared products cut the rows into contiguous blocks; channels are single rows
@@ -493,7 +477,7 @@ class Linear(nn.Module, RecastLayer):
             return False  # half precision on the CPU: the rebuilt weight's float32 sums give each adapter's own outputs
         members = len(basis) + (0 if any(member.data_ptr() == weight.data_ptr() for member in basis) else 1)
         tokens = x.numel() // x.shape[1 if operation.kind == "conv2d" else -1]
-        return len(adapters) * REBUILD_TOKENS_PER_MEMBER * members >= (members - 1) * tokens
+        return shared_products_pay(len(adapters), members, tokens)
 
     def __repr__(self) -> str:
         return "recast." + super().__repr__()

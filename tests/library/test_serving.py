@@ -55,6 +55,20 @@ def _output(model: nn.Module, inputs: dict, **kwargs) -> torch.Tensor:
     return out if isinstance(out, torch.Tensor) else (out.logits if hasattr(out, "logits") else out.last_hidden_state)
 
 
+def _each_row_alone(model: nn.Module, inputs: dict, names: list[str]) -> torch.Tensor:
+    """The output of each row of ``inputs`` through its adapter in ``names`` alone (``"__base__"``: none)."""
+    rows = []
+    for i, name in enumerate(names):
+        row = {key: value[i: i + 1] for key, value in inputs.items()}
+        if name == "__base__":
+            with model.disable_adapter():
+                rows.append(_output(model, row))
+        else:
+            model.set_adapter(name)
+            rows.append(_output(model, row))
+    return torch.cat(rows)
+
+
 def _three_adapters(builder, fields: dict) -> nn.Module:
     model = get_peft_model(builder(), RecastConfig(init_weights=False, **fields), adapter_name="u")
     for name in ("v", "w"):
@@ -72,20 +86,12 @@ def test_a_mixed_batch_equals_each_row_through_its_own_adapter(case, path, monke
     calls = []
     original = combination.shared_products
     monkeypatch.setattr(recast_layer, "shared_products", lambda *a, **k: calls.append(1) or original(*a, **k))
-    monkeypatch.setattr(recast_layer, "REBUILD_TOKENS_PER_MEMBER", 10**9 if path == "shared" else 0)
+    monkeypatch.setattr(combination, "REBUILD_TOKENS_PER_MEMBER", 10**9 if path == "shared" else 0)
     with torch.no_grad():
         mixed = _output(model, inputs, adapter_names=names)
-        rows = []
-        for i, name in enumerate(names):
-            row = {key: value[i: i + 1] for key, value in inputs.items()}
-            if name == "__base__":
-                with model.disable_adapter():
-                    rows.append(_output(model, row))
-            else:
-                model.set_adapter(name)
-                rows.append(_output(model, row))
+        rows = _each_row_alone(model, inputs, names)
     assert (len(calls) > 0) == (path == "shared")
-    torch.testing.assert_close(mixed, torch.cat(rows), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mixed, rows, rtol=1e-5, atol=1e-5)
 
 
 def test_the_measured_rule_shares_products_for_many_adapters_and_rebuilds_for_one():
@@ -137,6 +143,46 @@ def test_the_adapted_weight_is_cached_and_never_served_stale(tmp_path):
         torch.testing.assert_close(_output(model, inputs), merged, rtol=1e-5, atol=1e-5)
         assert torch.equal(_output(model, inputs), fresh())
 
+
+
+def test_a_mixed_batch_serves_its_stacked_mixes_again_and_never_stale(monkeypatch):
+    monkeypatch.setattr(combination, "REBUILD_TOKENS_PER_MEMBER", 10**9)  # always the shared products
+    model = _three_adapters(tiny_bert, {})
+    inputs, names = _inputs("ids"), ["v", "__base__", "u", "w", "v"]
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    coefficients = layer.recast_coefficients["u"]
+    mixes = []
+    original = layer._mix
+    monkeypatch.setattr(layer, "_mix", lambda adapter: mixes.append(adapter) or original(adapter))
+
+    def fresh() -> torch.Tensor:  # every cache dropped
+        for module in model.modules():
+            if isinstance(module, RecastLayer):
+                module._weight_cache = module._mix_cache = None
+        return _output(model, inputs, adapter_names=names)
+
+    with torch.no_grad():
+        first = _output(model, inputs, adapter_names=names)
+        assert sorted(mixes) == ["u", "v", "w"] and layer._mix_cache[-1].shape[0] == 4  # 3 adapters, then no adapter
+        stacked = layer._mix_cache[-1]
+        mixes.clear()
+        assert torch.equal(_output(model, inputs, adapter_names=names), first)
+        assert mixes == [] and layer._mix_cache[-1] is stacked  # served again
+        coefficients.add_(0.5)  # in place
+        assert torch.equal(_output(model, inputs, adapter_names=names), fresh()) and not torch.equal(fresh(), first)
+        coefficients.data.mul_(-1)  # through .data: no version counter moves
+        assert torch.equal(_output(model, inputs, adapter_names=names), fresh())
+        other = ["w", "u"] * 2 + ["__base__"]  # other adapters in other rows
+        torch.testing.assert_close(_output(model, inputs, adapter_names=other), _each_row_alone(model, inputs, other),
+                                   rtol=1e-5, atol=1e-5)
+    # with gradients, nothing is cached: the coefficients of every adapter in the batch receive their gradient
+    layer._mix_cache = None
+    layer.recast_coefficients["v"].requires_grad_(True)  # "u" is active and trains; "v" too, "w" is frozen
+    x = torch.randn(3, 4, 32)
+    layer(x, adapter_names=["u", "v", "__base__"]).pow(2).sum().backward()
+    assert layer._mix_cache is None
+    assert coefficients.grad is not None and coefficients.grad.abs().sum() > 0
+    assert layer.recast_coefficients["v"].grad.abs().sum() > 0 and layer.recast_coefficients["w"].grad is None
 
 def test_an_adapter_with_a_fitted_grouping_reuses_its_fit_and_mixing(monkeypatch):
     model = get_peft_model(tiny_bert(), RecastConfig(), adapter_name="u")
@@ -301,7 +347,7 @@ def test_torch_compile_traces_every_path_without_a_graph_break(path, monkeypatch
         with torch.no_grad():
             explained = torch._dynamo.explain(lambda i: inner(input_ids=i).last_hidden_state)(ids)
     else:
-        monkeypatch.setattr(recast_layer, "REBUILD_TOKENS_PER_MEMBER", 10**9 if path == "mixed shared" else 0)
+        monkeypatch.setattr(combination, "REBUILD_TOKENS_PER_MEMBER", 10**9 if path == "mixed shared" else 0)
         layer = inner.encoder.layer[0].attention.self.query
         with torch.no_grad():
             explained = torch._dynamo.explain(lambda x: layer(x, adapter_names=["u", "v", "__base__"]))(

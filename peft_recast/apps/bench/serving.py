@@ -72,13 +72,14 @@ def _configs() -> dict[str, Callable[[], object]]:
 
 
 def _resident_bytes(model: nn.Module) -> int:
-    """Bytes of the distinct storages of the model's parameters and buffers (plus RECAST's cached weights)."""
+    """Bytes of the distinct storages of the model's parameters and buffers (plus RECAST's cached weights and mixes)."""
     storages = {}
     tensors = [*model.parameters(), *model.buffers()]
     for module in model.modules():
-        cache = getattr(module, "_weight_cache", None)
-        if cache is not None:
-            tensors.append(cache[-1])
+        for slot in ("_weight_cache", "_mix_cache"):
+            cache = getattr(module, slot, None)
+            if cache is not None:
+                tensors.append(cache[-1])
     for tensor in tensors:
         storage = tensor.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
