@@ -50,7 +50,7 @@ def cached(layer: Any, slot: str, adapters: list[str], build: Callable[[], torch
     tie, scores = layer.recast_tie, layer.recast_gate_scores
     values = [tie.get(a, layer).recast_coefficients[a].detach().reshape(-1) for a in adapters]
     values += [scores[a].detach().reshape(-1) for a in adapters if a in scores]
-    values = torch.cat(values)  # one comparison for all
+    values = values[0] if len(values) == 1 else torch.cat(values)  # one comparison for all
     entry = getattr(layer, slot)  # read once: another thread may replace it meanwhile
     if entry is None or entry[0] != key or not torch.equal(entry[1], values):
         with torch.no_grad():
