@@ -353,7 +353,8 @@ class Linear(nn.Module, RecastLayer):
         (:func:`~peft_recast.cache.cached`)."""
         if torch.compiler.is_compiling():
             return self._adapted_weight(adapters)
-        return cached(self, "_weight_cache", adapters, lambda: self._adapted_weight(adapters))
+        weight = self.get_base_layer().weight
+        return cached(self, "_weight_cache", adapters, lambda: self._adapted_weight(adapters), weight.device)
 
     def _stacked_mixes(self, adapters: list[str], device: torch.device) -> torch.Tensor:
         """The mixes (:meth:`_mix`) of ``adapters`` stacked, then a zero mix for rows of no adapter, ``(A + 1, m, B)``
@@ -365,7 +366,7 @@ class Linear(nn.Module, RecastLayer):
 
         if self._trains(adapters) or torch.compiler.is_compiling():
             return build()
-        return cached(self, "_mix_cache", adapters, build, basis=False)
+        return cached(self, "_mix_cache", adapters, build, device, basis=False)
 
     def _trains(self, adapters: list[str]) -> bool:
         """Whether this call must carry gradients to the coefficients of ``adapters``."""

@@ -49,10 +49,15 @@ class _BatchAdapters:
 _BATCH_ADAPTERS: ContextVar[Optional[_BatchAdapters]] = ContextVar("recast_batch_adapters", default=None)
 
 
-def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: dict, in_encoder: bool):
+def _adapter_names_pre_forward_hook(module: nn.Module, args: tuple, kwargs: Optional[dict] = None, *,
+                                    in_encoder: bool) -> Optional[tuple[tuple, dict]]:
+    """Give ``module`` this thread's ``adapter_names``. PyTorch stores a hook a moment before marking it as taking
+    ``kwargs``; a forward in another thread in that moment calls it without them, and it then does nothing (that
+    thread's own hooks are complete)."""
     batch = _BATCH_ADAPTERS.get()
-    if batch is not None:
-        kwargs["adapter_names"] = batch.encoder_rows if in_encoder else batch.rows
+    if kwargs is None or batch is None:
+        return None
+    kwargs["adapter_names"] = batch.encoder_rows if in_encoder else batch.rows
     return args, kwargs
 
 

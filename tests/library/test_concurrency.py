@@ -1,12 +1,15 @@
 """One model shared by threads (a web server's workers): every row gets exactly the output it gets alone."""
 
 import threading
+from functools import partial
 
 import pytest
 import torch
 from peft import get_peft_model
 
 from peft_recast import RecastConfig
+from peft_recast.layer import RecastLayer
+from peft_recast.model import _adapter_names_pre_forward_hook
 
 from ..models import tiny_bert
 
@@ -75,6 +78,24 @@ def test_threads_mixing_adapters_per_row_each_get_their_own_rows():
 
     problems = _run([worker(thread) for thread in range(THREADS)])
     assert problems == [], problems[:3]
+
+
+@torch.no_grad()
+def test_a_hook_another_thread_is_still_registering_leaves_a_mixed_call_alone():
+    """PyTorch stores a pre-hook before its with-kwargs flag: a forward in that moment calls it with ``(module,
+    args)`` only. Here that moment is frozen on every RECAST layer while a mixed call runs."""
+    model = _served_model()
+    ids = torch.randint(0, 99, (2, 5), generator=torch.Generator().manual_seed(2))
+    mix = ["a1", "__base__"]
+    expected = model(input_ids=ids, adapter_names=mix).last_hidden_state
+    layers = [module for module in model.modules() if isinstance(module, RecastLayer)]
+    handles = [layer.register_forward_pre_hook(partial(_adapter_names_pre_forward_hook, in_encoder=False))
+               for layer in layers]  # stored, not yet flagged as taking kwargs
+    try:
+        assert torch.equal(model(input_ids=ids, adapter_names=mix).last_hidden_state, expected)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @torch.no_grad()

@@ -184,6 +184,20 @@ def test_a_mixed_batch_serves_its_stacked_mixes_again_and_never_stale(monkeypatc
     assert coefficients.grad is not None and coefficients.grad.abs().sum() > 0
     assert layer.recast_coefficients["v"].grad.abs().sum() > 0 and layer.recast_coefficients["w"].grad is None
 
+
+def test_cached_mixes_and_weights_are_served_only_on_the_device_they_were_built_for():
+    model = _three_adapters(tiny_bert, {})
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        on_cpu = layer._stacked_mixes(["u", "v"], torch.device("cpu"))
+        assert layer._stacked_mixes(["u", "v"], torch.device("cpu")) is on_cpu
+        on_meta = layer._stacked_mixes(["u", "v"], torch.device("meta"))
+        assert on_meta.device.type == "meta" and on_meta.shape == on_cpu.shape
+        weight = layer._cached_weight(["u"])
+        model.to("meta")
+        assert layer._cached_weight(["u"]).device.type == "meta" and weight.device.type == "cpu"
+
+
 def test_an_adapter_with_a_fitted_grouping_reuses_its_fit_and_mixing(monkeypatch):
     model = get_peft_model(tiny_bert(), RecastConfig(), adapter_name="u")
     fits = []
