@@ -22,7 +22,6 @@ random tiny Llama with a character tokenizer, a few steps.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -34,6 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask t
 
 import torch
 from datasets import Dataset
+from decoder_task import kept_records, smollm2  # this script's folder: on the path when run or imported
 from peft import TinyLoraConfig
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -110,12 +110,11 @@ def score(model: torch.nn.Module, tokenizer, held_back: list[tuple[str, int]], b
 
 def base_model(args: argparse.Namespace) -> tuple[str, Any]:
     """The base model's folder and tokenizer (left padding): SmolLM2, or with ``--quick`` a random tiny Llama."""
-    sys.path[:0] = [HERE, os.path.join(os.path.dirname(HERE), "examples")]
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
     try:
-        from decoder_task import smollm2
         from tiny_llama import CHATML_TEMPLATE, make_tiny_llama
     finally:
-        del sys.path[:2]
+        sys.path.pop(0)
     if args.quick:
         path = make_tiny_llama(os.path.join(args.out, "quick-base"), hidden=32, layers=2)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -190,16 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args = arguments(argv)
     os.makedirs(args.out, exist_ok=True)
     path, tokenizer = base_model(args)
-    store = os.path.join(args.out, "arithmetic-quick.json" if args.quick else "arithmetic.json")
-    records = json.load(open(store)) if os.path.exists(store) else {}
-
-    def record(key: str, make: Callable[[], dict]) -> dict:
-        if key not in records:
-            records[key] = make()
-            with open(store + ".tmp", "w") as handle:
-                json.dump(records, handle, indent=1)
-            os.replace(store + ".tmp", store)
-        return records[key]
+    records, record = kept_records(os.path.join(args.out, "arithmetic-quick.json" if args.quick else "arithmetic.json"))
 
     _, held_back = problems()
     base = record("base", lambda: {"held_back_reward": score(LlamaForCausalLM.from_pretrained(path), tokenizer,

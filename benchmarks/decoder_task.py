@@ -35,7 +35,7 @@ import argparse
 import json
 import os
 import statistics
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from peft import FourierFTConfig, LoraConfig, TinyLoraConfig, UniLoraConfig, get_peft_model
@@ -335,21 +335,32 @@ def tokenizer_and_base(args: argparse.Namespace) -> tuple[PreTrainedTokenizerFas
     return tokenizer, pretrained_base(args, tokenizer, texts)
 
 
-def main() -> None:
-    args = arguments()
-    tokenizer, base = tokenizer_and_base(args)
-    base_state, model_config = base.state_dict(), base.config
-    path = os.path.join(args.out, "results.json" if not args.quick else "quick.json")
+def kept_records(path: str) -> tuple[dict, Callable[[str, Callable[[], dict]], dict]]:
+    """The records of the JSON file ``path`` (``{}`` when there is none) and ``kept(key, make)``: the record of ``key``,
+    made by ``make()`` and written to ``path`` at once when missing (the whole file to a temporary name, then renamed,
+    so an interrupted run leaves every earlier record)."""
     records = json.load(open(path)) if os.path.exists(path) else {}
 
-    def record(task: str, method: str, lr: float, seed: int) -> dict:
-        key = f"{base_tag(args)}/{args.epochs}/{task}/{method}/{lr:g}/{seed}"
+    def kept(key: str, make: Callable[[], dict]) -> dict:
         if key not in records:
-            records[key] = run(args, base_state, model_config, tokenizer, task, method, lr, seed)
+            records[key] = make()
             with open(path + ".tmp", "w") as handle:
                 json.dump(records, handle, indent=1)
             os.replace(path + ".tmp", path)
         return records[key]
+
+    return records, kept
+
+
+def main() -> None:
+    args = arguments()
+    tokenizer, base = tokenizer_and_base(args)
+    base_state, model_config = base.state_dict(), base.config
+    _, kept = kept_records(os.path.join(args.out, "results.json" if not args.quick else "quick.json"))
+
+    def record(task: str, method: str, lr: float, seed: int) -> dict:
+        return kept(f"{base_tag(args)}/{args.epochs}/{task}/{method}/{lr:g}/{seed}",
+                    lambda: run(args, base_state, model_config, tokenizer, task, method, lr, seed))
 
     tasks, seeds = evaluated_tasks(args), (args.seeds[:1] if args.quick else args.seeds)
     rows = [(method, None, [record(task, method, 0.0, 0) for task in tasks]) for method in BASE_METHODS]

@@ -4,9 +4,8 @@ adapter, then zeros for the rows of no adapter).
 
 Each lives in one slot of the layer, ``(key, coefficient values, tensor)``, and is rebuilt when :func:`cache_key`
 changes (every tensor involved, by identity or storage and version counter, the device it is built on, and whether
-inference mode is on) or when
-a coefficient's values changed without a version bump (an assignment through ``.data``). Nothing is cached while the
-coefficients train: the caller builds afresh then.
+inference mode is on) or when a coefficient's values changed without a version bump (an assignment through
+``.data``). Nothing is cached while the coefficients train: the caller builds afresh then.
 """
 
 from __future__ import annotations
