@@ -34,7 +34,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peft_recast import RecastConfig, load_adapters
+from peft_recast import RecastConfig, load_adapters, save_adapters
 from peft_recast.apps.bench.costs import step_memory
 from peft_recast.apps.runtime import side_by_side, timed
 from peft_recast.planning import adapter_layers
@@ -142,21 +142,6 @@ def add_many(model: PeftModel, names: list[str], description: str) -> float:
                for name in tqdm(names, desc=description, unit="adapter"))
 
 
-def save_copies(server: PeftModel, names: list[str], writer: PeftModel, folder: str) -> list[str]:
-    """Save each of ``names`` (adapters of ``server``) as its own folder, through ``writer``, a model of the same
-    base holding one RECAST adapter (``default``): PEFT's ``save_pretrained`` on a model holding many adapters
-    filters every key against every other adapter's name. Returns the folders."""
-    paths, targets = [], adapter_layers(writer, "default")
-    for name in tqdm(names, desc="saving adapters", unit="adapter"):
-        sources = adapter_layers(server, name)
-        with torch.no_grad():
-            for key, target in targets.items():
-                target.recast_coefficients["default"].copy_(sources[key].recast_coefficients[name])
-        paths.append(os.path.join(folder, name))
-        writer.save_pretrained(paths[-1], save_embedding_layers=False)
-    return paths
-
-
 def measure_adapters(fresh: Callable[[], LlamaForCausalLM], sizes: dict) -> tuple[dict, PeftModel]:
     """Time adding ``count`` adapters and loading ``count`` saved ones; returns the figures and the model holding
     every added adapter (``task0`` .. ``task<n-1>``, ``n = max(count + 1, largest mixed count)``)."""
@@ -167,7 +152,7 @@ def measure_adapters(fresh: Callable[[], LlamaForCausalLM], sizes: dict) -> tupl
     add_many(server, [f"task{i}" for i in range(count + 1, max(sizes["mixed"]))], "adding more for mixed batches")
     writer = get_peft_model(fresh(), recast_adapter())
     with tempfile.TemporaryDirectory() as folder:
-        paths = save_copies(server, added, writer, folder)
+        paths = save_adapters(server, folder, added, save_embedding_layers=False)
         load_seconds = timed(lambda: load_adapters(writer, paths, [f"loaded{i}" for i in range(1, count + 1)]))
     loaded, sources = adapter_layers(writer, "default"), adapter_layers(server, "task0")
     equal = all(torch.equal(layer.recast_coefficients[f"loaded{i}"], sources[key].recast_coefficients[f"task{i}"])

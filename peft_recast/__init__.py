@@ -20,7 +20,7 @@ DEFER_IMPORTS_ENV = "_PEFT_RECAST_DEFER_IMPORTS"
 __all__ = [
     "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "add_channels", "check_fsdp_wrapping",
     "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "prune_gates", "rank_channels", "recast_summary",
-    "recommended_lr",
+    "recommended_lr", "save_adapters",
 ]
 # The module of each public name, for the deferred imports (the eager imports below name the same).
 _SOURCES = {
@@ -28,6 +28,7 @@ _SOURCES = {
     "RecastSummary": "summary", "add_channels": "channels", "check_fsdp_wrapping": "fsdp",
     "fsdp_auto_wrap_policy": "fsdp", "hotswap_adapter": "serving", "load_adapters": "serving",
     "prune_gates": "pruning", "rank_channels": "channels", "recast_summary": "summary", "recommended_lr": "presets",
+    "save_adapters": "serving",
 }
 
 
@@ -59,7 +60,7 @@ if TYPE_CHECKING or os.environ.get(DEFER_IMPORTS_ENV) != "1":
     from .presets import RECOMMENDED_LR, recommended_lr
     from .pruning import prune_gates
     from .registration import RECAST
-    from .serving import hotswap_adapter, load_adapters
+    from .serving import hotswap_adapter, load_adapters, save_adapters
     from .summary import RecastSummary, recast_summary
 
     register()

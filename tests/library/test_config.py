@@ -63,5 +63,5 @@ def test_public_api_is_small():
     assert set(peft_recast.__all__) == {
         "RECAST", "RECOMMENDED_LR", "RecastConfig", "RecastModel", "RecastSummary", "add_channels",
         "check_fsdp_wrapping", "fsdp_auto_wrap_policy", "hotswap_adapter", "load_adapters", "prune_gates", "rank_channels", "recast_summary",
-        "recommended_lr",
+        "recommended_lr", "save_adapters",
     }
