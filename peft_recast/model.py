@@ -204,7 +204,7 @@ class RecastModel(QuantizedBase, BaseTuner):
             and not other.modules_to_save and other.bias == "none"
             and differing_field(other, config) is None
         ), None)
-        layers = adapter_layers(model, template) if template is not None else {}
+        layers = adapter_layers(model, template, members=True) if template is not None else {}
         if not layers or any(l.recast_group[template].fitted != l.recast_group[template].weights_state()
                              for l in layers.values()):
             return False  # no such adapter, or a base weight changed since its templates were fitted: fit anew

@@ -173,3 +173,22 @@ def test_gate_errors_are_clear_and_change_nothing(tmp_path):
         get_peft_model(base, RecastConfig(inactive_modules=["encoder.layer.0.attention.self.key"]))
     assert not any("recast" in name for name, _ in base.named_modules())
     assert all(torch.equal(v, state[k]) for k, v in base.state_dict().items())
+
+
+def test_a_pruned_adapter_loads_again_beside_one_with_the_same_closed_modules(tmp_path):
+    """The second adapter of a pruned grouping takes the fast path (the first one's groups and mixing): it gets
+    coefficients on the open modules only and computes what the first one does."""
+    gated, _ = _gated_and_plain(gate_penalty=0.4)
+    _train_gates_closed(gated)
+    prune_gates(gated)
+    gated.save_pretrained(tmp_path)
+    ids = _ids()
+    before = model_output(gated.eval(), ids)
+    loaded = PeftModel.from_pretrained(tiny_bert(), tmp_path).eval()
+    loaded.load_adapter(str(tmp_path), adapter_name="again")
+    for key in (QUERY1, VALUE3):
+        assert "again" not in _layer(loaded, key).recast_coefficients and "again" in _layer(loaded, key).recast_group
+    loaded.set_adapter("again")
+    torch.testing.assert_close(model_output(loaded, ids), before)
+    mixed = model_output(loaded, ids, adapter_names=["again", "default", "again"])
+    torch.testing.assert_close(mixed, before)
