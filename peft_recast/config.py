@@ -331,8 +331,12 @@ class RecastConfig(PeftConfig):
                 f"`layers_to_transform` must be a layer index or a list of layer indices (integers >= 0, counted "
                 f"from the first layer), got {self.layers_to_transform!r}."
             )
-        if self.bias not in ("none", "all", "recast_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'recast_only', got {self.bias!r}.")
+        for name, choices in (("bias", ("none", "all", "recast_only")), ("weight_form", ("residual", "replace")),
+                              ("coefficient_sharing", ("module", "position")),
+                              ("template_family", ("group_span", "own_spectrum"))):
+            if getattr(self, name) not in choices:
+                words = " or ".join([", ".join(repr(choice) for choice in choices[:-1]), repr(choices[-1])])
+                raise ValueError(f"`{name}` must be {words}, got {getattr(self, name)!r}.")
         if self.layers_per_group is not None and self.num_groups is not None:
             raise ValueError(
                 f"Set either `layers_per_group` ({self.layers_per_group}) or `num_groups` ({self.num_groups}), "
@@ -351,14 +355,8 @@ class RecastConfig(PeftConfig):
             raise ValueError(
                 f"Unknown RECAST preset {self.preset!r} (`preset`); choose one of {sorted(RECAST_PRESETS)}."
             )
-        if self.weight_form not in ("residual", "replace"):
-            raise ValueError(f"`weight_form` must be 'residual' or 'replace', got {self.weight_form!r}.")
-        if self.coefficient_sharing not in ("module", "position"):
-            raise ValueError(f"`coefficient_sharing` must be 'module' or 'position', got {self.coefficient_sharing!r}.")
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
-        if self.template_family not in ("group_span", "own_spectrum"):
-            raise ValueError(f"`template_family` must be 'group_span' or 'own_spectrum', got {self.template_family!r}.")
         clashes = [name for name, value in (("template_bank", self.template_bank), ("fused_modules", self.fused_modules),
                    ("share_across_module_types", self.share_across_module_types),
                    ("weight_form='replace'", self.weight_form == "replace")) if value]

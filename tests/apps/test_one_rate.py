@@ -193,12 +193,14 @@ def test_each_one_rate_the_shipped_records_give_lies_inside_the_rates_that_ran_o
         assert (name in edges) == at_edge, name
         if not at_edge:
             inside.append(name)
-    # what these records hold: the recommended recipe, the all-linear rungs with the head first (3e-3, 1e-3 run too)
-    # and ladder-1000 chose inside their grids; the 1,000-number ranked channels ran one rate
+    # what these records hold: the recommended recipe, the all-linear rungs with the head first (3e-3, 1e-3 run too),
+    # ladder-1000, and ranked channels and gates at 144 and 1,000 chose inside their grids; ranked channels at 216 ran
+    # one rate
     for name, rate in (("recast-hf", 1e-2), ("recast-216-hf", 3e-3), ("recast-648-hf", 3e-3),
-                       ("recast-984-blocks", 1e-2)):
+                       ("recast-984-blocks", 1e-2), ("recast-ch-144", 1e-2), ("recast-gates-144", 1e-2),
+                       ("recast-ch-1000", 1e-2), ("recast-gates-1000", 1e-2)):
         assert name in inside and bench.one_rate(bench.METHODS[name], settings, results, protocol) == rate, name
-    assert edges["recast-ch-1000"] == ["0.01, the only rate that ran"]
+    assert edges["recast-ch-216"] == ["0.01, the only rate that ran"]
     assert len(inside) >= 20 and len(edges) >= 10
 
 
