@@ -45,7 +45,7 @@ def model_holding(adapters: int, layers: int = 6, hidden: int = 384) -> peft.Pef
 def measure(adapters: int, sample: int, repeats: int, small: bool = False) -> dict:
     """Seconds per adapter saved by each way (``sample`` adapters per call, side by side) with ``adapters`` held,
     and ``save_adapters`` of all of them in one call."""
-    model = model_holding(adapters, *((2, 32) if small else ()))
+    model = model_holding(adapters, layers=2, hidden=32) if small else model_holding(adapters)
     names = [f"a{index}" for index in range(1, sample + 1)]
     folder = tempfile.mkdtemp()
     try:

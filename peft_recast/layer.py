@@ -109,10 +109,10 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         self._weight_cache = self._mix_cache = None
 
     def add_adapter_like(self, adapter_name: str, template: str, config: RecastConfig, trainable: bool) -> None:
-        """Add ``adapter_name`` with the group, mixing and tie of ``template`` (same grouping; its fit is this adapter's
-        fit): no injection pass, no mimicry. An inactive module of both gets coefficients ``finish_gates`` drops."""
-        like = self.recast_coefficients.get(template, self.get_base_layer().weight.new_empty(0, dtype=torch.float32))
-        coefficients = self._new_coefficients(config).to(device=like.device, dtype=like.dtype)
+        """Add ``adapter_name`` on ``template``'s group, mixing and tie (same fit): no injection pass, no mimicry."""
+        coefficients = self._new_coefficients(config)
+        like = self.recast_coefficients.get(template, coefficients)  # an inactive module's, finish_gates drops them
+        coefficients = coefficients.to(device=like.device, dtype=like.dtype)
         self.recast_coefficients[adapter_name] = nn.Parameter(coefficients, requires_grad=trainable)
         self._set_bound(adapter_name, config)
         self._set_gate(adapter_name, config, trainable)

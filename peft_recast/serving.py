@@ -271,16 +271,16 @@ def save_adapters(
     state = kwargs.pop("state_dict", None)
     state = model.state_dict() if state is None else state
     owned: dict[str, dict[str, torch.Tensor]] = {name: {} for name in names}
-    shared: dict[str, dict[str, torch.Tensor]] = {}
+    with_biases: dict[str, torch.Tensor] = {}  # keys of no adapter that PEFT may save: embeddings and biases
     embeddings = _embedding_prefixes(model)
     for key, value in state.items():
         owners = set(key.split(".")[1:]).intersection(model.peft_config)
         if len(owners) == 1:  # a key naming two adapters is every other adapter's to leave out, as PEFT does
             owned.get(next(iter(owners)), {})[key] = value
         elif not owners and (key.startswith(embeddings) or key.rpartition(".")[2] == "bias"):
-            shared[key] = value
+            with_biases[key] = value
+    without_biases = {key: value for key, value in with_biases.items() if key.startswith(embeddings)}
     for name in names:
-        keep = shared if getattr(model.peft_config[name], "bias", "none") != "none" else {
-            key: value for key, value in shared.items() if key.startswith(embeddings)}
+        keep = with_biases if getattr(model.peft_config[name], "bias", "none") != "none" else without_biases
         model.save_pretrained(save_directory, selected_adapters=[name], state_dict={**keep, **owned[name]}, **kwargs)
     return folders
