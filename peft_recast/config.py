@@ -173,10 +173,10 @@ class RecastConfig(PeftConfig):
             ``["query", "key", "value"]``).
         template_family (`str`, defaults to `"group_span"`):
             Which templates a module's coefficients combine. ``"group_span"``: the top singular directions of the
-            group's stacked pretrained weights (above). ``"own_spectrum"``: rank-one templates ``u_i v_j^T`` from the
-            module's own top singular pairs (``num_templates = r^2`` is a full ``r x r`` core, as LoRA-XS;
-            :mod:`peft_recast.spectrum`), same scale ``s ||W||_F / sqrt(n)``; groups then only decide which modules
-            share coefficients (``coefficient_sharing="position"``). Not with ``template_bank``, ``fused_modules``,
+            group's stacked pretrained weights (above). ``"own_spectrum"``: rank-one ``u_i v_j^T`` from the module's own
+            top singular pairs (``num_templates = r^2``: an ``r x r`` core, as LoRA-XS; :mod:`peft_recast.spectrum`).
+            ``"spectral_bands"``: its own weight cut into bands of its spectrum of equal energy (:mod:`peft_recast.bands`).
+            Groups then only decide which modules share coefficients. Not with ``template_bank``, ``fused_modules``,
             ``share_across_module_types`` or ``weight_form="replace"``.
         template_bank (`Optional[str]`, *optional*, defaults to `None`):
             Path or Hub id of a template bank written by :func:`peft_recast.bank.save_template_bank` (gradient Neural
@@ -275,10 +275,10 @@ class RecastConfig(PeftConfig):
         default=None,
         metadata={"help": "Target names (e.g. query, key, value) whose modules in one layer act as one fused weight."},
     )
-    template_family: Literal["group_span", "own_spectrum"] = field(
+    template_family: Literal["group_span", "own_spectrum", "spectral_bands"] = field(
         default="group_span",
         metadata={"help": "'group_span': templates from the group's stacked weights. 'own_spectrum': rank-one "
-                  "templates from each module's own singular vectors."},
+                  "templates from each module's own singular vectors. 'spectral_bands': bands of its own spectrum."},
     )
     template_bank: Optional[str] = field(
         default=None,
@@ -333,7 +333,7 @@ class RecastConfig(PeftConfig):
             )
         for name, choices in (("bias", ("none", "all", "recast_only")), ("weight_form", ("residual", "replace")),
                               ("coefficient_sharing", ("module", "position")),
-                              ("template_family", ("group_span", "own_spectrum"))):
+                              ("template_family", ("group_span", "own_spectrum", "spectral_bands"))):
             if getattr(self, name) not in choices:
                 words = " or ".join([", ".join(repr(choice) for choice in choices[:-1]), repr(choices[-1])])
                 raise ValueError(f"`{name}` must be {words}, got {getattr(self, name)!r}.")
@@ -360,9 +360,9 @@ class RecastConfig(PeftConfig):
         clashes = [name for name, value in (("template_bank", self.template_bank), ("fused_modules", self.fused_modules),
                    ("share_across_module_types", self.share_across_module_types),
                    ("weight_form='replace'", self.weight_form == "replace")) if value]
-        if self.template_family == "own_spectrum" and clashes:
-            raise ValueError(f"template_family='own_spectrum' builds each module's templates from its own weight, "
-                             f"which {clashes[0]} contradicts; use template_family='group_span' with it.")
+        if self.template_family != "group_span" and clashes:
+            raise ValueError(f"template_family={self.template_family!r} builds each module's templates from its own "
+                             f"weight, which {clashes[0]} contradicts; use template_family='group_span' with it.")
         self._check_channels()
         self._check_gates()
         for name in ("coefficient_scale", "coefficient_bound"):

@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
+from .bands import BandsFit, SpectralBands, fit_bands
 from .bank import TemplateBank, load_template_bank
 from .config import RecastConfig, config_list
 from .group import BankGroup, RecastGroup
@@ -276,7 +277,7 @@ def warn_if_templates_exceed_groups(
     """Warn when ``num_templates`` is larger than every group: a group of ``m`` modules spans ``m`` templates.
     Presets are exempt: the paper's conv variant asks for as many templates as each group holds."""
     largest = max((len(plan.units) for plan in plans), default=0)
-    if config.template_family == "own_spectrum":
+    if config.template_family != "group_span":
         return  # each module's templates come from its own weight
     if plans and config.num_templates > largest and getattr(config, "preset", None) is None:
         plural = "s" if largest > 1 else ""
@@ -301,13 +302,18 @@ class GroupFits:
 
     def __init__(self) -> None:
         self._fits: dict[tuple, GroupFit] = {}
-        self._spectra: dict[tuple, SpectrumFit] = {}
+        self._spectra: dict[tuple, Union[SpectrumFit, BandsFit]] = {}
 
-    def spectrum(self, layer: RecastLayer, num_templates: int, weight: torch.Tensor) -> SpectrumFit:
-        """The ``own_spectrum`` fit of one layer's pretrained ``weight`` (:func:`~peft_recast.spectrum.fit_spectrum`)."""
-        key = (num_templates, layer.weight_state(), tuple(weight.shape))
+    def spectrum(self, layer: RecastLayer, family: str, num_templates: int,
+                 weight: torch.Tensor) -> Union[SpectrumFit, BandsFit]:
+        """The ``own_spectrum`` or ``spectral_bands`` fit (``family``) of one layer's pretrained ``weight``
+        (:func:`~peft_recast.spectrum.fit_spectrum`, :func:`~peft_recast.bands.fit_bands`)."""
+        key = (family, num_templates, layer.weight_state(), tuple(weight.shape))
         if key not in self._spectra:
-            self._spectra[key] = fit_spectrum(matrix_of(weight, layer.output_axis), num_templates)
+            self._spectra[key] = (
+                fit_spectrum(matrix_of(weight, layer.output_axis), num_templates) if family == "own_spectrum"
+                else fit_bands(weight, layer.output_axis, num_templates)
+            )
         return self._spectra[key]
 
     def fit(self, plan: GroupPlan, num_templates: int, weights: list[list[torch.Tensor]]) -> GroupFit:
@@ -350,7 +356,7 @@ def build_groups(
                 f"The base weights of '{plan.name}' are on the meta device. RECAST builds its templates from the "
                 "pretrained weights, so load the base model with real weights before adding a RECAST adapter."
             )
-        if config.template_family == "own_spectrum":
+        if config.template_family != "group_span":
             fingerprint.update(_attach_spectra(adapter_name, config, plan, weights, fits, shared))
             continue
         fit = fits.fit(plan, config.num_templates, weights)
@@ -377,17 +383,21 @@ def _attach_spectra(
     fits: GroupFits,
     shared: Optional[dict[tuple[str, int], RecastLayer]],
 ) -> dict[str, list[float]]:
-    """``template_family="own_spectrum"``: give every module of ``plan`` its own templates
-    (:class:`~peft_recast.spectrum.OwnSpectrum`, scale ``u`` in the factors, mixing ``I``); returns each module's
-    fingerprint (its top singular values) by key. The plan's groups only decide which modules share coefficients."""
+    """A module's own templates (``template_family`` ``"own_spectrum"``: :class:`~peft_recast.spectrum.OwnSpectrum`,
+    scale ``u`` in the factors, mixing ``I``; ``"spectral_bands"``: :class:`~peft_recast.bands.SpectralBands`, mixing
+    ``diag(u / ||T_b||_F)``) for every module of ``plan``; returns each module's fingerprint (its top singular values)
+    by key. The plan's groups only decide which modules share coefficients."""
     fingerprint = {}
     for j, (unit, (weight,)) in enumerate(zip(plan.units, weights)):
         (key, layer), = unit  # fused modules are refused by the config
-        fit = fits.spectrum(layer, config.num_templates, weight)
+        fit = fits.spectrum(layer, config.template_family, config.num_templates, weight)
         fingerprint[key] = fit.fingerprint()
         unit_scale = coefficient_unit(float(fit.singular_values.norm()), config, config.num_templates)
-        spectrum = OwnSpectrum(key, layer, fit, config.num_templates, unit_scale)
-        layer.attach_group(adapter_name, spectrum, torch.eye(config.num_templates))
+        if isinstance(fit, BandsFit):
+            layer.attach_group(adapter_name, SpectralBands(key, layer, fit), torch.diag(unit_scale / fit.norms()))
+        else:
+            spectrum = OwnSpectrum(key, layer, fit, config.num_templates, unit_scale)
+            layer.attach_group(adapter_name, spectrum, torch.eye(config.num_templates))
         owner = _owner(unit, j, config, shared)
         if layer is not owner:
             layer.tie_coefficients(adapter_name, owner)

@@ -10,6 +10,7 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
+from .bands import SpectralBands
 from .config import RecastConfig
 from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
@@ -142,7 +143,7 @@ def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSum
                 templates=templates,
                 coefficients=owned[group.name],
                 relative_error=group.relative_error
-                if isinstance(group, (BankGroup, OwnSpectrum))
+                if isinstance(group, (BankGroup, OwnSpectrum, SpectralBands))
                 else reconstruction_error(config.base_fingerprint[group.name], templates),
             )
         )

@@ -134,6 +134,15 @@ def model_output(model: torch.nn.Module, input_ids: torch.Tensor, **kwargs) -> t
     return out.logits if hasattr(out, "logits") and out.logits is not None else out.last_hidden_state
 
 
+def randomize_coefficients(model: torch.nn.Module, adapter: str = "default", seed: int = 0, std: float = 0.05) -> None:
+    """Overwrite ``adapter``'s RECAST coefficients with seeded normal noise of scale ``std``."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(f"recast_coefficients.{adapter}"):
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
+
+
 # ---------------------------------------------------------------------------------------------- plain torch.nn models
 
 

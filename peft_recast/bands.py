@@ -1,0 +1,122 @@
+"""The ``spectral_bands`` template family: each module's own weight cut into bands of its singular spectrum.
+
+A module's weight, as the ``out x d`` matrix of :func:`~peft_recast.spectrum.matrix_of`, is the sum
+``W = sum_i sigma_i u_i v_i^T``. Its ``n`` templates are consecutive bands of that sum,
+
+    T_b = sum_{i in S_b} sigma_i u_i v_i^T          (b = 0 .. n - 1;  sum_b T_b = W)
+
+cut so that each band holds about ``1/n`` of ``||W||_F^2``: band ``b > 0`` starts at the first index whose preceding
+singular values hold at least ``b/n`` of the energy, and at least one index after band ``b - 1``'s start. On the
+output rows of block ``r`` a coefficient scales its band's singular values:
+
+    delta_W[rows of r] = sum_b theta[b, r] (u / ||T_b||_F) T_b[rows of r],          u = s ||W||_F / sqrt(n)
+
+(:func:`peft_recast.planning.coefficient_unit`, the same scale as every family). With ``n = 1`` this is
+``s theta W``, a scale of the whole weight per block of rows; more bands let the head and the tail of the spectrum move
+apart. A term ``sigma_i u_i v_i^T`` does not depend on the signs of its singular vectors, so the templates are the
+same on any machine wherever the singular values at a band's edge are distinct. The templates are weight-sized,
+``(n, *weight shape)``, and act as a basis of their own (like a template bank's), so merging, mixed batches and the
+shared products of serving take the group-span path unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .group import RecastGroup
+from .mimicry import numerical_rank
+from .spectrum import FINGERPRINT_VALUES, matrix_of
+
+
+def band_starts(singular_values: torch.Tensor, num_bands: int) -> list[int]:
+    """The first index of each of ``num_bands`` bands of descending ``singular_values`` (module docstring)."""
+    energy = singular_values.to(torch.float64).square()
+    before = torch.cumsum(energy, 0) - energy  # energy of the values ahead of each index
+    total = float(energy.sum())
+    starts = [0]
+    for band in range(1, num_bands):
+        reached = int((before < band / num_bands * total).sum())  # before is non-decreasing
+        starts.append(max(starts[-1] + 1, reached))
+    return starts
+
+
+@dataclass(frozen=True)
+class BandsFit:
+    """A module's ``spectral_bands`` templates.
+
+    Attributes:
+        templates: ``(n, *weight shape)`` float32 on the CPU, in the weight's stored layout.
+        singular_values: ``(min(out, d),)`` float64, descending.
+        starts: the first singular index of each band.
+    """
+
+    templates: torch.Tensor
+    singular_values: torch.Tensor
+    starts: tuple[int, ...]
+    _on: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def norms(self) -> torch.Tensor:
+        """``||T_b||_F`` per band, ``(n,)`` float64 (the root of the band's energy)."""
+        energy = self.singular_values.square()
+        ends = list(self.starts[1:]) + [len(energy)]
+        return torch.stack([energy[start:end].sum() for start, end in zip(self.starts, ends)]).sqrt()
+
+    def fingerprint(self) -> list[float]:
+        """The top singular values, rounded to 8 significant digits."""
+        return [float(f"{value:.8g}") for value in self.singular_values[:FINGERPRINT_VALUES].tolist()]
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The templates on ``device`` in ``dtype``, one tensor per band: every adapter that shares this fit gets the
+        same tensors (kept for the last device and dtype asked for), so their mixed batches share products."""
+        key = (device, dtype)
+        if key not in self._on:
+            self._on.clear()
+            self._on[key] = list(self.templates.to(device=device, dtype=dtype).unbind(0))
+        return self._on[key]
+
+
+def fit_bands(weight: torch.Tensor, axis: int, num_bands: int) -> BandsFit:
+    """The ``num_bands`` band templates of a stored ``weight`` whose output rows lie on ``axis``.
+
+    Raises:
+        ValueError: if the weight has fewer nonzero singular values than bands.
+    """
+    matrix = matrix_of(weight.detach(), axis).to(torch.float64)
+    left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
+    available = numerical_rank(singular_values) if singular_values[0] > 0 else 0
+    if num_bands > available:
+        raise ValueError(
+            f"template_family='spectral_bands' cuts a weight's singular values into num_templates={num_bands} bands, "
+            f"but a weight of shape {tuple(weight.shape)} has {available} nonzero ones; use fewer num_templates."
+        )
+    starts = band_starts(singular_values[:available], num_bands)
+    ends = starts[1:] + [len(singular_values)]
+    bands = []
+    for start, end in zip(starts, ends):
+        band = (left[:, start:end] * singular_values[start:end]) @ right[start:end]  # (out, d)
+        bands.append(band.T.reshape(weight.shape) if axis == 1 else band.reshape(weight.shape))
+    return BandsFit(templates=torch.stack(bands).float().cpu(), singular_values=singular_values.cpu(),
+                    starts=tuple(starts))
+
+
+class SpectralBands(RecastGroup):
+    """One module's ``spectral_bands`` templates: a group of one member whose basis is its ``n`` band templates.
+
+    Args:
+        name (`str`): The module's key.
+        member (`Any`): Its RECAST layer.
+        fit (`BandsFit`): The layer's bands.
+    """
+
+    def __init__(self, name: str, member: Any, fit: BandsFit) -> None:
+        super().__init__(name, [member])
+        self.fit = fit
+        self.relative_error = 0.0  # the bands sum to the weight
+
+    def basis(self) -> list[torch.Tensor]:
+        """The band templates on the device and in the dtype of the member's weight."""
+        weight = self.members[0].pristine_weight()
+        return self.fit.on(weight.device, weight.dtype)
