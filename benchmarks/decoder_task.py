@@ -78,6 +78,11 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
                              coefficient_sharing="position", layers_per_group=6, coefficient_blocks=1),
         WIDE_RECAST_LRS,
     ),
+    "RECAST spectral_bands position, 48": (
+        lambda: RecastConfig(task_type="CAUSAL_LM", template_family="spectral_bands", coefficient_sharing="position",
+                             layers_per_group=6),
+        WIDE_RECAST_LRS,
+    ),
     "RECAST, 8 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=8), WIDE_RECAST_LRS),
     "TinyLoRA tied, u=13": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=13, weight_tying=1.0, target_modules=QV),

@@ -58,8 +58,9 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path, decoder_task):
     assert methods == {*decoder_task.BASE_METHODS, *decoder_task.METHODS}
     spectral = [r for r in records.values() if r["method"] == "RECAST own_spectrum position, 48"]
     assert {r["numbers"] for r in spectral} == {2 * 2 * 4}  # q, v x 2 positions (2 layers) x 4 templates
-    shared = [r for r in records.values() if r["method"] == "RECAST position, 48"]
-    assert {r["numbers"] for r in shared} == {2 * 2 * 2 * 2}  # q, v x 2 positions x 2 templates x 2 row blocks
+    for method in ("RECAST position, 48", "RECAST spectral_bands position, 48"):
+        shared = [r for r in records.values() if r["method"] == method]
+        assert {r["numbers"] for r in shared} == {2 * 2 * 2 * 2}  # q, v x 2 positions x 2 templates x 2 row blocks
     recast = [r for r in records.values() if r["method"] == "RECAST default"]
     assert {r["numbers"] for r in recast} == {16}  # q, v of 2 layers x 2 templates x 2 row blocks
     base = [r for r in records.values() if r["method"] == "base model"]

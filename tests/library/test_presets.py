@@ -117,6 +117,7 @@ def test_recommended_lr_is_the_measured_rate_of_each_family():
     assert peft_recast.recommended_lr(RecastConfig()) == peft_recast.RECOMMENDED_LR
     assert peft_recast.recommended_lr(RecastConfig(target_modules="all-linear")) == 3e-3
     assert peft_recast.recommended_lr(RecastConfig(template_family="own_spectrum")) == 3e-3
+    assert peft_recast.recommended_lr(RecastConfig(template_family="spectral_bands")) == 1e-2
     assert peft_recast.recommended_lr(RecastConfig(coefficient_scale=5.0)) == pytest.approx(2e-2)
 
 

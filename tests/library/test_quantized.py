@@ -298,12 +298,16 @@ def test_reload_onto_a_base_evaluated_or_not(checkpoints, kind, trained_on, tmp_
 
 
 @pytest.mark.parametrize("kind", ["nf4", "8bit"])
-def test_own_spectrum_trains_saves_and_serves_on_a_quantized_base(checkpoints, kind, tmp_path):
-    """``template_family="own_spectrum"``: templates from each dequantized weight's SVD, a low-rank update beside
-    the quantized product (nothing dequantized kept), saved and reloaded exactly, mixed batches per sample."""
+@pytest.mark.parametrize("family", [
+    {"template_family": "own_spectrum", "num_templates": 4, "coefficient_blocks": 1},
+    {"template_family": "spectral_bands"},
+])
+def test_own_weight_families_train_save_and_serve_on_a_quantized_base(checkpoints, kind, family, tmp_path):
+    """Templates from each dequantized weight's SVD (``own_spectrum``: a low-rank update beside the quantized
+    product; ``spectral_bands``: weight-sized bands of it), saved and reloaded exactly, mixed batches per sample."""
     base = _load(checkpoints, kind)
     bare = _logits(base)
-    config = RecastConfig(template_family="own_spectrum", num_templates=4, coefficient_blocks=1)
+    config = RecastConfig(**family)
     model = get_peft_model(base, config)
     assert torch.equal(_logits(model), bare)
     losses = _train(model, steps=6)
