@@ -28,7 +28,7 @@ import torch
 
 from .group import RecastGroup
 from .mimicry import numerical_rank
-from .spectrum import FINGERPRINT_VALUES, matrix_of
+from .spectrum import matrix_of, stored_layout, top_values
 
 
 def band_starts(singular_values: torch.Tensor, num_bands: int) -> list[int]:
@@ -66,7 +66,7 @@ class BandsFit:
 
     def fingerprint(self) -> list[float]:
         """The top singular values, rounded to 8 significant digits."""
-        return [float(f"{value:.8g}") for value in self.singular_values[:FINGERPRINT_VALUES].tolist()]
+        return top_values(self.singular_values)
 
     def on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """The templates on ``device`` in ``dtype``, one tensor per band: every adapter that shares this fit gets the
@@ -97,7 +97,7 @@ def fit_bands(weight: torch.Tensor, axis: int, num_bands: int) -> BandsFit:
     bands = []
     for start, end in zip(starts, ends):
         band = (left[:, start:end] * singular_values[start:end]) @ right[start:end]  # (out, d)
-        bands.append(band.T.reshape(weight.shape) if axis == 1 else band.reshape(weight.shape))
+        bands.append(stored_layout(band, tuple(weight.shape), axis))
     return BandsFit(templates=torch.stack(bands).float().cpu(), singular_values=singular_values.cpu(),
                     starts=tuple(starts))
 

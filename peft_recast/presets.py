@@ -103,7 +103,8 @@ def recommended_lr(config: Any) -> float:
     """The one peak AdamW learning rate of the coefficients measured for ``config``'s family (head first; the records
     are in docs/benchmarks.md): ``3e-3`` for adapters of every linear layer (``target_modules="all-linear"``, as
     ``ladder-216`` and ``ladder-648``) and for ``template_family="own_spectrum"``, :data:`RECOMMENDED_LR` (``1e-2``)
-    otherwise (the group span's q,v rungs and ``"spectral_bands"``). Both assume the default ``coefficient_scale`` of 10; the rate scales inversely with it.
+    otherwise (the group span's q,v rungs and ``"spectral_bands"``). Both assume the default ``coefficient_scale``
+    of 10; the rate scales inversely with it.
 
     Args:
         config (`RecastConfig`): The adapter's config (a preset's, or your own).

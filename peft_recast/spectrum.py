@@ -64,7 +64,13 @@ class SpectrumFit:
 
     def fingerprint(self) -> list[float]:
         """The top singular values, rounded to 8 significant digits."""
-        return [float(f"{value:.8g}") for value in self.singular_values[:FINGERPRINT_VALUES].tolist()]
+        return top_values(self.singular_values)
+
+
+def top_values(singular_values: torch.Tensor) -> list[float]:
+    """The first :data:`FINGERPRINT_VALUES` of descending ``singular_values``, rounded to 8 significant digits: a
+    module's entry in ``RecastConfig.base_fingerprint`` for the families built from its own weight."""
+    return [float(f"{value:.8g}") for value in singular_values[:FINGERPRINT_VALUES].tolist()]
 
 
 def fit_spectrum(weight: torch.Tensor, num_templates: int) -> SpectrumFit:
@@ -126,10 +132,7 @@ class OwnSpectrum(RecastGroup):
         """``delta_W`` for ``mix`` (``n x B``, the layer's effective coefficients) in the stored layout ``shape``
         (output rows on ``axis``; a kernel's other dimensions flattened into ``d``), in ``dtype``."""
         left, right = self.factors(mix.device, dtype)
-        delta = (left * mix.to(dtype)[:, blocks].T) @ right  # (out, d)
-        if axis == 1:
-            return delta.T.reshape(shape)
-        return delta.reshape(shape)
+        return stored_layout((left * mix.to(dtype)[:, blocks].T) @ right, shape, axis)
 
     def update(self, x: torch.Tensor, mix: torch.Tensor, blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``x delta_W^T`` of a linear layer, ``(..., out)``: ``x`` is ``(..., in)``; ``mix`` is ``n x B`` for the
@@ -193,3 +196,8 @@ def matrix_of(weight: torch.Tensor, axis: int) -> torch.Tensor:
     """A stored weight as the ``out x d`` matrix whose SVD gives the templates (output rows on ``axis``)."""
     matrix = weight.T if axis == 1 else weight
     return matrix.reshape(matrix.shape[0], math.prod(matrix.shape[1:]))
+
+
+def stored_layout(matrix: torch.Tensor, shape: tuple[int, ...], axis: int) -> torch.Tensor:
+    """The inverse of :func:`matrix_of`: an ``out x d`` matrix in the stored layout ``shape`` (output rows on ``axis``)."""
+    return matrix.T.reshape(shape) if axis == 1 else matrix.reshape(shape)
