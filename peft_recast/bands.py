@@ -118,5 +118,5 @@ class SpectralBands(RecastGroup):
 
     def basis(self) -> list[torch.Tensor]:
         """The band templates on the device and in the dtype of the member's weight."""
-        weight = self.members[0].pristine_weight()
-        return self.fit.on(weight.device, weight.dtype)
+        device, dtype = self.members[0].weight_placement()
+        return self.fit.on(device, dtype)

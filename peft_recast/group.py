@@ -1,9 +1,9 @@
 """A template group: the modules whose templates are built from one another's pretrained weights.
 
-A group holds references to its member layers (any object with ``pristine_weight()`` and ``weight_state()``, in
-practice :class:`~peft_recast.layer.RecastLayer`) and knows its *basis* ``W_1..W_m``: the members' pretrained weights
-(closed-form mimicry) or stored templates (a gradient-mimicry template bank). This module imports no other module of
-the package, so layers, planning and reports can all hold groups.
+A group holds references to its member layers (any object with ``pristine_weight()``, ``weight_placement()`` and
+``weight_state()``, in practice :class:`~peft_recast.layer.RecastLayer`) and knows its *basis* ``W_1..W_m``: the
+members' pretrained weights (closed-form mimicry) or stored templates (a gradient-mimicry template bank). This
+module imports no other module of the package, so layers, planning and reports can all hold groups.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class BankGroup(RecastGroup):
 
     def basis(self) -> list[torch.Tensor]:
         """The ``n`` templates on the device and in the dtype of the members' weights."""
-        weight = self.members[0].pristine_weight()
-        key = (weight.device, weight.dtype)
+        device, dtype = self.members[0].weight_placement()
+        key = (device, dtype)
         if key not in self._cache:
-            self._cache = {key: list(self.templates.to(device=weight.device, dtype=weight.dtype).unbind(0))}
+            self._cache = {key: list(self.templates.to(device=device, dtype=dtype).unbind(0))}
         return self._cache[key]

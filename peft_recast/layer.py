@@ -144,8 +144,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
             self.recast_coefficients[adapter_name] = nn.Parameter(values, requires_grad=coefficients.requires_grad)
         if replace:
             self.recast_replace[adapter_name] = True
-        weight = self.pristine_weight()
-        mixing = mixing.to(device=weight.device, dtype=torch.float32)
+        mixing = mixing.to(device=self.weight_placement()[0], dtype=torch.float32)
         # adapters of one grouping get equal mixings: keep one tensor for all of them
         self.recast_mixing[adapter_name] = self._mixings.setdefault((mixing.shape, *mixing.flatten().tolist()), mixing)
         self.recast_group[adapter_name] = group
@@ -192,6 +191,12 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         if self.quantization_backend is not None:
             return self.get_base_weight()
         return self.get_base_layer().weight.detach()
+
+    def weight_placement(self) -> tuple[torch.device, torch.dtype]:
+        """The device and dtype of :meth:`pristine_weight`, read without dequantizing a quantized weight."""
+        plain = self._pristine_weight is None and self.quantization_backend is None
+        weight = self.get_base_layer().weight if plain else self.pristine_weight()
+        return weight.device, weight.dtype
 
     def weight_state(self) -> tuple[int, int]:
         """The pristine weight's storage and version counter: a key that changes when the weight does."""
@@ -253,12 +258,12 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``delta_W`` of ``adapter`` in the base weight's layout and dtype (float32 maths for half on CPU)."""
-        weight = self.pristine_weight()
-        dtype = self._compute_dtype(weight.dtype, weight.device)
+        device, weight_dtype = self.weight_placement()
+        dtype = self._compute_dtype(weight_dtype, device)
         if spectrum_of(self, adapter) is not None:
-            return spectral_delta(self, adapter, weight.device, dtype).to(weight.dtype)
-        mixes, bases, blocks, subtract = self._terms([adapter], weight.device)
-        return combine(None, mixes, bases, blocks, self.output_axis, dtype, subtract).to(weight.dtype)
+            return spectral_delta(self, adapter, device, dtype).to(weight_dtype)
+        mixes, bases, blocks, subtract = self._terms([adapter], device)
+        return combine(None, mixes, bases, blocks, self.output_axis, dtype, subtract).to(weight_dtype)
 
     def _span_adapters(self, adapters: list[str]) -> list[str]:
         """Those of ``adapters`` whose templates span a group's weights (not ``own_spectrum``)."""

@@ -64,6 +64,15 @@ def dequantize(param: nn.Parameter, scales: Optional[torch.Tensor] = None) -> to
     return bnb.functional.int8_vectorwise_dequant(param.data, scales.to(param.device))
 
 
+def dequantized_dtype(param: nn.Parameter) -> torch.dtype:
+    """The dtype :func:`dequantize` returns for ``param``, without dequantizing it."""
+    import bitsandbytes as bnb
+
+    if isinstance(param, bnb.nn.Params4bit):
+        return param.quant_state.dtype
+    return torch.float32 if param.dtype == torch.int8 else param.dtype
+
+
 def quantize_like(param: nn.Parameter, values: torch.Tensor) -> nn.Parameter:
     """``values`` (``out x in``, float) quantized with the settings of ``param``, as a new frozen parameter on
     ``param``'s device (bitsandbytes quantizes when a parameter leaves the CPU for a device, or stays on the CPU)."""
@@ -228,6 +237,10 @@ class QuantizedLinear(Linear):
     def pristine_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter, dequantized (``out x in``, a new tensor at every call)."""
         return dequantize(*self._stored())
+
+    def weight_placement(self) -> tuple[torch.device, torch.dtype]:
+        param = self._stored()[0]
+        return param.device, dequantized_dtype(param)
 
     def weight_state(self) -> tuple[int, int]:
         param = self._stored()[0]

@@ -321,3 +321,23 @@ def test_own_weight_families_train_save_and_serve_on_a_quantized_base(checkpoint
     torch.testing.assert_close(mixed[0], trained[0])
     with reloaded.disable_adapter():
         torch.testing.assert_close(mixed[1], _logits(reloaded)[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bands_basis_reads_placement_without_dequantizing(checkpoints, kind, monkeypatch):
+    """``weight_placement()`` is the device and dtype of the dequantized weight, and a stored basis (spectral bands)
+    is served without dequantizing the base at every call."""
+    import peft_recast.quantized as quantized
+
+    model = get_peft_model(_load(checkpoints, kind), RecastConfig(template_family="spectral_bands"))
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    assert layers
+    for layer in layers:
+        weight = layer.pristine_weight()
+        assert layer.weight_placement() == (weight.device, weight.dtype)
+    calls = []
+    monkeypatch.setattr(quantized, "dequantize", lambda *args: calls.append(args) or dequantize(*args))
+    for layer in layers:
+        basis = layer.recast_group["default"].basis()
+        assert basis[0].dtype == layer.weight_placement()[1]
+    assert calls == []
