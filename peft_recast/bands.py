@@ -68,6 +68,11 @@ class BandsFit:
         """The top singular values, rounded to 8 significant digits."""
         return top_values(self.singular_values)
 
+    def group(self, key: str, member: Any, num_templates: int, unit: float) -> tuple[SpectralBands, torch.Tensor]:
+        """The module's templates and mixing: :class:`SpectralBands` and ``diag(unit / ||T_b||_F)`` (``(n, n)``),
+        so that a unit coefficient moves the weight by ``unit`` along a band."""
+        return SpectralBands(key, member, self), torch.diag(unit / self.norms())
+
     def on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """The templates on ``device`` in ``dtype``, one tensor per band: every adapter that shares this fit gets the
         same tensors (kept for the last device and dtype asked for), so their mixed batches share products."""

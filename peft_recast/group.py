@@ -9,7 +9,7 @@ module imports no other module of the package, so layers, planning and reports c
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -28,6 +28,9 @@ class RecastGroup:
     def __init__(self, name: str, members: list[Any]) -> None:
         self.name = name
         self.members = members
+        # ||reconstruction - weights||_F / ||weights||_F where the group knows it; None: the pretrained weights span
+        # the templates, and the error follows from the fingerprint (mimicry.reconstruction_error)
+        self.relative_error: Optional[float] = None
         self.fitted = self.weights_state()  # the weights the group's templates were fitted to
 
     def weights_state(self) -> tuple:

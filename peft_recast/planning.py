@@ -18,7 +18,7 @@ import re
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, _maybe_include_all_linear_layers, check_target_module_exists
@@ -27,14 +27,14 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
-from .bands import BandsFit, SpectralBands, fit_bands
+from .bands import BandsFit, fit_bands
 from .bank import TemplateBank, load_template_bank
 from .config import RecastConfig, config_list
 from .group import BankGroup, RecastGroup
 from .layer import RecastLayer
 from .mimicry import GroupFit, fit_group
 from .presets import preset_fields
-from .spectrum import OwnSpectrum, SpectrumFit, fit_spectrum, matrix_of
+from .spectrum import SpectrumFit, fit_spectrum, matrix_of
 
 # Layers per group when neither `layers_per_group` nor `num_groups` is set.
 DEFAULT_LAYERS_PER_GROUP = 2
@@ -295,6 +295,14 @@ def flat_cat(weights: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([weight.detach().reshape(-1) for weight in weights])
 
 
+# The fit of one module's own pretrained weight (in its stored layout; its output axis; `num_templates`) for each
+# template family built from each module's own weight.
+OWN_WEIGHT_FITS: dict[str, Callable[[torch.Tensor, int, int], Union[SpectrumFit, BandsFit]]] = {
+    "own_spectrum": lambda weight, axis, num_templates: fit_spectrum(matrix_of(weight, axis), num_templates),
+    "spectral_bands": fit_bands,
+}
+
+
 class GroupFits:
     """Closed-form fits of groups' weights, each computed once: a later adapter with the same grouping reuses the fit
     (and so its templates and mixing) as long as none of the weights changed. The key holds each member's storage
@@ -310,10 +318,7 @@ class GroupFits:
         (:func:`~peft_recast.spectrum.fit_spectrum`, :func:`~peft_recast.bands.fit_bands`)."""
         key = (family, num_templates, layer.weight_state(), tuple(weight.shape))
         if key not in self._spectra:
-            self._spectra[key] = (
-                fit_spectrum(matrix_of(weight, layer.output_axis), num_templates) if family == "own_spectrum"
-                else fit_bands(weight, layer.output_axis, num_templates)
-            )
+            self._spectra[key] = OWN_WEIGHT_FITS[family](weight, layer.output_axis, num_templates)
         return self._spectra[key]
 
     def fit(self, plan: GroupPlan, num_templates: int, weights: list[list[torch.Tensor]]) -> GroupFit:
@@ -383,21 +388,17 @@ def _attach_spectra(
     fits: GroupFits,
     shared: Optional[dict[tuple[str, int], RecastLayer]],
 ) -> dict[str, list[float]]:
-    """A module's own templates (``template_family`` ``"own_spectrum"``: :class:`~peft_recast.spectrum.OwnSpectrum`,
-    scale ``u`` in the factors, mixing ``I``; ``"spectral_bands"``: :class:`~peft_recast.bands.SpectralBands`, mixing
-    ``diag(u / ||T_b||_F)``) for every module of ``plan``; returns each module's fingerprint (its top singular values)
-    by key. The plan's groups only decide which modules share coefficients."""
+    """A module's own templates and mixing (:data:`OWN_WEIGHT_FITS`, then the fit's ``group``: ``"own_spectrum"``
+    :class:`~peft_recast.spectrum.OwnSpectrum`, ``"spectral_bands"`` :class:`~peft_recast.bands.SpectralBands`; unit
+    ``u``) for every module of ``plan``; returns each module's fingerprint (its top singular values) by key. The plan's
+    groups only decide which modules share coefficients."""
     fingerprint = {}
     for j, (unit, (weight,)) in enumerate(zip(plan.units, weights)):
         (key, layer), = unit  # fused modules are refused by the config
         fit = fits.spectrum(layer, config.template_family, config.num_templates, weight)
         fingerprint[key] = fit.fingerprint()
         unit_scale = coefficient_unit(float(fit.singular_values.norm()), config, config.num_templates)
-        if isinstance(fit, BandsFit):
-            layer.attach_group(adapter_name, SpectralBands(key, layer, fit), torch.diag(unit_scale / fit.norms()))
-        else:
-            spectrum = OwnSpectrum(key, layer, fit, config.num_templates, unit_scale)
-            layer.attach_group(adapter_name, spectrum, torch.eye(config.num_templates))
+        layer.attach_group(adapter_name, *fit.group(key, layer, config.num_templates, unit_scale))
         owner = _owner(unit, j, config, shared)
         if layer is not owner:
             layer.tie_coefficients(adapter_name, owner)

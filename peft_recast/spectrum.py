@@ -66,6 +66,11 @@ class SpectrumFit:
         """The top singular values, rounded to 8 significant digits."""
         return top_values(self.singular_values)
 
+    def group(self, key: str, member: Any, num_templates: int, unit: float) -> tuple[OwnSpectrum, torch.Tensor]:
+        """The module's templates and mixing: :class:`OwnSpectrum` (``unit`` in its factors) and ``I``
+        (``(n, n)``)."""
+        return OwnSpectrum(key, member, self, num_templates, unit), torch.eye(num_templates)
+
 
 def top_values(singular_values: torch.Tensor) -> list[float]:
     """The first :data:`FINGERPRINT_VALUES` of descending ``singular_values``, rounded to 8 significant digits: a

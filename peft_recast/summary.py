@@ -10,12 +10,10 @@ import torch
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
-from .bands import SpectralBands
 from .config import RecastConfig
-from .group import BankGroup, RecastGroup
+from .group import RecastGroup
 from .layer import RecastLayer
 from .mimicry import reconstruction_error
-from .spectrum import OwnSpectrum
 
 
 @dataclass
@@ -142,9 +140,8 @@ def recast_summary(model: nn.Module, adapter_name: str = "default") -> RecastSum
                 shape=first.weight_shape(),
                 templates=templates,
                 coefficients=owned[group.name],
-                relative_error=group.relative_error
-                if isinstance(group, (BankGroup, OwnSpectrum, SpectralBands))
-                else reconstruction_error(config.base_fingerprint[group.name], templates),
+                relative_error=reconstruction_error(config.base_fingerprint[group.name], templates)
+                if group.relative_error is None else group.relative_error,
             )
         )
     stored = sum(value.numel() for value in coefficient_state.values())
