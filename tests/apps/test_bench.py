@@ -56,6 +56,24 @@ def test_best_lr_is_chosen_on_validation_never_test(tmp_path):
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
+def test_two_writers_of_one_results_file_keep_each_others_records(tmp_path):
+    """Two benches writing one ``results.json`` (each read it before the other's runs): every run, cost and forgetting
+    check of both is in the file, and a writer's own record wins over the file's copy of the same key."""
+    path = str(tmp_path / "results.json")
+    first, second = bench.Results(path), bench.Results(path)
+    first.add(dict(key="a", validation_accuracy=0.5))
+    first.forgetting["recast/seed0"] = {"trec6": {"lr": 0.01}}
+    second.costs["lora-r8"] = {"step_seconds": 1.0}
+    second.add(dict(key="b", validation_accuracy=0.6))
+    first.add(dict(key="c", validation_accuracy=0.7))
+    second.forgetting["recast/seed0"] = {"sms": {"lr": 0.01}}
+    second.add(dict(key="a", validation_accuracy=0.9))
+    reloaded = bench.Results(path)
+    assert {key: run["validation_accuracy"] for key, run in reloaded.runs.items()} == {"a": 0.9, "b": 0.6, "c": 0.7}
+    assert reloaded.costs == {"lora-r8": {"step_seconds": 1.0}}
+    assert reloaded.forgetting == {"recast/seed0": {"trec6": {"lr": 0.01}, "sms": {"lr": 0.01}}}
+
+
 def test_training_memory_counts_activations_gradients_and_optimizer_state():
     model = EmbeddingEncoder(vocab=10, width=8)
     model.embed.requires_grad_(False)

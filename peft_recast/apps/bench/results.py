@@ -3,6 +3,7 @@ learning rate each method gets per task."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -12,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ...files import atomic_write
 from ..tasks import HELD_OUT_TASKS
@@ -174,10 +175,41 @@ class Results:
         self.save()
 
     def save(self) -> None:
+        """Write the records, first taking in what other processes wrote to the file since this one read it (runs,
+        costs and forgetting checks this object lacks), under an exclusive lock on ``<path>.lock``: parallel benches
+        writing one ``results.json`` keep each other's records."""
         if self.path is None:
             raise RuntimeError("This is a report's view of the records (probe_candidates), not a results file.")
-        with atomic_write(self.path) as handle:
-            json.dump(dict(runs=self.runs, costs=self.costs, forgetting=self.forgetting), handle, indent=1)
+        with _exclusive(self.path + ".lock"):
+            if os.path.exists(self.path):
+                with open(self.path) as handle:
+                    data = json.load(handle)
+                for key, record in _with_todays_keys(data.get("runs", {}), self.runs).items():
+                    self.runs.setdefault(key, record)
+                for key, value in data.get("costs", {}).items():
+                    self.costs.setdefault(key, value)
+                for chain, report in data.get("forgetting", {}).items():
+                    kept = self.forgetting.setdefault(chain, {})
+                    for task, check in report.items():
+                        kept.setdefault(task, check)
+            with atomic_write(self.path) as handle:
+                json.dump(dict(runs=self.runs, costs=self.costs, forgetting=self.forgetting), handle, indent=1)
+
+
+@contextlib.contextmanager
+def _exclusive(path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing; where ``fcntl`` is missing, no lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: one writer per file
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def probe_candidates(results: Results, protocol: dict) -> Results:
