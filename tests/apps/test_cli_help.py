@@ -238,7 +238,8 @@ def test_the_accuracy_plots_legend_uses_the_tables_names_and_recast_stands_out(t
 
     rows = [row("fourierft-48", 48, 78.0), row("probe", 0, 70.0), row("fourierft-144", 144, 79.0),
             row("recast", 48, 80.0), row("recast-24", 24, 79.5), row("recast-hf", 48, 81.0),
-            row("recast-144-hf", 144, 82.0), row("lora-r8", 73728, 85.0)]
+            row("recast-144-hf", 144, 82.0), row("lora-r8", 73728, 85.0), row("bands-24", 24, 80.5),
+            row("bands-48", 48, 81.5)]
     report.plot_accuracy(rows, str(tmp_path / "plot.png"))
     (axis,) = figures[0].axes
     texts = axis.get_legend().get_texts()
@@ -246,10 +247,13 @@ def test_the_accuracy_plots_legend_uses_the_tables_names_and_recast_stands_out(t
         "linear probe (head only)",  # a single row: its table label
         "RECAST, 24-48 numbers",  # rungs whose labels differ in more than numbers: the words they share
         "RECAST … head first, 48-144 numbers",
+        "RECAST spectral_bands, q,v, 2 bands x … of rows, … head first, 24-48 numbers",  # RECAST by its family folder
         "FourierFT, 4-12 frequencies, q,v",  # rungs that differ in numbers only: the numbers as a range
         "LoRA r=8, q,v",
     ]
-    assert [text.get_fontweight() for text in texts] == ["normal", "bold", "bold", "normal", "normal"]
+    assert [text.get_fontweight() for text in texts] == ["normal", "bold", "bold", "bold", "normal", "normal"]
     widths = {container.get_label(): container.lines[0].get_linewidth() for container in axis.containers}
-    assert min(widths["RECAST, 24-48 numbers"], widths["RECAST … head first, 48-144 numbers"]) > 2 * max(
+    recast = ["RECAST, 24-48 numbers", "RECAST … head first, 48-144 numbers",
+              "RECAST spectral_bands, q,v, 2 bands x … of rows, … head first, 24-48 numbers"]
+    assert min(widths[label] for label in recast) > 2 * max(
         widths["FourierFT, 4-12 frequencies, q,v"], widths["LoRA r=8, q,v"])

@@ -182,6 +182,12 @@ def method_family(name: str) -> str:
     return "-".join(part for part in name.split("-") if not part.isdigit())
 
 
+def is_recast(name: str) -> bool:
+    """Whether method ``name`` is a RECAST adapter (its experiment folder is one of the ``recast-*`` families, e.g.
+    ``"bands-48"`` in ``recast-bands``), which the plots draw apart from the other methods."""
+    return METHODS[name].family.startswith("recast") if name in METHODS else name.startswith("recast")
+
+
 def _numbers_as_ranges(labels: Sequence[str]) -> Optional[str]:
     """Labels that differ only in their numbers, as one with each differing number written as the range:
     ``"FourierFT, 2 frequencies, q,v"`` and ``"FourierFT, 72 frequencies, q,v"`` -> ``"FourierFT, 2-72 frequencies,
@@ -239,7 +245,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     for row in rows:
         families.setdefault(method_family(row["method"]), []).append(row)
     # the probe, then RECAST's lines, then the others (each in the rows' order): RECAST's entries together in the legend
-    families = dict(sorted(families.items(), key=lambda item: (item[0] != "probe", not item[0].startswith("recast"))))
+    families = dict(sorted(families.items(), key=lambda item: (item[0] != "probe", not is_recast(item[1][0]["method"]))))
     # tab20 indices: reds, oranges, browns, pinks, olives for RECAST; blues, greens, purples, cyans, greys for the rest
     warm, cool = iter([6, 2, 10, 12, 16, 7, 3, 11, 13, 17] * 3), iter([0, 4, 8, 18, 14, 1, 5, 9, 19, 15] * 3)
     recast_labels = []
@@ -247,7 +253,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
         members = sorted(members, key=lambda row: row["trainable"])
         xs = [max(row["trainable"], 1) for row in members]
         spreads = [statistics.mean(v["spread"] for v in row["tasks"].values()) for row in members]
-        recast = family.startswith("recast")
+        recast = is_recast(members[0]["method"])
         color = "dimgray" if family == "probe" else plt.cm.tab20(next(warm if recast else cool) % 20)
         label = legend_label(family, members)
         axis.errorbar(xs, [row["mean"] for row in members], yerr=spreads, color=color, capsize=3, label=label,
@@ -295,7 +301,7 @@ def plot_learning_rates(curves: dict[str, dict[float, float]], path: str) -> Non
     for index, (name, points) in enumerate(curves.items()):
         rates = sorted(points)
         axis.plot(rates, [points[lr] for lr in rates], marker="o", label=name, color=plt.cm.tab20(index % 20),
-                  linestyle="-" if name.startswith("recast") else "--")
+                  linestyle="-" if is_recast(name) else "--")
     axis.set_xscale("log")
     axis.set_xlabel("peak AdamW learning rate of the adapter (head: fixed)")
     axis.set_ylabel("mean validation accuracy over tasks (%)")

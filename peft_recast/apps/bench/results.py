@@ -163,12 +163,18 @@ class Results:
         if not isinstance(data, dict) or not isinstance(data.get("runs"), dict):
             raise ValueError(f"{path} is not a benchmark results file (no 'runs' object); pass a results.json written "
                              "by `peft-recast bench`.")
-        self.runs.update(_with_todays_keys(data["runs"], self.runs))
-        self.costs.update(data.get("costs", {}))
-        for chain, report in data.get("forgetting", {}).items():
-            self.forgetting.setdefault(chain, {}).update(report)
+        self._take_in(data, replace=True)
         self.save()
         return len(data["runs"])
+
+    def _take_in(self, data: dict, replace: bool) -> None:
+        """Add the runs, costs and forgetting checks (task by task) of another file's ``data``; on a shared name its
+        entry replaces this object's when ``replace``, else this object's stays."""
+        for mine, theirs in ((self.runs, _with_todays_keys(data.get("runs", {}), self.runs)),
+                             (self.costs, data.get("costs", {})),
+                             *((self.forgetting.setdefault(chain, {}), report)
+                               for chain, report in data.get("forgetting", {}).items())):
+            mine.update(theirs if replace else {key: value for key, value in theirs.items() if key not in mine})
 
     def add(self, record: dict) -> None:
         self.runs[record["key"]] = record
@@ -184,14 +190,7 @@ class Results:
             if os.path.exists(self.path):
                 with open(self.path) as handle:
                     data = json.load(handle)
-                for key, record in _with_todays_keys(data.get("runs", {}), self.runs).items():
-                    self.runs.setdefault(key, record)
-                for key, value in data.get("costs", {}).items():
-                    self.costs.setdefault(key, value)
-                for chain, report in data.get("forgetting", {}).items():
-                    kept = self.forgetting.setdefault(chain, {})
-                    for task, check in report.items():
-                        kept.setdefault(task, check)
+                self._take_in(data, replace=False)
             with atomic_write(self.path) as handle:
                 json.dump(dict(runs=self.runs, costs=self.costs, forgetting=self.forgetting), handle, indent=1)
 
