@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 # The peak AdamW learning rate of the coefficients for the default config (coefficient_scale s = 10), the one rate
 # README, the examples and `peft-recast train` use; docs/benchmarks.md gives the measurements behind it.
@@ -43,20 +43,35 @@ RECAST_LADDER: dict[str, dict[str, Any]] = {
     "ladder-1000": {"coefficient_blocks": 41},  # ladder-24 with 41 blocks of output rows: 984 numbers on MiniLM
 }
 RECAST_PRESETS.update(RECAST_LADDER)
-# Per model type: (regex of the attention projections, names fused into one weight, regex of the MLP layers).
-PRESET_TARGETS: dict[str, tuple[str, Optional[list[str]], str]] = {
-    "vit": (r".*\.attention\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"], r".*\.mlp\.(fc1|fc2)"),
-    "bert": (
-        r".*\.attention\.self\.(query|key|value)",
-        ["query", "key", "value"],
-        r".*\.layer\.\d+\.(intermediate|output)\.dense",
-    ),
-    "llama": (
-        r".*\.self_attn\.(q_proj|k_proj|v_proj)",
-        ["q_proj", "k_proj", "v_proj"],
-        r".*\.mlp\.(gate_proj|up_proj|down_proj)",
-    ),
-    "gpt2": (r".*\.attn\.c_attn", None, r".*\.mlp\.(c_fc|c_proj)"),
+# Spectral bands (two per module, one block of rows) on the query/value projections and the MLP layers: 4 modules a
+# layer on a BERT (48 numbers on MiniLM-L6), the most accuracy measured at 48 numbers (docs/benchmarks.md).
+RECAST_PRESETS["bands-48-qv-mlp"] = {"template_family": "spectral_bands", "coefficient_blocks": 1}
+
+
+class PresetTargets(NamedTuple):
+    """A model type's target modules for the presets that name them.
+
+    Attributes:
+        attention: regex of the query, key and value projections (the paper's ``attention`` variants).
+        fused: their names, fused into one ``qkv`` weight; ``None`` where the model already stores them as one.
+        mlp: regex of the MLP (feed-forward) layers.
+        query_value: regex of the query and value projections (``bands-48-qv-mlp`` with ``mlp``).
+    """
+
+    attention: str
+    fused: Optional[list[str]]
+    mlp: str
+    query_value: str
+
+
+PRESET_TARGETS: dict[str, PresetTargets] = {
+    "vit": PresetTargets(r".*\.attention\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"],
+                         r".*\.mlp\.(fc1|fc2)", r".*\.attention\.(q_proj|v_proj)"),
+    "bert": PresetTargets(r".*\.attention\.self\.(query|key|value)", ["query", "key", "value"],
+                          r".*\.layer\.\d+\.(intermediate|output)\.dense", r".*\.attention\.self\.(query|value)"),
+    "llama": PresetTargets(r".*\.self_attn\.(q_proj|k_proj|v_proj)", ["q_proj", "k_proj", "v_proj"],
+                           r".*\.mlp\.(gate_proj|up_proj|down_proj)", r".*\.self_attn\.(q_proj|v_proj)"),
+    "gpt2": PresetTargets(r".*\.attn\.c_attn", None, r".*\.mlp\.(c_fc|c_proj)", r".*\.attn\.c_attn"),
 }
 PRESET_TARGETS["roberta"] = PRESET_TARGETS["bert"]
 PRESET_TARGETS["mistral"] = PRESET_TARGETS["qwen2"] = PRESET_TARGETS["llama"]
@@ -91,12 +106,14 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
             f"The RECAST preset {preset!r} has no target modules for model type {model_type!r} (known: "
             f"{sorted(PRESET_TARGETS)}); pass `target_modules` (and `fused_modules`) yourself."
         )
-    attention, fused, mlp = PRESET_TARGETS[model_type]
+    targets = PRESET_TARGETS[model_type]
     if preset == "attention":
-        return {"target_modules": attention, "fused_modules": fused}
+        return {"target_modules": targets.attention, "fused_modules": targets.fused}
     if preset == "mlp":
-        return {"target_modules": mlp}
-    return {"target_modules": f"(?:{attention})|(?:{mlp})", "fused_modules": fused}
+        return {"target_modules": targets.mlp}
+    if preset == "bands-48-qv-mlp":
+        return {"target_modules": f"(?:{targets.query_value})|(?:{targets.mlp})"}
+    return {"target_modules": f"(?:{targets.attention})|(?:{targets.mlp})", "fused_modules": targets.fused}
 
 
 def recommended_lr(config: Any) -> float:

@@ -205,6 +205,23 @@ def test_ladder_presets_are_the_benchmarked_rungs():
         assert model.get_nb_trainable_parameters()[0] == size, name
 
 
+def test_bands_preset_is_the_benchmarked_rung():
+    """``RecastConfig.from_preset("bands-48-qv-mlp")`` adapts MiniLM-L6 as the bench method of that name: the same
+    modules, family, bands and blocks, 48 numbers."""
+    import peft
+
+    from peft_recast import RecastConfig
+    from peft_recast.apps.encoder import load_encoder
+
+    benchmarked = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS["bands-48-qv-mlp"].config())
+    preset = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset("bands-48-qv-mlp"))
+    assert sorted(benchmarked.targeted_module_names) == sorted(preset.targeted_module_names)
+    fields = ("template_family", "num_templates", "coefficient_blocks", "layers_per_group", "coefficient_scale")
+    assert [getattr(benchmarked.peft_config["default"], name) for name in fields] == [
+        getattr(preset.peft_config["default"], name) for name in fields]
+    assert benchmarked.get_nb_trainable_parameters()[0] == preset.get_nb_trainable_parameters()[0] == 48
+
+
 def test_run_key_is_the_same_in_every_process():
     """PEFT stores ``target_modules`` as a set, whose order changes with ``PYTHONHASHSEED``; a resumed benchmark in a
     new process must still find its runs."""
