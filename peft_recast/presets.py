@@ -75,6 +75,14 @@ PRESET_TARGETS: dict[str, PresetTargets] = {
 }
 PRESET_TARGETS["roberta"] = PRESET_TARGETS["bert"]
 PRESET_TARGETS["mistral"] = PRESET_TARGETS["qwen2"] = PRESET_TARGETS["llama"]
+# The PresetTargets fields each model-typed preset adapts (the union of their regexes); q/k/v are fused where
+# "attention" is among them.
+PRESET_PARTS: dict[str, tuple[str, ...]] = {
+    "attention": ("attention",),
+    "mlp": ("mlp",),
+    "attention+mlp": ("attention", "mlp"),
+    "bands-48-qv-mlp": ("query_value", "mlp"),
+}
 
 
 def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
@@ -107,13 +115,13 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
             f"{sorted(PRESET_TARGETS)}); pass `target_modules` (and `fused_modules`) yourself."
         )
     targets = PRESET_TARGETS[model_type]
-    if preset == "attention":
-        return {"target_modules": targets.attention, "fused_modules": targets.fused}
-    if preset == "mlp":
-        return {"target_modules": targets.mlp}
-    if preset == "bands-48-qv-mlp":
-        return {"target_modules": f"(?:{targets.query_value})|(?:{targets.mlp})"}
-    return {"target_modules": f"(?:{targets.attention})|(?:{targets.mlp})", "fused_modules": targets.fused}
+    regexes = [getattr(targets, part) for part in PRESET_PARTS[preset]]
+    fields: dict[str, Any] = {
+        "target_modules": regexes[0] if len(regexes) == 1 else "|".join(f"(?:{regex})" for regex in regexes)
+    }
+    if "attention" in PRESET_PARTS[preset]:
+        fields["fused_modules"] = targets.fused
+    return fields
 
 
 def recommended_lr(config: Any) -> float:

@@ -185,7 +185,7 @@ def method_family(name: str) -> str:
 def is_recast(name: str) -> bool:
     """Whether method ``name`` is a RECAST adapter (its experiment folder is one of the ``recast-*`` families, e.g.
     ``"bands-48"`` in ``recast-bands``), which the plots draw apart from the other methods."""
-    return METHODS[name].family.startswith("recast") if name in METHODS else name.startswith("recast")
+    return METHODS[name].family.startswith("recast")
 
 
 def _numbers_as_ranges(labels: Sequence[str]) -> Optional[str]:
