@@ -83,6 +83,12 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
                              layers_per_group=6),
         WIDE_RECAST_LRS,
     ),
+    "RECAST spectral_bands q,v,up,down position, 48": (
+        lambda: RecastConfig(task_type="CAUSAL_LM", template_family="spectral_bands", num_templates=1,
+                             coefficient_blocks=1, coefficient_sharing="position", layers_per_group=12,
+                             target_modules=[*QV, "up_proj", "down_proj"]),
+        WIDE_RECAST_LRS,
+    ),
     "RECAST, 8 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=8), WIDE_RECAST_LRS),
     "TinyLoRA tied, u=13": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=13, weight_tying=1.0, target_modules=QV),

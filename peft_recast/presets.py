@@ -43,9 +43,17 @@ RECAST_LADDER: dict[str, dict[str, Any]] = {
     "ladder-1000": {"coefficient_blocks": 41},  # ladder-24 with 41 blocks of output rows: 984 numbers on MiniLM
 }
 RECAST_PRESETS.update(RECAST_LADDER)
-# Spectral bands (two per module, one block of rows) on the query/value projections and the MLP layers: 4 modules a
-# layer on a BERT (48 numbers on MiniLM-L6), the most accuracy measured at 48 numbers (docs/benchmarks.md).
-RECAST_PRESETS["bands-48-qv-mlp"] = {"template_family": "spectral_bands", "coefficient_blocks": 1}
+# Spectral bands on the query/value projections and the MLP layers, one block of rows (4 modules a layer on a BERT;
+# counts on MiniLM-L6): one band, the module's own weight scaled by one number, or two bands of equal energy. The most
+# accuracy measured at 24 and 48 numbers (docs/benchmarks.md).
+BANDS_PRESETS: dict[str, dict[str, Any]] = {
+    "bands-24-qv-mlp": {"template_family": "spectral_bands", "num_templates": 1, "coefficient_blocks": 1},
+    "bands-48-qv-mlp": {"template_family": "spectral_bands", "coefficient_blocks": 1},
+}
+RECAST_PRESETS.update(BANDS_PRESETS)
+# Presets whose measured rate is not their family's (recommended_lr): bands-24-qv-mlp's validation accuracy at 3e-3 and
+# 1e-2 is the same number of correct answers, and the benchmark takes the smaller rate of a tie.
+PRESET_LR: dict[str, float] = {"bands-24-qv-mlp": 3e-3}
 
 
 class PresetTargets(NamedTuple):
@@ -55,7 +63,7 @@ class PresetTargets(NamedTuple):
         attention: regex of the query, key and value projections (the paper's ``attention`` variants).
         fused: their names, fused into one ``qkv`` weight; ``None`` where the model already stores them as one.
         mlp: regex of the MLP (feed-forward) layers.
-        query_value: regex of the query and value projections (``bands-48-qv-mlp`` with ``mlp``).
+        query_value: regex of the query and value projections (the ``bands-*-qv-mlp`` presets, with ``mlp``).
     """
 
     attention: str
@@ -81,7 +89,7 @@ PRESET_PARTS: dict[str, tuple[str, ...]] = {
     "attention": ("attention",),
     "mlp": ("mlp",),
     "attention+mlp": ("attention", "mlp"),
-    "bands-48-qv-mlp": ("query_value", "mlp"),
+    **{name: ("query_value", "mlp") for name in BANDS_PRESETS},
 }
 
 
@@ -125,11 +133,12 @@ def preset_fields(preset: str, model_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def recommended_lr(config: Any) -> float:
-    """The one peak AdamW learning rate of the coefficients measured for ``config``'s family (head first; the records
-    are in docs/benchmarks.md): ``3e-3`` for adapters of every linear layer (``target_modules="all-linear"``, as
-    ``ladder-216`` and ``ladder-648``) and for ``template_family="own_spectrum"``, :data:`RECOMMENDED_LR` (``1e-2``)
-    otherwise (the group span's q,v rungs and ``"spectral_bands"``). Both assume the default ``coefficient_scale``
-    of 10; the rate scales inversely with it.
+    """The one peak AdamW learning rate of the coefficients measured for ``config``'s preset or family (head first; the
+    records are in docs/benchmarks.md): a preset's own rate where :data:`PRESET_LR` has one (``3e-3`` for
+    ``bands-24-qv-mlp``); ``3e-3`` for adapters of every linear layer (``target_modules="all-linear"``, as
+    ``ladder-216`` and ``ladder-648``) and for ``template_family="own_spectrum"``; :data:`RECOMMENDED_LR` (``1e-2``)
+    otherwise (the group span's q,v rungs and ``"spectral_bands"``). All assume the default ``coefficient_scale`` of
+    10; the rate scales inversely with it.
 
     Args:
         config (`RecastConfig`): The adapter's config (a preset's, or your own).
@@ -147,7 +156,7 @@ def recommended_lr(config: Any) -> float:
     """
     lower = getattr(config, "target_modules", None) == "all-linear" or getattr(
         config, "template_family", "group_span") == "own_spectrum"
-    rate = ALL_LINEAR_LR if lower else RECOMMENDED_LR
+    rate = PRESET_LR.get(getattr(config, "preset", None), ALL_LINEAR_LR if lower else RECOMMENDED_LR)
     return rate * 10.0 / getattr(config, "coefficient_scale", 10.0)
 
 

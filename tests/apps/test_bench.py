@@ -205,21 +205,34 @@ def test_ladder_presets_are_the_benchmarked_rungs():
         assert model.get_nb_trainable_parameters()[0] == size, name
 
 
-def test_bands_preset_is_the_benchmarked_rung():
-    """``RecastConfig.from_preset("bands-48-qv-mlp")`` adapts MiniLM-L6 as the bench method of that name: the same
-    modules, family, bands and blocks, 48 numbers."""
+@pytest.mark.parametrize("name, size", [("bands-24-qv-mlp", 24), ("bands-48-qv-mlp", 48)])
+def test_bands_presets_are_the_benchmarked_rungs(name, size):
+    """``RecastConfig.from_preset(name)`` adapts MiniLM-L6 as the bench method of that name: the same modules, family,
+    bands and blocks, and the numbers its name says."""
     import peft
 
     from peft_recast import RecastConfig
     from peft_recast.apps.encoder import load_encoder
 
-    benchmarked = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS["bands-48-qv-mlp"].config())
-    preset = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset("bands-48-qv-mlp"))
+    benchmarked = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
+    preset = peft.get_peft_model(load_encoder(torch.device("cpu")), RecastConfig.from_preset(name))
     assert sorted(benchmarked.targeted_module_names) == sorted(preset.targeted_module_names)
     fields = ("template_family", "num_templates", "coefficient_blocks", "layers_per_group", "coefficient_scale")
-    assert [getattr(benchmarked.peft_config["default"], name) for name in fields] == [
-        getattr(preset.peft_config["default"], name) for name in fields]
-    assert benchmarked.get_nb_trainable_parameters()[0] == preset.get_nb_trainable_parameters()[0] == 48
+    assert [getattr(benchmarked.peft_config["default"], field) for field in fields] == [
+        getattr(preset.peft_config["default"], field) for field in fields]
+    assert benchmarked.get_nb_trainable_parameters()[0] == preset.get_nb_trainable_parameters()[0] == size
+
+
+def test_bands_methods_on_query_value_and_the_mlp_train_the_numbers_their_names_say_on_minilm():
+    import peft
+
+    from peft_recast.apps.encoder import load_encoder
+
+    names = [name for name in bench.METHODS if name.startswith("bands-") and "-qv-mlp" in name]
+    assert len(names) >= 5
+    for name in names:
+        model = peft.get_peft_model(load_encoder(torch.device("cpu")), bench.METHODS[name].config())
+        assert model.get_nb_trainable_parameters()[0] == int(name.split("-")[1]), name
 
 
 def test_run_key_is_the_same_in_every_process():

@@ -130,25 +130,28 @@ def test_ladder_1000_trains_at_most_1000_numbers_on_a_minilm_sized_bert():
     assert model.get_nb_trainable_parameters()[0] == 984  # 12 modules x 2 templates x 41 row blocks
 
 
-def test_bands_preset_adapts_query_value_and_the_mlp_with_two_bands_each(vit_small):
-    """``bands-48-qv-mlp``: two spectral bands, one block of rows, on each query, value and MLP layer (48 numbers on a
-    MiniLM-sized BERT); key and attention-output projections stay as they are; other model types resolve their own
-    names."""
+@pytest.mark.parametrize("preset, bands, rate", [("bands-24-qv-mlp", 1, 3e-3), ("bands-48-qv-mlp", 2, 1e-2)])
+def test_bands_presets_adapt_query_value_and_the_mlp(vit_small, preset, bands, rate):
+    """``bands-24-qv-mlp`` / ``bands-48-qv-mlp``: one / two spectral bands, one block of rows, on each query, value and
+    MLP layer (24 / 48 numbers on a MiniLM-sized BERT); key and attention-output projections stay as they are; other
+    model types resolve their own names."""
     from transformers import BertConfig, BertModel
 
     import peft_recast
 
     base = BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=64,
                                 vocab_size=32))
-    config = RecastConfig.from_preset("bands-48-qv-mlp")
+    config = RecastConfig.from_preset(preset)
     model = get_peft_model(base, config)
-    assert model.get_nb_trainable_parameters()[0] == 48  # 6 layers x 4 modules x 2 bands
+    assert model.get_nb_trainable_parameters()[0] == 6 * 4 * bands  # 6 layers x 4 modules x bands
     suffixes = {name.split("layer.")[1].split(".", 1)[1] for name in model.targeted_module_names}
     assert suffixes == {"attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"}
-    assert model.peft_config["default"].template_family == "spectral_bands"
-    assert peft_recast.recommended_lr(config) == peft_recast.RECOMMENDED_LR
-    vit = get_peft_model(vit_small, RecastConfig.from_preset("bands-48-qv-mlp"))
+    assert (model.peft_config["default"].template_family, model.peft_config["default"].num_templates) == (
+        "spectral_bands", bands)
+    assert peft_recast.recommended_lr(config) == rate  # the rate each preset was measured at
+    assert peft_recast.recommended_lr(RecastConfig.from_preset(preset, coefficient_scale=5.0)) == pytest.approx(2 * rate)
+    vit = get_peft_model(vit_small, RecastConfig.from_preset(preset))
     assert {name.rsplit(".", 1)[1] for name in vit.targeted_module_names} == {"q_proj", "v_proj", "fc1", "fc2"}
-    gpt2 = get_peft_model(tiny_gpt2(), RecastConfig.from_preset("bands-48-qv-mlp", **models.CONFIG_FIELDS["gpt2"]))
+    gpt2 = get_peft_model(tiny_gpt2(), RecastConfig.from_preset(preset, **models.CONFIG_FIELDS["gpt2"]))
     assert {name.rsplit(".", 2)[1] + "." + name.rsplit(".", 1)[1] for name in gpt2.targeted_module_names} == {
         "attn.c_attn", "mlp.c_fc", "mlp.c_proj"}
