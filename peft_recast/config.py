@@ -305,8 +305,8 @@ class RecastConfig(PeftConfig):
         its ResNet-34 (one template group per stage and conv position over the blocks after the first, ``n`` = blocks - 1,
         ``K = 2``). ``"ladder-24"`` to ``"ladder-1000"`` are the budget ladder; ``"bands-24-qv-mlp"`` and
         ``"bands-48-qv-mlp"`` put one or two spectral bands on each query, value and MLP layer (24 or 48 numbers on
-        MiniLM-L6). Target modules are filled in per
-        model type when the adapter is injected. Passing ``layers_per_group`` replaces the preset's ``num_groups``.
+        MiniLM-L6). Target modules are filled in per model type when the adapter is injected. Passing
+        ``layers_per_group`` replaces the preset's ``num_groups``.
         """
         if preset not in RECAST_PRESETS:
             raise ValueError(f"Unknown RECAST preset {preset!r}; choose one of {sorted(RECAST_PRESETS)}.")
