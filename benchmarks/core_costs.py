@@ -24,6 +24,20 @@ def _tensor_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def _template_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct template storages the adapters hold beside the model's own tensors (stored bands, a
+    bank's templates); a basis made of the pretrained weights themselves adds none."""
+    own = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    storages = {}
+    for module in model.modules():
+        for group in getattr(module, "recast_group", {}).values():
+            for template in group.basis():
+                storage = template.untyped_storage()
+                if storage.data_ptr() not in own:
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cpu")
@@ -36,19 +50,22 @@ def main() -> None:
     ids = torch.randint(1000, 20000, (batch, length), device=args.device)
 
     print(f"MiniLM-L6, {sum(p.numel() for p in base.parameters()):,} parameters, device {args.device}")
-    print(f"{'config':<40} {'coef':>5} {'file B':>7} {'mimicry ms':>10} {'extra mem B':>11}")
+    print(f"{'config':<40} {'coef':>5} {'file B':>7} {'mimicry ms':>10} {'extra mem B':>11} {'templates B':>11}")
     configs = {
         "default (q,v; 2/group, 2 tpl, 2 blk)": peft_recast.RecastConfig(),
         "ladder-24 (q,v; 2/group, 2 tpl)": peft_recast.RecastConfig.from_preset("ladder-24"),
         "all-linear (2/group, 2 tpl)": peft_recast.RecastConfig(target_modules="all-linear", coefficient_blocks=1),
         "ladder-216 (all-linear; 6/group, 6 tpl)": peft_recast.RecastConfig.from_preset("ladder-216"),
+        "bands-24-qv-mlp (q,v,MLP; 1 band)": peft_recast.RecastConfig.from_preset("bands-24-qv-mlp"),
+        "bands-48-qv-mlp (q,v,MLP; 2 bands)": peft_recast.RecastConfig.from_preset("bands-48-qv-mlp"),
     }
     for label, config in configs.items():
         seconds = median_seconds(lambda: get_peft_model(copy.deepcopy(base), copy.deepcopy(config)), repeats)
         model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
         summary = peft_recast.recast_summary(model)
         extra = _tensor_bytes(model) - base_bytes
-        print(f"{label:<40} {summary.coefficients:>5} {summary.adapter_bytes:>7} {seconds * 1e3:>10.1f} {extra:>11}")
+        print(f"{label:<40} {summary.coefficients:>5} {summary.adapter_bytes:>7} {seconds * 1e3:>10.1f} {extra:>11} "
+              f"{_template_bytes(model):>11}")
 
     def training_step(model: torch.nn.Module):
         model.train()

@@ -18,6 +18,7 @@ from peft_recast.apps.encoder import load_encoder, load_tokenizer, new_head
 from peft_recast.apps.runtime import side_by_side
 from peft_recast.apps.tasks import load_task
 
+QV_MLP = r".*\.layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)$"  # the bands presets' modules on MiniLM
 CONFIGS = {  # name -> (config builder, the LoRA reference on the same targets)
     "LoRA r=8, all linear": (lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), None),
     "RECAST ladder-216, all linear": (lambda: peft_recast.RecastConfig.from_preset("ladder-216"),
@@ -26,6 +27,9 @@ CONFIGS = {  # name -> (config builder, the LoRA reference on the same targets)
                                       "LoRA r=8, all linear"),
     "LoRA r=8, q,v": (lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]), None),
     "RECAST default, q,v": (lambda: peft_recast.RecastConfig(), "LoRA r=8, q,v"),
+    "LoRA r=8, q,v,MLP": (lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV_MLP), None),
+    "RECAST bands-24-qv-mlp": (lambda: peft_recast.RecastConfig.from_preset("bands-24-qv-mlp"), "LoRA r=8, q,v,MLP"),
+    "RECAST bands-48-qv-mlp": (lambda: peft_recast.RecastConfig.from_preset("bands-48-qv-mlp"), "LoRA r=8, q,v,MLP"),
 }
 
 

@@ -16,13 +16,15 @@ output rows of block ``r`` a coefficient scales its band's singular values:
 apart. A term ``sigma_i u_i v_i^T`` does not depend on the signs of its singular vectors, so the templates are the
 same on any machine wherever the singular values at a band's edge are distinct. The templates are weight-sized,
 ``(n, *weight shape)``, and act as a basis of their own (like a template bank's), so merging, mixed batches and the
-shared products of serving take the group-span path unchanged.
+shared products of serving take the group-span path unchanged. One band is the weight itself: only the singular
+values are computed and nothing is stored; the basis is the module's pretrained weight, as a group span's is (a
+quantized one dequantized where it is needed, :mod:`peft_recast.quantized`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -48,12 +50,13 @@ class BandsFit:
     """A module's ``spectral_bands`` templates.
 
     Attributes:
-        templates: ``(n, *weight shape)`` float32 on the CPU, in the weight's stored layout.
+        templates: ``(n, *weight shape)`` float32 on the CPU, in the weight's stored layout; ``None`` for one band
+            (the weight itself).
         singular_values: ``(min(out, d),)`` float64, descending.
         starts: the first singular index of each band.
     """
 
-    templates: torch.Tensor
+    templates: Optional[torch.Tensor]
     singular_values: torch.Tensor
     starts: tuple[int, ...]
     _on: dict = field(default_factory=dict, compare=False, repr=False)
@@ -90,7 +93,10 @@ def fit_bands(weight: torch.Tensor, axis: int, num_bands: int) -> BandsFit:
         ValueError: if the weight has fewer nonzero singular values than bands.
     """
     matrix = matrix_of(weight.detach(), axis).to(torch.float64)
-    left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
+    if num_bands == 1:
+        singular_values = torch.linalg.svdvals(matrix)
+    else:
+        left, singular_values, right = torch.linalg.svd(matrix, full_matrices=False)
     available = numerical_rank(singular_values) if singular_values[0] > 0 else 0
     if num_bands > available:
         raise ValueError(
@@ -98,6 +104,8 @@ def fit_bands(weight: torch.Tensor, axis: int, num_bands: int) -> BandsFit:
             f"but a weight of shape {tuple(weight.shape)} has {available} nonzero ones; use fewer num_templates."
         )
     starts = band_starts(singular_values[:available], num_bands)
+    if num_bands == 1:
+        return BandsFit(templates=None, singular_values=singular_values.cpu(), starts=(0,))
     ends = starts[1:] + [len(singular_values)]
     bands = []
     for start, end in zip(starts, ends):
@@ -122,6 +130,8 @@ class SpectralBands(RecastGroup):
         self.relative_error = 0.0  # the bands sum to the weight
 
     def basis(self) -> list[torch.Tensor]:
-        """The band templates on the device and in the dtype of the member's weight."""
+        """The band templates on the device and in the dtype of the member's weight; one band: its pretrained weight."""
+        if self.fit.templates is None:
+            return super().basis()
         device, dtype = self.members[0].weight_placement()
         return self.fit.on(device, dtype)

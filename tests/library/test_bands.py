@@ -73,6 +73,11 @@ def test_one_band_scales_the_weight_per_block_of_rows():
     randomize_coefficients(model)
     for layer in _layers(model).values():
         weight = layer.get_base_layer().weight.detach()
+        group = layer.recast_group["default"]
+        assert group.fit.templates is None  # the one band is the weight itself: no copy is stored
+        assert [member.data_ptr() for member in group.basis()] == [weight.data_ptr()]
+        singular_values = torch.linalg.svdvals(weight.double())
+        torch.testing.assert_close(group.fit.singular_values, singular_values)
         theta = layer.recast_coefficients["default"].detach()[0, 0]  # (B,)
         scale = torch.repeat_interleave(10.0 * theta, weight.shape[0] // 2)
         torch.testing.assert_close(layer.get_delta_weight("default"), scale[:, None] * weight, rtol=1e-5, atol=1e-6)

@@ -18,6 +18,7 @@ from ..models import model_output, randomize_coefficients, tiny_bert
 FAMILIES = {
     "own_spectrum": {"template_family": "own_spectrum", "num_templates": 4, "coefficient_blocks": 1},
     "spectral_bands": {"template_family": "spectral_bands"},  # 2 bands x 2 blocks of rows
+    "one_band": {"template_family": "spectral_bands", "num_templates": 1},  # the weight itself, not stored
 }
 
 
@@ -50,7 +51,9 @@ def test_merge_unmerge_save_load_and_fingerprint(family, tmp_path, input_ids):
         torch.testing.assert_close(model_output(loaded, input_ids), adapted, rtol=0, atol=0)
     with pytest.raises(ValueError, match="does not belong to this base model"):
         PeftModel.from_pretrained(tiny_bert(seed=1), tmp_path / "adapter")
-    assert {group.coefficients for group in peft_recast.recast_summary(loaded).groups} == {4}
+    config = RecastConfig(**family)
+    per_module = config.num_templates * config.coefficient_blocks  # 4 (own spectrum, 2 bands), 2 (one band)
+    assert {group.coefficients for group in peft_recast.recast_summary(loaded).groups} == {per_module}
 
 
 def test_mixed_batch_with_blocks_channels_and_many_adapters(family, input_ids):

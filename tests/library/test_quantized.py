@@ -301,6 +301,7 @@ def test_reload_onto_a_base_evaluated_or_not(checkpoints, kind, trained_on, tmp_
 @pytest.mark.parametrize("family", [
     {"template_family": "own_spectrum", "num_templates": 4, "coefficient_blocks": 1},
     {"template_family": "spectral_bands"},
+    {"template_family": "spectral_bands", "num_templates": 1, "coefficient_blocks": 8},  # one band: the weight
 ])
 def test_own_weight_families_train_save_and_serve_on_a_quantized_base(checkpoints, kind, family, tmp_path):
     """Templates from each dequantized weight's SVD (``own_spectrum``: a low-rank update beside the quantized
@@ -321,6 +322,19 @@ def test_own_weight_families_train_save_and_serve_on_a_quantized_base(checkpoint
     torch.testing.assert_close(mixed[0], trained[0])
     with reloaded.disable_adapter():
         torch.testing.assert_close(mixed[1], _logits(reloaded)[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_band_is_the_dequantized_weight_and_stores_nothing(checkpoints, kind):
+    """One band is the layer's weight: like a group span's, the basis is dequantized where it is needed, not kept."""
+    model = get_peft_model(_load(checkpoints, kind), RecastConfig(template_family="spectral_bands", num_templates=1))
+    layers = [module for module in model.modules() if isinstance(module, QuantizedLinear)]
+    assert layers
+    for layer in layers:
+        group = layer.recast_group["default"]
+        assert group.fit.templates is None
+        (basis,) = group.basis()
+        assert torch.equal(basis, layer.pristine_weight())
 
 
 @pytest.mark.parametrize("kind", KINDS)
