@@ -303,9 +303,9 @@ class RecastConfig(PeftConfig):
         ``"attention"``, ``"mlp"`` and ``"attention+mlp"`` follow the official ViT code (``G = 6`` groups, ``n = 2``
         templates, ``K = 2`` coefficient sets; q/k/v fused as the paper's single ``qkv`` weight); ``"conv"`` follows
         its ResNet-34 (one template group per stage and conv position over the blocks after the first, ``n`` = blocks - 1,
-        ``K = 2``). ``"ladder-24"`` to ``"ladder-1000"`` are the budget ladder; ``"bands-24-qv-mlp"`` and
-        ``"bands-48-qv-mlp"`` put one or two spectral bands on each query, value and MLP layer (24 or 48 numbers on
-        MiniLM-L6). Target modules are filled in per model type when the adapter is injected. Passing
+        ``K = 2``). ``"ladder-24"`` to ``"ladder-1000"`` are the budget ladder; ``"bands-24-qv-mlp"``,
+        ``"bands-48-qv-mlp"`` and ``"bands-144-qv-mlp"`` put spectral bands on each query, value and MLP layer (24, 48
+        or 144 numbers on MiniLM-L6). Target modules are filled in per model type when the adapter is injected. Passing
         ``layers_per_group`` replaces the preset's ``num_groups``.
         """
         if preset not in RECAST_PRESETS:

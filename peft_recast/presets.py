@@ -43,12 +43,13 @@ RECAST_LADDER: dict[str, dict[str, Any]] = {
     "ladder-1000": {"coefficient_blocks": 41},  # ladder-24 with 41 blocks of output rows: 984 numbers on MiniLM
 }
 RECAST_PRESETS.update(RECAST_LADDER)
-# Spectral bands on the query/value projections and the MLP layers, one block of rows (4 modules a layer on a BERT;
-# counts on MiniLM-L6): one band, the module's own weight scaled by one number, or two bands of equal energy. The most
-# accuracy measured at 24 and 48 numbers (docs/benchmarks.md).
+# Spectral bands on the query/value projections and the MLP layers (4 modules a layer on a BERT; counts on MiniLM-L6):
+# one band, the module's own weight scaled by one number, or two bands of equal energy, on one block of rows or three.
+# The most accuracy measured at 24, 48 and 144 numbers (docs/benchmarks.md).
 BANDS_PRESETS: dict[str, dict[str, Any]] = {
     "bands-24-qv-mlp": {"template_family": "spectral_bands", "num_templates": 1, "coefficient_blocks": 1},
     "bands-48-qv-mlp": {"template_family": "spectral_bands", "coefficient_blocks": 1},
+    "bands-144-qv-mlp": {"template_family": "spectral_bands", "coefficient_blocks": 3},
 }
 RECAST_PRESETS.update(BANDS_PRESETS)
 # Presets whose measured rate is not their family's (recommended_lr): bands-24-qv-mlp's validation accuracy at 3e-3 and

@@ -205,7 +205,7 @@ def test_ladder_presets_are_the_benchmarked_rungs():
         assert model.get_nb_trainable_parameters()[0] == size, name
 
 
-@pytest.mark.parametrize("name, size", [("bands-24-qv-mlp", 24), ("bands-48-qv-mlp", 48)])
+@pytest.mark.parametrize("name, size", [("bands-24-qv-mlp", 24), ("bands-48-qv-mlp", 48), ("bands-144-qv-mlp", 144)])
 def test_bands_presets_are_the_benchmarked_rungs(name, size):
     """``RecastConfig.from_preset(name)`` adapts MiniLM-L6 as the bench method of that name: the same modules, family,
     bands and blocks, and the numbers its name says."""
@@ -578,6 +578,19 @@ def test_accuracy_plot_joins_the_rungs_of_each_family_and_names_the_families(tmp
     lines = {container.get_label(): container.lines[0] for container in axis.containers}  # errorbar: (line, ...)
     assert list(lines["recast-hf"].get_xdata()) == [48, 144] and list(lines["recast-hf"].get_ydata()) == [80.0, 82.0]
     assert list(lines["probe"].get_xdata()) == [1]  # plotted at 1 on the log axis
+
+
+def test_legend_names_rungs_by_the_words_they_share_and_their_numbers():
+    from peft_recast.apps.bench import report
+
+    def row(label, numbers):
+        return dict(method=f"m-{numbers}", label=label, trainable=numbers)
+
+    parted = [row("RECAST bands, q,v and the MLP layers, 1 band (its own weight) x 1 block, head first", 24),
+              row("RECAST bands, q,v and the MLP layers, 2 bands x 3 blocks, head first", 144)]
+    assert report.legend_label("recast-bands", parted) == "RECAST bands, q,v and the MLP layers, 24-144 numbers"
+    ranged = [row("FourierFT, 2 frequencies, q,v", 24), row("FourierFT, 72 frequencies, q,v", 864)]
+    assert report.legend_label("fourierft", ranged) == "FourierFT, 2-72 frequencies, q,v"
 
 
 # ---- the methods as experiment files -------------------------------------------------------------------------------

@@ -130,11 +130,12 @@ def test_ladder_1000_trains_at_most_1000_numbers_on_a_minilm_sized_bert():
     assert model.get_nb_trainable_parameters()[0] == 984  # 12 modules x 2 templates x 41 row blocks
 
 
-@pytest.mark.parametrize("preset, bands, rate", [("bands-24-qv-mlp", 1, 3e-3), ("bands-48-qv-mlp", 2, 1e-2)])
-def test_bands_presets_adapt_query_value_and_the_mlp(vit_small, preset, bands, rate):
-    """``bands-24-qv-mlp`` / ``bands-48-qv-mlp``: one / two spectral bands, one block of rows, on each query, value and
-    MLP layer (24 / 48 numbers on a MiniLM-sized BERT); key and attention-output projections stay as they are; other
-    model types resolve their own names."""
+@pytest.mark.parametrize("preset, bands, blocks, rate", [
+    ("bands-24-qv-mlp", 1, 1, 3e-3), ("bands-48-qv-mlp", 2, 1, 1e-2), ("bands-144-qv-mlp", 2, 3, 1e-2)])
+def test_bands_presets_adapt_query_value_and_the_mlp(vit_small, preset, bands, blocks, rate):
+    """``bands-24-qv-mlp`` / ``bands-48-qv-mlp`` / ``bands-144-qv-mlp``: one / two / two spectral bands on one / one /
+    three blocks of rows, on each query, value and MLP layer (24 / 48 / 144 numbers on a MiniLM-sized BERT); key and
+    attention-output projections stay as they are; other model types resolve their own names."""
     from transformers import BertConfig, BertModel
 
     import peft_recast
@@ -143,11 +144,12 @@ def test_bands_presets_adapt_query_value_and_the_mlp(vit_small, preset, bands, r
                                 vocab_size=32))
     config = RecastConfig.from_preset(preset)
     model = get_peft_model(base, config)
-    assert model.get_nb_trainable_parameters()[0] == 6 * 4 * bands  # 6 layers x 4 modules x bands
+    assert model.get_nb_trainable_parameters()[0] == 6 * 4 * bands * blocks  # 6 layers x 4 modules
     suffixes = {name.split("layer.")[1].split(".", 1)[1] for name in model.targeted_module_names}
     assert suffixes == {"attention.self.query", "attention.self.value", "intermediate.dense", "output.dense"}
-    assert (model.peft_config["default"].template_family, model.peft_config["default"].num_templates) == (
-        "spectral_bands", bands)
+    adapted = model.peft_config["default"]
+    assert (adapted.template_family, adapted.num_templates, adapted.coefficient_blocks) == (
+        "spectral_bands", bands, blocks)
     assert peft_recast.recommended_lr(config) == rate  # the rate each preset was measured at
     assert peft_recast.recommended_lr(RecastConfig.from_preset(preset, coefficient_scale=5.0)) == pytest.approx(2 * rate)
     vit = get_peft_model(vit_small, RecastConfig.from_preset(preset))

@@ -227,7 +227,7 @@ def legend_label(family: str, members: Sequence[dict]) -> str:
     if merged is not None:
         return merged
     low, high = min(row["trainable"] for row in members), max(row["trainable"] for row in members)
-    shared = _shared_words([label.split(" (")[0] for label in labels])  # details in brackets left out
+    shared = _shared_words([label.split(" (")[0] for label in labels]).rstrip(" ,")  # details in brackets left out
     return f"{shared}, {low:,}" + (f"-{high:,} numbers" if high > low else " numbers")
 
 
