@@ -30,6 +30,7 @@ CONFIGS = {  # name -> (config builder, the LoRA reference on the same targets)
     "LoRA r=8, q,v,MLP": (lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=QV_MLP), None),
     "RECAST bands-24-qv-mlp": (lambda: peft_recast.RecastConfig.from_preset("bands-24-qv-mlp"), "LoRA r=8, q,v,MLP"),
     "RECAST bands-48-qv-mlp": (lambda: peft_recast.RecastConfig.from_preset("bands-48-qv-mlp"), "LoRA r=8, q,v,MLP"),
+    "RECAST bands-144-qv-mlp": (lambda: peft_recast.RecastConfig.from_preset("bands-144-qv-mlp"), "LoRA r=8, q,v,MLP"),
 }
 
 
