@@ -17,8 +17,9 @@ from peft_recast.apps.bench.costs import train_step, training_memory
 from peft_recast.apps.encoder import load_encoder, load_tokenizer, new_head
 from peft_recast.apps.runtime import side_by_side
 from peft_recast.apps.tasks import load_task
+from peft_recast.presets import preset_fields
 
-QV_MLP = r".*\.layer\.\d+\.(attention\.self\.(query|value)|intermediate\.dense|output\.dense)$"  # the bands presets' modules on MiniLM
+QV_MLP = preset_fields("bands-24-qv-mlp", {"model_type": "bert"})["target_modules"]  # the bands presets' modules
 CONFIGS = {  # name -> (config builder, the LoRA reference on the same targets)
     "LoRA r=8, all linear": (lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"), None),
     "RECAST ladder-216, all linear": (lambda: peft_recast.RecastConfig.from_preset("ladder-216"),
