@@ -14,11 +14,18 @@ output rows of block ``r`` a coefficient scales its band's singular values:
 (:func:`peft_recast.planning.coefficient_unit`, the same scale as every family). With ``n = 1`` this is
 ``s theta W``, a scale of the whole weight per block of rows; more bands let the head and the tail of the spectrum move
 apart. A term ``sigma_i u_i v_i^T`` does not depend on the signs of its singular vectors, so the templates are the
-same on any machine wherever the singular values at a band's edge are distinct. The templates are weight-sized,
-``(n, *weight shape)``, and act as a basis of their own (like a template bank's), so merging, mixed batches and the
-shared products of serving take the group-span path unchanged. One band is the weight itself: only the singular
-values are computed and nothing is stored; the basis is the module's pretrained weight, as a group span's is (a
-quantized one dequantized where it is needed, :mod:`peft_recast.quantized`).
+same on any machine wherever the singular values at a band's edge are distinct.
+
+Only the first ``n - 1`` bands are stored, ``(n - 1, *weight shape)``; the last is the rest of the weight,
+``T_{n-1} = W - sum_{b < n-1} T_b``. The basis is ``(T_0, .., T_{n-2}, W)``, the pretrained weight last (a quantized
+one dequantized where it is needed, :mod:`peft_recast.quantized`), and the mixing ``R`` (``(n, n)``, rows the
+coefficients, columns the basis) folds the last band into it, with ``c_b = u / ||T_b||_F``:
+
+    R[b, b] = c_b  (b < n - 1),    R[n-1, b] = -c_{n-1}  (b < n - 1),    R[n-1, n-1] = c_{n-1}
+
+so ``theta @ R`` weighs the basis exactly as ``sum_b theta_b c_b T_b`` weighs the bands. One band stores nothing and
+only the singular values are computed. As a template bank's, the basis is shared by every adapter of the module, so
+merging, mixed batches and the shared products of serving take the group-span path unchanged.
 """
 
 from __future__ import annotations
@@ -50,8 +57,8 @@ class BandsFit:
     """A module's ``spectral_bands`` templates.
 
     Attributes:
-        templates: ``(n, *weight shape)`` float32 on the CPU, in the weight's stored layout; ``None`` for one band
-            (the weight itself).
+        templates: the first ``n - 1`` bands, ``(n - 1, *weight shape)`` float32 on the CPU, in the weight's stored
+            layout (the last band is the rest of the weight); ``None`` for one band.
         singular_values: ``(min(out, d),)`` float64, descending.
         starts: the first singular index of each band.
     """
@@ -72,9 +79,12 @@ class BandsFit:
         return top_values(self.singular_values)
 
     def group(self, key: str, member: Any, num_templates: int, unit: float) -> tuple[SpectralBands, torch.Tensor]:
-        """The module's templates and mixing: :class:`SpectralBands` and ``diag(unit / ||T_b||_F)`` (``(n, n)``),
-        so that a unit coefficient moves the weight by ``unit`` along a band."""
-        return SpectralBands(key, member, self), torch.diag(unit / self.norms())
+        """The module's templates and mixing: :class:`SpectralBands` and ``R`` (``(n, n)``, module docstring), so
+        that a unit coefficient moves the weight by ``unit`` along a band."""
+        scales = unit / self.norms()
+        mixing = torch.diag(scales)
+        mixing[-1, :-1] = -scales[-1]
+        return SpectralBands(key, member, self), mixing
 
     def on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
         """The templates on ``device`` in ``dtype``, one tensor per band: every adapter that shares this fit gets the
@@ -106,9 +116,8 @@ def fit_bands(weight: torch.Tensor, axis: int, num_bands: int) -> BandsFit:
     starts = band_starts(singular_values[:available], num_bands)
     if num_bands == 1:
         return BandsFit(templates=None, singular_values=singular_values.cpu(), starts=(0,))
-    ends = starts[1:] + [len(singular_values)]
     bands = []
-    for start, end in zip(starts, ends):
+    for start, end in zip(starts[:-1], starts[1:]):  # the last band is the rest of the weight: not stored
         band = (left[:, start:end] * singular_values[start:end]) @ right[start:end]  # (out, d)
         bands.append(stored_layout(band, tuple(weight.shape), axis))
     return BandsFit(templates=torch.stack(bands).float().cpu(), singular_values=singular_values.cpu(),
@@ -130,8 +139,8 @@ class SpectralBands(RecastGroup):
         self.relative_error = 0.0  # the bands sum to the weight
 
     def basis(self) -> list[torch.Tensor]:
-        """The band templates on the device and in the dtype of the member's weight; one band: its pretrained weight."""
+        """The stored bands on the device and in the dtype of the member's weight, then its pretrained weight."""
         if self.fit.templates is None:
             return super().basis()
         device, dtype = self.members[0].weight_placement()
-        return self.fit.on(device, dtype)
+        return self.fit.on(device, dtype) + super().basis()

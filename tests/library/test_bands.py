@@ -23,6 +23,12 @@ def _layers(model, adapter="default"):
             if isinstance(getattr(module, "recast_group", {}).get(adapter), SpectralBands)}
 
 
+def _all_bands(fit, weight):
+    """Every band of ``fit``, ``(n, *weight shape)`` float64: the stored ones and the rest of ``weight``."""
+    stored = fit.templates.double()
+    return torch.cat([stored, (weight.double() - stored.sum(0))[None]])
+
+
 def test_bands_hold_equal_energy_and_sum_to_the_weight():
     values = torch.tensor([4.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # energy 16, 4, 4, 1 x 7: total 31
     assert band_starts(values, 1) == [0]
@@ -31,9 +37,8 @@ def test_bands_hold_equal_energy_and_sum_to_the_weight():
     assert band_starts(torch.tensor([10.0, 1.0, 1.0]), 3) == [0, 1, 2]  # every band keeps at least one value
     weight = torch.randn(24, 16, generator=torch.Generator().manual_seed(0))
     fit = fit_bands(weight, 0, 3)
-    assert fit.templates.shape == (3, 24, 16)
-    torch.testing.assert_close(fit.templates.sum(0), weight, rtol=1e-5, atol=1e-5)
-    flat = fit.templates.double().reshape(3, -1)
+    assert fit.templates.shape == (2, 24, 16)  # the last band is the rest of the weight: not stored
+    flat = _all_bands(fit, weight).reshape(3, -1)
     gram = flat @ flat.T
     torch.testing.assert_close(gram, torch.diag(fit.norms().square()), rtol=1e-5, atol=1e-4)  # orthogonal bands
     energy = fit.norms().square() / weight.double().square().sum()
@@ -83,6 +88,25 @@ def test_one_band_scales_the_weight_per_block_of_rows():
         torch.testing.assert_close(layer.get_delta_weight("default"), scale[:, None] * weight, rtol=1e-5, atol=1e-6)
 
 
+def test_bands_store_all_but_the_last_and_take_it_from_the_weight():
+    model = get_peft_model(tiny_bert(), RecastConfig(**BANDS, num_templates=3, coefficient_blocks=1))
+    for layer in _layers(model).values():
+        weight = layer.get_base_layer().weight.detach()
+        group = layer.recast_group["default"]
+        basis = group.basis()
+        assert group.fit.templates.shape == (2, *weight.shape)
+        assert len(basis) == 3 and basis[-1].data_ptr() == weight.data_ptr()
+        mixing = layer.recast_mixing["default"].double()
+        scales = mixing.diagonal()
+        assert (mixing[-1, :-1] == -scales[-1]).all() and (mixing[:-1].tril(-1) == 0).all()
+        # theta @ R weighs (T_0, T_1, W) as theta_b c_b weighs (T_0, T_1, W - T_0 - T_1)
+        theta = torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)
+        weights = theta @ mixing
+        combined = sum(w * member.double() for w, member in zip(weights, basis))
+        bands = _all_bands(group.fit, weight)
+        torch.testing.assert_close(combined, sum(t * c * band for t, c, band in zip(theta, scales, bands)))
+
+
 def test_identity_at_init_training_and_gradients(model_kind, recast_config, input_ids):
     base = MODEL_BUILDERS[model_kind]().eval()
     reference = model_output(base, input_ids)
@@ -118,5 +142,6 @@ def test_conv2d_kernels():
     theta = layer.recast_coefficients["default"].detach()[0, :, 0]
     fit = layer.recast_group["default"].fit
     unit = 10.0 * fit.singular_values.norm() / math.sqrt(2)
-    expected = sum(unit / norm * t * band for t, norm, band in zip(theta.double(), fit.norms(), fit.templates.double()))
+    bands = _all_bands(fit, layer.get_base_layer().weight.detach())
+    expected = sum(unit / norm * t * band for t, norm, band in zip(theta.double(), fit.norms(), bands))
     torch.testing.assert_close(layer.get_delta_weight("default").double(), expected, rtol=1e-5, atol=1e-6)

@@ -338,9 +338,9 @@ def test_one_band_is_the_dequantized_weight_and_stores_nothing(checkpoints, kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_bands_basis_reads_placement_without_dequantizing(checkpoints, kind, monkeypatch):
-    """``weight_placement()`` is the device and dtype of the dequantized weight, and a stored basis (spectral bands)
-    is served without dequantizing the base at every call."""
+def test_bands_basis_reads_placement_and_dequantizes_only_the_weight(checkpoints, kind, monkeypatch):
+    """``weight_placement()`` is the device and dtype of the dequantized weight; the stored bands are served as they
+    are and only the basis' last member, the weight itself, is dequantized (once a call, as a group span's)."""
     import peft_recast.quantized as quantized
 
     model = get_peft_model(_load(checkpoints, kind), RecastConfig(template_family="spectral_bands"))
@@ -352,6 +352,9 @@ def test_bands_basis_reads_placement_without_dequantizing(checkpoints, kind, mon
     calls = []
     monkeypatch.setattr(quantized, "dequantize", lambda *args: calls.append(args) or dequantize(*args))
     for layer in layers:
-        basis = layer.recast_group["default"].basis()
-        assert basis[0].dtype == layer.weight_placement()[1]
-    assert calls == []
+        group = layer.recast_group["default"]
+        basis = group.basis()
+        assert [member.dtype for member in basis] == [layer.weight_placement()[1]] * 2
+        assert basis[0].data_ptr() == group.basis()[0].data_ptr()  # the stored band: the same tensor every call
+        torch.testing.assert_close(basis[1], layer.pristine_weight())
+    assert len(calls) == 3 * len(layers)  # the weight, at each of the three calls above
