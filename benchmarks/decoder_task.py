@@ -98,6 +98,10 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=48, weight_tying=1.0, target_modules=QV),
         TIED_TINYLORA_LRS,
     ),
+    "TinyLoRA tied, u=240": (  # the count of the RECAST default on a 30-layer model's q/v
+        lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=240, weight_tying=1.0, target_modules=QV),
+        TIED_TINYLORA_LRS,
+    ),
     "TinyLoRA untied, u=1": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=1, weight_tying=0.0, target_modules=QV),
         BENCH_METHODS["tinylora-48-hf"].lrs,
