@@ -379,6 +379,11 @@ class RecastConfig(PeftConfig):
         if self.coefficient_bound is not None and self.weight_form != "residual":
             raise ValueError("`coefficient_bound` bounds the change from the pretrained weight, which the 'replace' "
                              "weight form does not have; use weight_form='residual' or coefficient_bound=None.")
+        if self.coefficient_sharing != "module" and self.weight_form != "residual" and self.base_fingerprint is None:
+            # a new adapter only: one written before (it has a fingerprint) holds trained coefficients and still loads
+            raise ValueError("coefficient_sharing='position' gives several modules one tensor, which cannot start at "
+                             "each module's own mimicked coefficients as weight_form='replace' needs (the model would "
+                             "not start at the base model); use weight_form='residual' or coefficient_sharing='module'.")
 
     def _check_types(self) -> None:
         """Refuse a field of the wrong type (an edited or damaged ``adapter_config.json``) with a message that names

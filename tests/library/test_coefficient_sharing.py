@@ -79,10 +79,25 @@ def test_second_adapter_and_mixed_batch_keep_the_sharing():
 def test_bad_sharing_is_refused():
     with pytest.raises(ValueError, match="`coefficient_sharing` must be 'module' or 'position'"):
         RecastConfig(coefficient_sharing="layer")
+    with pytest.raises(ValueError, match="weight_form='residual' or coefficient_sharing='module'"):
+        RecastConfig(coefficient_sharing="position", weight_form="replace")
     model = get_peft_model(_llama(4), RecastConfig(coefficient_sharing="position"))
     model.add_adapter("per_module", RecastConfig())
     with pytest.raises(ValueError, match="coefficient_sharing"):
         model.add_weighted_adapter(["default", "per_module"], [0.5, 0.5], "mix")
+
+
+def test_replacement_form_files_written_with_sharing_still_load(tmp_path):
+    """A new adapter with shared coefficients in the replacement form is refused (one tensor cannot start at every
+    module's mimicked coefficients); a file written before the refusal holds trained coefficients and loads as saved."""
+    model = get_peft_model(_llama(4), RecastConfig(coefficient_sharing="position", init_weights=False)).eval()
+    model.peft_config["default"].weight_form = "replace"  # as an older version wrote such a file
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    reloaded = PeftModel.from_pretrained(_llama(4), tmp_path)
+    assert reloaded.peft_config["default"].weight_form == "replace"
+    loaded = {name.replace(".default", ""): p for name, p in reloaded.named_parameters() if ".recast_coefficients." in name}
+    assert saved and all(torch.equal(loaded[key], tensor) for key, tensor in saved.items())
 
 
 def _every_module_key(model, folder):
