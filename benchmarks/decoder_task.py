@@ -76,18 +76,11 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     # coefficients per module at about 50 numbers on a 30-layer model (60 on SmolLM2), against 48 shared by position
     "RECAST, 1 template x 1 block, 60": (
         lambda: RecastConfig(task_type="CAUSAL_LM", num_templates=1, coefficient_blocks=1), WIDE_RECAST_LRS),
-    "RECAST v_proj, 2 templates x 1 block, 60": (
-        lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=["v_proj"]), WIDE_RECAST_LRS),
-    "RECAST o_proj, 2 templates x 1 block, 60": (
-        lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=["o_proj"]), WIDE_RECAST_LRS),
-    "RECAST down_proj, 2 templates x 1 block, 60": (
-        lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=["down_proj"]),
-        WIDE_RECAST_LRS),
+    **{f"RECAST {role}, 2 templates x 1 block, 60": (
+        lambda role=role: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=[role]),
+        WIDE_RECAST_LRS) for role in ("v_proj", "o_proj", "down_proj", "up_proj")},
     "RECAST v_proj, 1 template x 2 blocks, 60": (
         lambda: RecastConfig(task_type="CAUSAL_LM", num_templates=1, target_modules=["v_proj"]), WIDE_RECAST_LRS),
-    "RECAST up_proj, 2 templates x 1 block, 60": (
-        lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=["up_proj"]),
-        WIDE_RECAST_LRS),
     "RECAST own_spectrum position, 48": (
         lambda: RecastConfig(task_type="CAUSAL_LM", template_family="own_spectrum", num_templates=4,
                              coefficient_sharing="position", layers_per_group=6, coefficient_blocks=1),

@@ -87,9 +87,9 @@ class BandsFit:
         return SpectralBands(key, member, self), mixing
 
     def on(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
-        """The stored bands on ``device`` in ``dtype``, one tensor per band (the last band is not stored): every adapter
-        that shares this fit gets the same tensors (kept for the last device and dtype asked for), so their mixed
-        batches share products."""
+        """The stored bands (all but the last) on ``device`` in ``dtype``, one tensor each: every adapter that shares
+        this fit gets the same tensors (kept for the last device and dtype asked for), so their mixed batches share
+        products."""
         key = (device, dtype)
         if key not in self._on:
             self._on.clear()

@@ -96,7 +96,8 @@ def test_replacement_form_files_written_with_sharing_still_load(tmp_path):
     saved = load_file(tmp_path / "adapter_model.safetensors")
     reloaded = PeftModel.from_pretrained(_llama(4), tmp_path)
     assert reloaded.peft_config["default"].weight_form == "replace"
-    loaded = {name.replace(".default", ""): p for name, p in reloaded.named_parameters() if ".recast_coefficients." in name}
+    loaded = {name.replace(".default", ""): parameter for name, parameter in reloaded.named_parameters()
+              if ".recast_coefficients." in name}
     assert saved and all(torch.equal(loaded[key], tensor) for key, tensor in saved.items())
 
 
