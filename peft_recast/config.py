@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 import safetensors
-from packaging.version import InvalidVersion, Version
 from peft.config import PeftConfig
 
-from ._version import __version__
+from . import config_checks as checks
 from .presets import RECAST_PRESETS
 from .registration import RECAST
-
-# The largest count a config field may hold (templates, sets, blocks, layers per group): far above any real model.
-MAX_COUNT = 2**20
 
 # Config fields that decide a layer's basis and mixing, or how its coefficients act: adapters that differ in any of
 # them are not vectors of one space. The base model is compared apart (`base_fingerprint`, with its tolerance).
@@ -26,6 +21,7 @@ GROUPING_FIELDS = (
     "share_across_module_types", "fused_modules", "template_bank", "weight_form", "channels", "module_gates",
     "gate_threshold", "inactive_modules", "template_family",
 )
+
 
 def differing_field(
     first: "RecastConfig", other: "RecastConfig", fields: tuple[str, ...] = GROUPING_FIELDS
@@ -41,23 +37,6 @@ def config_list(value: Optional[Union[str, int, list, set]]) -> list:
     if value is None:
         return []
     return [value] if isinstance(value, (str, int)) else list(value)
-
-
-def _all(value: Any, kind: Union[type, tuple[type, ...]]) -> bool:
-    """Whether ``value`` is a list, tuple or set of ``kind`` (bools are not numbers here)."""
-    return isinstance(value, (list, tuple, set)) and all(
-        isinstance(item, kind) and not isinstance(item, bool) for item in value)
-
-
-def _names_or_regex(value: Any) -> bool:
-    return isinstance(value, str) or _all(value, str)
-
-
-def _fingerprint(value: Any) -> bool:
-    return isinstance(value, dict) and all(
-        isinstance(name, str) and _all(values, (int, float)) and all(math.isfinite(v) for v in values)
-        for name, values in value.items()
-    )
 
 
 @dataclass
@@ -319,8 +298,8 @@ class RecastConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = RECAST
-        self._check_recast_version()  # first: a newer config may hold values this version rejects or misreads
-        self._check_types()
+        checks.check_recast_version(self)  # first: a newer config may hold values this version rejects or misreads
+        checks.check_types(self)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -333,30 +312,7 @@ class RecastConfig(PeftConfig):
                 f"`layers_to_transform` must be a layer index or a list of layer indices (integers >= 0, counted "
                 f"from the first layer), got {self.layers_to_transform!r}."
             )
-        for name, choices in (("bias", ("none", "all", "recast_only")), ("weight_form", ("residual", "replace")),
-                              ("coefficient_sharing", ("module", "position")),
-                              ("template_family", ("group_span", "own_spectrum", "spectral_bands"))):
-            if getattr(self, name) not in choices:
-                words = " or ".join([", ".join(repr(choice) for choice in choices[:-1]), repr(choices[-1])])
-                raise ValueError(f"`{name}` must be {words}, got {getattr(self, name)!r}.")
-        if self.layers_per_group is not None and self.num_groups is not None:
-            raise ValueError(
-                f"Set either `layers_per_group` ({self.layers_per_group}) or `num_groups` ({self.num_groups}), "
-                "not both: they are two ways to say how layers are grouped into template groups."
-            )
-        for name in ("layers_per_group", "num_groups", "num_templates", "num_coefficient_sets", "coefficient_blocks"):
-            value = getattr(self, name)
-            optional = name in ("layers_per_group", "num_groups")
-            if (value is not None or not optional) and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
-                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
-            if value is not None and value > MAX_COUNT:
-                raise ValueError(f"`{name}` must be at most {MAX_COUNT}, got {value!r}.")
-        if self.preset is not None and self.preset not in RECAST_PRESETS:
-            raise ValueError(
-                f"Unknown RECAST preset {self.preset!r} (`preset`); choose one of {sorted(RECAST_PRESETS)}."
-            )
+        checks.check_choices_and_counts(self)
         if self.fused_modules is not None:
             self.fused_modules = list(self.fused_modules)
         clashes = [name for name, value in (("template_bank", self.template_bank), ("fused_modules", self.fused_modules),
@@ -365,98 +321,14 @@ class RecastConfig(PeftConfig):
         if self.template_family != "group_span" and clashes:
             raise ValueError(f"template_family={self.template_family!r} builds each module's templates from its own "
                              f"weight, which {clashes[0]} contradicts; use template_family='group_span' with it.")
-        self._check_channels()
-        self._check_gates()
-        for name in ("coefficient_scale", "coefficient_bound"):
-            value = getattr(self, name)
-            if value is None and name == "coefficient_bound":
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-                raise ValueError(f"`{name}` must be a positive finite number, got {value!r}.")
-            if value > 1e6:
-                raise ValueError(f"`{name}` must be at most 1e6, got {value!r}.")
-            setattr(self, name, float(value))
-        if self.coefficient_bound is not None and self.weight_form != "residual":
-            raise ValueError("`coefficient_bound` bounds the change from the pretrained weight, which the 'replace' "
-                             "weight form does not have; use weight_form='residual' or coefficient_bound=None.")
+        checks.check_channels(self)
+        checks.check_gates(self)
+        checks.check_scales(self)
         if self.coefficient_sharing != "module" and self.weight_form != "residual" and self.base_fingerprint is None:
             # a new adapter only: one written before (it has a fingerprint) holds trained coefficients and still loads
             raise ValueError("coefficient_sharing='position' gives several modules one tensor, which cannot start at "
                              "each module's own mimicked coefficients as weight_form='replace' needs (the model would "
                              "not start at the base model); use weight_form='residual' or coefficient_sharing='module'.")
-
-    def _check_types(self) -> None:
-        """Refuse a field of the wrong type (an edited or damaged ``adapter_config.json``) with a message that names
-        it, before any other check could fail on it less clearly."""
-        expected: dict[str, tuple[str, Callable[[Any], bool]]] = {
-            "target_modules": ("a module name, a list of names or a regex", lambda v: _names_or_regex(v)),
-            "exclude_modules": ("a module name, a list of names or a regex", lambda v: _names_or_regex(v)),
-            "layers_pattern": ("a name or a list of names", lambda v: _names_or_regex(v)),
-            "layers_to_transform": ("a layer index or a list of them",
-                                    lambda v: isinstance(v, (int, list, tuple, set)) and not isinstance(v, bool)),
-            "modules_to_save": ("a list of module names", lambda v: _all(v, str)),
-            "fused_modules": ("a list of module names", lambda v: _all(v, str)),
-            "preset": ("a preset name", lambda v: isinstance(v, str)),
-            "template_bank": ("a path or Hub id", lambda v: isinstance(v, str)),
-            "base_fingerprint": ("a dict of group names to lists of singular values", _fingerprint),
-            "inactive_modules": ("a list of module keys", lambda v: _all(v, str)),
-            "trainable_token_indices": ("a non-empty list of token ids or a dict of module names to such lists",
-                                        lambda v: bool(v) and (_all(v, int) or isinstance(v, dict) and all(
-                                            isinstance(k, str) and ids and _all(ids, int) for k, ids in v.items()))),
-        }
-        for name, (description, valid) in expected.items():
-            value = getattr(self, name)
-            if value is not None and not valid(value):
-                raise ValueError(f"`{name}` must be {description} (or None), got {value!r}.")
-        for name in ("init_weights", "fan_in_fan_out", "module_gates", "share_across_module_types", "inference_mode"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"`{name}` must be True or False, got {getattr(self, name)!r}.")
-
-    def _check_channels(self) -> None:
-        """Validate ``channels`` and store it as a new dict of sorted row lists (the caller's dict is not touched)."""
-        if self.channels is None:
-            return
-        if not isinstance(self.channels, dict) or not all(isinstance(key, str) for key in self.channels):
-            raise ValueError(
-                f"`channels` must map module keys (str) to lists of output rows, e.g. "
-                f"{{'encoder.layer.0.attention.self.query': [3, 17]}}, got {self.channels!r}."
-            )
-        checked = {}
-        for key, rows in self.channels.items():
-            rows = list(rows) if isinstance(rows, (list, tuple, set)) else rows
-            if (not isinstance(rows, list) or any(isinstance(r, bool) or not isinstance(r, int) or r < 0 for r in rows)
-                    or len(set(rows)) != len(rows)):
-                raise ValueError(f"`channels[{key!r}]` must be a list of distinct row indices (integers >= 0), got "
-                                 f"{self.channels[key]!r}.")
-            if rows:
-                checked[key] = sorted(rows)
-        if self.coefficient_sharing != "module" or self.fused_modules:
-            raise ValueError("`channels` gives single modules coefficients of their own, which modules that share "
-                             "one coefficient tensor (coefficient_sharing='position' or fused_modules) cannot have; "
-                             "use coefficient_sharing='module' and no fused_modules with channels.")
-        self.channels = checked
-
-    def _check_gates(self) -> None:
-        """Validate the TAPS gate fields; ``inactive_modules`` is stored as a sorted list."""
-        for name in ("gate_init", "gate_threshold", "gate_penalty"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float(
-                    "inf") or (name == "gate_penalty" and value < 0):
-                raise ValueError(f"`{name}` must be a finite number{' >= 0' if name == 'gate_penalty' else ''}, "
-                                 f"got {value!r}.")
-        steps = self.gate_warmup_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"`gate_warmup_steps` must be an integer >= 0, got {steps!r}.")
-        if self.module_gates and (self.coefficient_sharing != "module" or self.fused_modules):
-            raise ValueError("`module_gates` switches single modules on and off, which modules that share one "
-                             "coefficient tensor (coefficient_sharing='position' or fused_modules) cannot be; use "
-                             "coefficient_sharing='module' and no fused_modules with module_gates.")
-        if self.inactive_modules is not None:
-            if isinstance(self.inactive_modules, str) or not all(isinstance(k, str) for k in self.inactive_modules):
-                raise ValueError(f"`inactive_modules` must be a list of module keys, got {self.inactive_modules!r}.")
-            if self.coefficient_sharing != "module" or self.fused_modules:
-                raise ValueError("`inactive_modules` needs coefficient_sharing='module' and no fused_modules.")
-            self.inactive_modules = sorted(set(self.inactive_modules)) or None
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs: Any):
@@ -486,22 +358,3 @@ class RecastConfig(PeftConfig):
         kwargs = super().check_kwargs(**kwargs)
         kwargs.setdefault("coefficient_blocks", 1)
         return kwargs
-
-    def _check_recast_version(self) -> None:
-        """Fill in ``recast_version``, or refuse a config written by a newer ``peft_recast``."""
-        if self.recast_version is None:
-            self.recast_version = __version__
-            return
-        try:
-            newer = Version(str(self.recast_version)) > Version(__version__)
-        except InvalidVersion as error:
-            raise ValueError(
-                f"`recast_version` must be a version string such as {__version__!r}, got {self.recast_version!r}; "
-                "the adapter_config.json is damaged (remove the field to load it as written by this version)."
-            ) from error
-        if newer:
-            raise ValueError(
-                f"This RECAST adapter config was written by peft_recast {self.recast_version}, but peft_recast "
-                f"{__version__} is installed, which may not understand it. Upgrade with "
-                f"`pip install -U 'peft-recast>={self.recast_version}'`."
-            )
