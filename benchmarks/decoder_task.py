@@ -79,6 +79,10 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     **{f"RECAST {role}, 2 templates x 1 block, 60": (
         lambda role=role: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=1, target_modules=[role]),
         WIDE_RECAST_LRS) for role in ("v_proj", "o_proj", "down_proj", "up_proj", "gate_proj")},
+    **{f"RECAST {family} up_proj, 2 templates x 1 block, 60": (
+        lambda family=family: RecastConfig(task_type="CAUSAL_LM", template_family=family, num_templates=2,
+                                           coefficient_blocks=1, target_modules=["up_proj"]),
+        WIDE_RECAST_LRS) for family in ("own_spectrum", "spectral_bands")},
     "RECAST v_proj, 1 template x 2 blocks, 60": (
         lambda: RecastConfig(task_type="CAUSAL_LM", num_templates=1, target_modules=["v_proj"]), WIDE_RECAST_LRS),
     "RECAST own_spectrum position, 48": (
@@ -121,11 +125,11 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     # the peers of "RECAST up_proj, 2 templates x 1 block, 60" on its modules, at its count
     "FourierFT up_proj, 2 frequencies, 60": (
         lambda: FourierFTConfig(task_type="CAUSAL_LM", n_frequency=2, target_modules=["up_proj"]),
-        (*BENCH_METHODS["fourierft-48-hf"].lrs, 30.0),
+        (*BENCH_METHODS["fourierft-48-hf"].lrs, 30.0, 100.0),
     ),
     "TinyLoRA untied up_proj, u=2, 60": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=2, weight_tying=0.0, target_modules=["up_proj"]),
-        BENCH_METHODS["tinylora-48-hf"].lrs,
+        (*BENCH_METHODS["tinylora-48-hf"].lrs, 3.0),
     ),
     "UniLoRA, 48": (lambda: UniLoraConfig(task_type="CAUSAL_LM", r=4, theta_d_length=48, target_modules=QV),
                     UNILORA_LRS),

@@ -64,11 +64,11 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path, decoder_task):
     recast = [r for r in records.values() if r["method"] == "RECAST default"]
     assert {r["numbers"] for r in recast} == {16}  # q, v of 2 layers x 2 templates x 2 row blocks
     sixty = [name for name in decoder_task.METHODS if name.endswith(", 60")]
-    assert len(sixty) == 9 and {name.split()[0].rstrip(",") for name in sixty} == {"RECAST", "FourierFT", "TinyLoRA"}
+    assert len(sixty) == 11 and {name.split()[0].rstrip(",") for name in sixty} == {"RECAST", "FourierFT", "TinyLoRA"}
     for method in sixty:
         per_module = [r for r in records.values() if r["method"] == method]
-        # 2 layers x (one role x 2 templates x 1 block, one role x 1 template x 2 blocks, q, v x 1 x 1, one role x 2
-        # frequencies, or one role x u=2)
+        # 2 layers x (one role x 2 templates x 1 block in any family, one role x 1 template x 2 blocks, q, v x 1 x 1,
+        # one role x 2 frequencies, or one role x u=2)
         assert {r["numbers"] for r in per_module} == {4}, method
     base = [r for r in records.values() if r["method"] == "base model"]
     assert {r["task"] for r in base} == {"trec6", "sms"} and {r["numbers"] for r in base} == {0}
