@@ -101,6 +101,15 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
                              target_modules=[*QV, "up_proj", "down_proj"]),
         WIDE_RECAST_LRS,
     ),
+    # the layout of the encoder preset bands-48-qv-mlp (2 bands x 1 block on q, v, MLP in and out): 240 numbers on a
+    # 30-layer model, the default's count
+    "RECAST spectral_bands q,v,up,down, 2 bands x 1 block, 240": (
+        lambda: RecastConfig(task_type="CAUSAL_LM", template_family="spectral_bands", num_templates=2,
+                             coefficient_blocks=1, target_modules=[*QV, "up_proj", "down_proj"]),
+        WIDE_RECAST_LRS,
+    ),
+    "RECAST spectral_bands, 2 bands x 2 blocks, 240": (  # the default's layout (q, v) with spectral bands (bands-48)
+        lambda: RecastConfig(task_type="CAUSAL_LM", template_family="spectral_bands"), WIDE_RECAST_LRS),
     "RECAST, 8 row blocks": (lambda: RecastConfig(task_type="CAUSAL_LM", coefficient_blocks=8), WIDE_RECAST_LRS),
     "TinyLoRA tied, u=13": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=13, weight_tying=1.0, target_modules=QV),
@@ -125,14 +134,14 @@ METHODS = {  # name: (PEFT config, rate grid; widened where the best rate was th
     # the peers of "RECAST up_proj, 2 templates x 1 block, 60" on its modules, at its count
     "FourierFT up_proj, 2 frequencies, 60": (
         lambda: FourierFTConfig(task_type="CAUSAL_LM", n_frequency=2, target_modules=["up_proj"]),
-        (*BENCH_METHODS["fourierft-48-hf"].lrs, 30.0, 100.0),
+        (*BENCH_METHODS["fourierft-48-hf"].lrs, 30.0, 100.0, 300.0),
     ),
     "TinyLoRA untied up_proj, u=2, 60": (
         lambda: TinyLoraConfig(task_type="CAUSAL_LM", r=2, u=2, weight_tying=0.0, target_modules=["up_proj"]),
         (*BENCH_METHODS["tinylora-48-hf"].lrs, 3.0),
     ),
     "UniLoRA, 48": (lambda: UniLoraConfig(task_type="CAUSAL_LM", r=4, theta_d_length=48, target_modules=QV),
-                    UNILORA_LRS),
+                    (*UNILORA_LRS, 10.0)),
     "LoRA r=8": (lambda: LoraConfig(task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=QV),
                  (*WIDE_LORA_LRS, 3e-2)),
 }

@@ -61,8 +61,11 @@ def test_quick_run_trains_every_method_and_resumes(tmp_path, decoder_task):
     for method in ("RECAST position, 48", "RECAST spectral_bands position, 48"):
         shared = [r for r in records.values() if r["method"] == method]
         assert {r["numbers"] for r in shared} == {2 * 2 * 2 * 2}  # q, v x 2 positions x 2 templates x 2 row blocks
-    recast = [r for r in records.values() if r["method"] == "RECAST default"]
-    assert {r["numbers"] for r in recast} == {16}  # q, v of 2 layers x 2 templates x 2 row blocks
+    # the default's count in three layouts: q, v of 2 layers x 2 templates (or bands) x 2 row blocks, or q, v, up_proj
+    # and down_proj of 2 layers x 2 bands x 1 block
+    for method in ("RECAST default", "RECAST spectral_bands, 2 bands x 2 blocks, 240",
+                   "RECAST spectral_bands q,v,up,down, 2 bands x 1 block, 240"):
+        assert {r["numbers"] for r in records.values() if r["method"] == method} == {16}, method
     sixty = [name for name in decoder_task.METHODS if name.endswith(", 60")]
     assert len(sixty) == 11 and {name.split()[0].rstrip(",") for name in sixty} == {"RECAST", "FourierFT", "TinyLoRA"}
     for method in sixty:
