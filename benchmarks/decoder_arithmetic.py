@@ -13,8 +13,8 @@ random tiny Llama with a character tokenizer, a few steps.
    is its mean reward over the held-back problems, greedy, at most :data:`ANSWER_TOKENS` new tokens.
 3. SFT: ``--sft-steps`` steps of 8 training problems (one epoch by default), the answer written out as
    :func:`worked` gives it, loss on the answer.
-   GRPO: ``--grpo-steps`` steps of 2 prompts x 4 sampled completions each (temperature 1, no KL term), the reward
-   above, from the base model (not from the SFT adapter).
+   GRPO: ``--grpo-steps`` steps of 2 prompts x 4 sampled completions each (``--temperature``, 1 by default; no KL
+   term), the reward above, from the base model (not from the SFT adapter).
 4. Each method at its one documented rate (:data:`METHODS`): RECAST's ``recommended_lr``, TinyLoRA tied's rate chosen
    on the small-data protocol at 48 numbers; ``--rate-factor`` scales both alike.
 """
@@ -154,7 +154,8 @@ def run(args: argparse.Namespace, path: str, tokenizer, stage: str, method: str,
                              processing_class=tokenizer, peft_config=make_config())
     else:
         data = Dataset.from_list([{"prompt": [{"role": "user", "content": q}], "answer": a} for q, a in train])
-        config = GRPOConfig(num_generations=4, max_completion_length=ANSWER_TOKENS, beta=0.0, **common)
+        config = GRPOConfig(num_generations=4, max_completion_length=ANSWER_TOKENS, beta=0.0,
+                            temperature=args.temperature, **common)
         trainer = GRPOTrainer(model=model, reward_funcs=exact_answer, args=config, train_dataset=data,
                               processing_class=tokenizer, peft_config=make_config())
     numbers = trainable_numbers(trainer.model)
@@ -163,7 +164,8 @@ def run(args: argparse.Namespace, path: str, tokenizer, stage: str, method: str,
     seconds = time.perf_counter() - start
     logged = "loss" if stage == "SFT" else "reward"
     trace = [entry[logged] for entry in trainer.state.log_history if logged in entry and "train_runtime" not in entry]
-    return {"stage": stage, "method": method, "lr": lr, "seed": seed, "numbers": numbers, "steps": steps,
+    sampling = {"temperature": args.temperature} if stage == "GRPO" else {}
+    return {"stage": stage, "method": method, "lr": lr, "seed": seed, "numbers": numbers, "steps": steps, **sampling,
             "seconds_per_step": seconds / steps, "training_log": trace,
             "held_back_reward": score(trainer.model, tokenizer, held_back)}
 
@@ -176,13 +178,23 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--sft-steps", type=int, default=0, help="0: one epoch of the training problems")
     parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="GRPO's sampling temperature (lower: more groups of completions that differ in reward)")
     parser.add_argument("--rate-factor", type=float, default=1.0, help="every method's one rate times this")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="CI smoke run: a random tiny Llama, a few steps")
     args = parser.parse_args(argv)
     if args.quick:
         args.sft_steps, args.grpo_steps = 2, 2
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be a number above 0, got {args.temperature:g}.")
     return args
+
+
+def run_key(args: argparse.Namespace, stage: str, method: str, seed: int) -> str:
+    """A run's record key: stage, method, rate, seed and steps, and GRPO's temperature where it is not 1."""
+    key = f"{stage}/{method}/{rate(args, method):g}/{seed}/{stage_steps(args, stage)}"
+    return key + f"/t{args.temperature:g}" if stage == "GRPO" and args.temperature != 1.0 else key
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -201,11 +213,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for stage in args.stages:
         for method in args.methods:
             for seed in args.seeds:
-                key = f"{stage}/{method}/{rate(args, method):g}/{seed}/{stage_steps(args, stage)}"
-                r = record(key, lambda: run(args, path, tokenizer, stage, method, seed))
+                r = record(run_key(args, stage, method, seed), lambda: run(args, path, tokenizer, stage, method, seed))
                 trace = r["training_log"]
                 first_last = f"{trace[0]:.2f} / {trace[-1]:.2f}" if trace else ""
-                print(f"| {stage} | {method} (seed {seed}) | {r['numbers']} | {r['lr']:g} | {r['steps']} | "
+                sampled = f", temperature {args.temperature:g}" if stage == "GRPO" and args.temperature != 1.0 else ""
+                print(f"| {stage}{sampled} | {method} (seed {seed}) | {r['numbers']} | {r['lr']:g} | {r['steps']} | "
                       f"{r['held_back_reward']:.1f} | {r['held_back_reward'] - base['held_back_reward']:+.1f} | "
                       f"{first_last} |")
     return records

@@ -54,3 +54,22 @@ def test_each_method_runs_at_its_one_rate_and_the_factor_scales_every_rate_alike
         assert arithmetic.rate(plain, method) == one_rate
         assert arithmetic.rate(tenth, method) == pytest.approx(one_rate / 10)
     assert arithmetic.rate(plain, "RECAST position, 48") == 1e-2  # recommended_lr of the config
+
+
+def test_a_grpo_temperature_other_than_one_gets_records_of_its_own_and_reaches_the_trainer(arithmetic, tmp_path,
+                                                                                          capsys, monkeypatch):
+    plain, cooler = arithmetic.arguments([]), arithmetic.arguments(["--temperature", "0.5"])
+    method = "RECAST position, 48"
+    # records made before the option keep their keys; SFT samples nothing, so its key never changes
+    assert arithmetic.run_key(plain, "GRPO", method, 0) == f"GRPO/{method}/0.01/0/60"
+    assert arithmetic.run_key(cooler, "GRPO", method, 0) == f"GRPO/{method}/0.01/0/60/t0.5"
+    assert arithmetic.run_key(cooler, "SFT", method, 0) == arithmetic.run_key(plain, "SFT", method, 0)
+    with pytest.raises(SystemExit):
+        arithmetic.arguments(["--temperature", "0"])
+    seen = []
+    real = arithmetic.GRPOConfig
+    monkeypatch.setattr(arithmetic, "GRPOConfig", lambda **kwargs: seen.append(kwargs["temperature"]) or real(**kwargs))
+    records = arithmetic.main(["--quick", "--out", str(tmp_path), "--stages", "GRPO", "--temperature", "0.5",
+                               "--methods", method])
+    assert seen == [0.5] and f"| GRPO, temperature 0.5 | {method} (seed 0) |" in capsys.readouterr().out
+    assert records[f"GRPO/{method}/0.01/0/2/t0.5"]["temperature"] == 0.5
