@@ -55,7 +55,8 @@ def run(
     base_dir = make_tiny_llama(os.path.join(output_dir, "base"), hidden=hidden, layers=layers, seed=seed)
     args = GRPOConfig(
         output_dir=os.path.join(output_dir, "trainer"),
-        learning_rate=peft_recast.RECOMMENDED_LR,
+        # GRPO at 3e-3, 0.3 x the supervised rate: on SmolLM2 it learned there and collapsed at 1e-2 (docs/llm.md)
+        learning_rate=0.3 * peft_recast.RECOMMENDED_LR,
         max_steps=steps,
         per_device_train_batch_size=generations,  # one prompt's group of completions per step
         num_generations=generations,
