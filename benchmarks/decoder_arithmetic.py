@@ -191,10 +191,17 @@ def arguments(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
+def other_temperature(args: argparse.Namespace, stage: str) -> Optional[float]:
+    """GRPO's sampling temperature where it is not the default 1 (the run's key and table row then name it); else
+    ``None`` (SFT samples nothing)."""
+    return args.temperature if stage == "GRPO" and args.temperature != 1.0 else None
+
+
 def run_key(args: argparse.Namespace, stage: str, method: str, seed: int) -> str:
     """A run's record key: stage, method, rate, seed and steps, and GRPO's temperature where it is not 1."""
     key = f"{stage}/{method}/{rate(args, method):g}/{seed}/{stage_steps(args, stage)}"
-    return key + f"/t{args.temperature:g}" if stage == "GRPO" and args.temperature != 1.0 else key
+    temperature = other_temperature(args, stage)
+    return key if temperature is None else f"{key}/t{temperature:g}"
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -216,7 +223,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                 r = record(run_key(args, stage, method, seed), lambda: run(args, path, tokenizer, stage, method, seed))
                 trace = r["training_log"]
                 first_last = f"{trace[0]:.2f} / {trace[-1]:.2f}" if trace else ""
-                sampled = f", temperature {args.temperature:g}" if stage == "GRPO" and args.temperature != 1.0 else ""
+                temperature = other_temperature(args, stage)
+                sampled = "" if temperature is None else f", temperature {temperature:g}"
                 print(f"| {stage}{sampled} | {method} (seed {seed}) | {r['numbers']} | {r['lr']:g} | {r['steps']} | "
                       f"{r['held_back_reward']:.1f} | {r['held_back_reward'] - base['held_back_reward']:+.1f} | "
                       f"{first_last} |")
