@@ -18,8 +18,8 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never ask the Hub
 
+from peft_recast.apps.arguments import add_train_arguments
 from peft_recast.apps.classify import run_train
-from peft_recast.apps.cli import add_train_arguments
 
 
 def main() -> None:

@@ -29,8 +29,8 @@ RANDOM_INIT_STD = 0.02
 class RecastLayer(GatedLayer, BaseTunerLayer):
     """Per-module RECAST state.
 
-    For adapter ``a`` with coefficients ``theta`` (``K x n x B``: sets, templates, blocks of output rows) and group basis ``W_1..W_m`` (the group's pretrained
-    weights), the update is
+    For adapter ``a`` with coefficients ``theta`` (``K x n x B``: sets, templates, blocks of output rows) and group
+    basis ``W_1..W_m`` (the group's pretrained weights), the update is
 
         delta_W[rows of block b] = sum_j (R^T mean_K(theta)[:, b])_j W_j[rows of block b],
         R = s ||W_self||_F / sqrt(n) * M   (``n x m``, ``recast_mixing``)
@@ -121,14 +121,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
         if owner is not None:
             self.tie_coefficients(adapter_name, owner)
 
-    def attach_group(
-        self,
-        adapter_name: str,
-        group: RecastGroup,
-        mixing: torch.Tensor,
-        initial: Optional[torch.Tensor] = None,
-        replace: bool = False,
-    ) -> None:
+    def attach_group(self, adapter_name: str, group: RecastGroup, mixing: torch.Tensor,
+                     initial: Optional[torch.Tensor] = None, replace: bool = False) -> None:
         """Bind ``adapter_name`` to its template group; ``mixing`` is this layer's ``R`` (``n x m``, any float).
 
         ``initial`` (``K x n``) is added to every block's coefficients (the mimicked ``alpha_0`` of the replacement form);
@@ -173,8 +167,7 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
                 "layers_per_group that divides the number of layers, or coefficient_sharing='module'."
             )
         self.recast_tie[adapter_name] = owner
-        parameter = owner.recast_coefficients[adapter_name]
-        self.recast_coefficients[adapter_name] = parameter
+        self.recast_coefficients[adapter_name] = owner.recast_coefficients[adapter_name]
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         super()._move_adapter_to_device_of_base_layer(adapter_name, device=device)
@@ -323,14 +316,8 @@ class RecastLayer(GatedLayer, BaseTunerLayer):
 class Linear(nn.Module, RecastLayer):
     """RECAST around ``torch.nn.Linear`` or transformers' ``Conv1D`` (weight stored ``(in, out)``)."""
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        adapter_name: str,
-        config: RecastConfig,
-        fan_in_fan_out: bool = False,
-        **kwargs: Any,
-    ) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: RecastConfig, fan_in_fan_out: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__()
         RecastLayer.__init__(self, base_layer, **kwargs)
         self.fan_in_fan_out = fan_in_fan_out
@@ -426,9 +413,8 @@ class Linear(nn.Module, RecastLayer):
                 result = self.base_layer(x, *args, **kwargs)
         return result.to(previous_dtype)
 
-    def _mixed_batch_forward(
-        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
-    ) -> torch.Tensor:
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+                             ) -> torch.Tensor:
         """Each sample goes through its own adapter (``"__base__"``, or an adapter this layer does not hold: none).
 
         When the adapters share one group basis and :meth:`_prefers_shared_products` says so, the whole batch takes

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_recast.apps import bench, cli
+from peft_recast.apps import arguments, bench, cli
 from peft_recast.apps.bench import runner
 from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
 from peft_recast.apps.encoder import new_head
@@ -90,7 +90,7 @@ def test_training_memory_counts_activations_gradients_and_optimizer_state():
 
 def _args(**overrides) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    cli.add_bench_arguments(parser)
+    arguments.add_bench_arguments(parser)
     args = parser.parse_args(["--device", "cpu"])
     for name, value in overrides.items():
         setattr(args, name, value)
@@ -109,16 +109,16 @@ def _forbid_training(monkeypatch, message: str):
 
 
 def test_quick_settings_and_overrides():
-    settings = cli.bench_settings(_args(quick=True))
+    settings = arguments.bench_settings(_args(quick=True))
     assert settings.tasks == list(bench.QUICK_TASKS) and settings.methods == list(bench.QUICK_METHODS)
     assert settings.seeds == [0] and not settings.sweep and settings.max_train == 500
-    settings = cli.bench_settings(_args(quick=True, task=["bbc"], max_train=10))
+    settings = arguments.bench_settings(_args(quick=True, task=["bbc"], max_train=10))
     assert settings.tasks == ["bbc"] and settings.max_train == 10
-    settings = cli.bench_settings(_args(ladder=True))
+    settings = arguments.bench_settings(_args(ladder=True))
     assert settings.methods == list(bench.LADDER_METHODS) and settings.sweep and settings.seeds == [0, 1, 2]
     assert {bench.METHODS[m].kind for m in settings.methods} == {"probe", "peft"}
     with pytest.raises(SystemExit, match="Unknown task"):
-        cli.bench_settings(_args(task=["imdb"]))
+        arguments.bench_settings(_args(task=["imdb"]))
 
 
 def test_short_benchmark_runs_checks_forgetting_and_resumes(tmp_path, monkeypatch, capsys):
@@ -293,7 +293,7 @@ def test_costs_only_trains_nothing_and_reports_the_timers_medians_and_their_quot
 
     _forbid_training(monkeypatch, "--costs-only trained a run")
     args = _args(quick=True, method=["recast", "lora-r8"], cost_repeats=3, costs_only=True, output_dir=str(tmp_path))
-    settings = cli.bench_settings(args)
+    settings = arguments.bench_settings(args)
     results = bench.Results(str(tmp_path / bench.RESULTS_FILE))
     for name in ("recast", "lora-r8"):
         for task in settings.tasks:

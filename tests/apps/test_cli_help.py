@@ -17,7 +17,7 @@ import pytest
 
 import peft_recast
 import peft_recast_launcher
-from peft_recast.apps import cli
+from peft_recast.apps import arguments, cli
 
 HEAVY = ("torch", "peft", "transformers", "bitsandbytes", "numpy")
 
@@ -51,7 +51,7 @@ def run(argv):
         return stop.code
 
 codes = [run(["--help"])]
-from peft_recast.apps.cli import COMMANDS  # imported by the launcher's run: the package's imports deferred
+from peft_recast.apps.arguments import COMMANDS  # imported by the launcher's run: the package's imports deferred
 
 codes += [run(argv) for argv in (*[[name, "--help"] for name in COMMANDS], ["inspect", sys.argv[1]])]
 heavy = sorted({name.split(".")[0] for name in sys.modules} & %r)
@@ -61,9 +61,9 @@ print(json.dumps({"codes": codes, "heavy": heavy}))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["heavy"] == []
-    assert result["codes"] == [0] * (1 + len(cli.COMMANDS)) + [2]
+    assert result["codes"] == [0] * (1 + len(arguments.COMMANDS)) + [2]
     assert done.stderr == f"peft-recast inspect: error: {missing}: no such file or folder\n"
-    assert done.stdout.count("usage: peft-recast") == 1 + len(cli.COMMANDS)
+    assert done.stdout.count("usage: peft-recast") == 1 + len(arguments.COMMANDS)
 
 
 def test_the_console_script_is_the_launcher_and_prints_no_third_party_message():
@@ -159,7 +159,7 @@ print("registered")
 
 def test_every_option_of_every_command_says_what_it_does():
     """A help text with words besides its default: ``(default: 32)`` alone does not say what the option is."""
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     undescribed = []
     for name, command in _commands(parser).items():
         assert command.description, name
@@ -173,21 +173,21 @@ def test_every_option_of_every_command_says_what_it_does():
 
 
 def test_no_markdown_in_any_help():
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     for name, text in [("peft-recast", parser.format_help()),
                        *[(name, command.format_help()) for name, command in _commands(parser).items()]]:
         assert not re.search(r"`|\*\*|\]\(", text), (name, re.findall(r".*(?:`|\*\*|\]\().*", text))
-    assert cli._plain("written by `peft-recast train`, **one** rate") == "written by 'peft-recast train', one rate"
+    assert arguments._plain("written by `peft-recast train`, **one** rate") == "written by 'peft-recast train', one rate"
 
 
 def test_threads_is_one_option_with_one_default_for_every_command_that_computes():
-    for name, command in _commands(cli.build_parser()).items():
+    for name, command in _commands(arguments.build_parser()).items():
         threads = [action for action in command._actions if "--threads" in action.option_strings]
         if name == "inspect":  # reads files only
             assert threads == []
             continue
         (action,) = threads
-        assert (action.help, action.default, action.type) == (cli.THREADS_HELP, None, int), name
+        assert (action.help, action.default, action.type) == (arguments.THREADS_HELP, None, int), name
 
 
 def test_counts_below_one_are_one_line_and_exit_2(capsys):
@@ -200,7 +200,7 @@ def test_counts_below_one_are_one_line_and_exit_2(capsys):
 
 
 def test_bench_method_names_are_checked_with_a_short_message(capsys):
-    parser = cli.build_parser()
+    parser = arguments.build_parser()
     assert parser.parse_args(["bench", "--method", "recast", "lora-r8"]).method == ["recast", "lora-r8"]
     with pytest.raises(SystemExit) as stop:
         parser.parse_args(["bench", "--method", "recast", "lora8"])
@@ -208,14 +208,14 @@ def test_bench_method_names_are_checked_with_a_short_message(capsys):
     error = capsys.readouterr().err
     assert "argument --method: unknown method 'lora8'; did you mean lora-r8" in error
     assert "'peft-recast bench --help' lists every method" in error
-    named = set(re.findall(r"[\w-]+", error)) & set(cli.bench_methods.METHODS)
+    named = set(re.findall(r"[\w-]+", error)) & set(arguments.bench_methods.METHODS)
     assert len(named) <= 3, named  # the nearest names, not all of them
 
 
 def test_bench_help_groups_and_explains_every_method():
     from peft_recast.apps.bench.methods import FAMILIES, METHODS, QUICK_METHODS
 
-    text = _commands(cli.build_parser())["bench"].format_help()
+    text = _commands(arguments.build_parser())["bench"].format_help()
     epilog = text[text.index("METHOD names:"):]
     assert f"{len(METHODS)} methods in {len(FAMILIES)} families" in " ".join(epilog.split())
     assert f"--quick: {' '.join(QUICK_METHODS)}" in " ".join(epilog.split())

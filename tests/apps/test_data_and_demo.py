@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from peft_recast.apps import cli, demo, encoder, loop, runtime
+from peft_recast.apps import arguments, cli, demo, encoder, loop, runtime
 from peft_recast.apps import tasks as data
 
 from ..helpers import MINILM_MODULE
@@ -210,7 +210,7 @@ def test_cli_rejects_bad_arguments():
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit, match="CUDA is not available"):
             runtime.resolve_device("cuda")
-    assert os.path.basename(cli.build_parser().prog) == "peft-recast"
+    assert os.path.basename(arguments.build_parser().prog) == "peft-recast"
 
 
 def test_thread_governor_counts_only_other_processes():

@@ -3,7 +3,7 @@ accuracy, held-out tasks run at that rate only and reported apart, and the gain-
 
 import pytest
 
-from peft_recast.apps import bench, cli
+from peft_recast.apps import arguments, bench
 from peft_recast.apps.bench import report
 from peft_recast.apps.bench.methods import SMALL_DATA_EPOCHS, SMALL_DATA_TRAIN
 from peft_recast.apps.tasks import HELD_OUT_TASKS
@@ -45,7 +45,7 @@ def test_one_rate_is_the_best_mean_validation_over_tuning_tasks_only(tmp_path):
     assert bench.lrs_to_run(method, "trec6", 0, settings, results, protocol) == [1e-3]
     assert bench.lrs_to_run(method, "sms", 1, settings, results, protocol) == [1e-2]
     assert bench.one_rate(method, settings, results, protocol) == 1e-2
-    assert cli.bench_settings(cli.build_parser().parse_args(["bench", "--lrs", "0.001", "0.003"])).lrs == [1e-3, 3e-3]
+    assert arguments.bench_settings(arguments.build_parser().parse_args(["bench", "--lrs", "0.001", "0.003"])).lrs == [1e-3, 3e-3]
 
 
 def test_a_rate_missing_on_a_tuning_task_does_not_compete(tmp_path):
@@ -97,8 +97,8 @@ def test_table_reports_held_out_tasks_apart_and_bands_are_gains_over_the_probe(t
 
 
 def test_small_data_and_one_rate_options_set_the_protocol():
-    args = cli.build_parser().parse_args(["bench", "--small-data", "--one-rate", "--task", "trec6", "clothing"])
-    settings = cli.bench_settings(args)
+    args = arguments.build_parser().parse_args(["bench", "--small-data", "--one-rate", "--task", "trec6", "clothing"])
+    settings = arguments.bench_settings(args)
     assert (settings.max_train, settings.epochs, settings.one_rate) == (SMALL_DATA_TRAIN, SMALL_DATA_EPOCHS, True)
     assert settings.protocol()["max_train"] == 1000 and settings.protocol()["epochs"] == 3
 
@@ -236,10 +236,10 @@ def test_probe_candidate_takes_the_probe_where_its_validation_is_higher_and_chan
         view.save()
 
     for flag in ([], ["--probe-candidate"]):
-        args = cli.build_parser().parse_args(["bench", "--report", "--one-rate", "--seeds", "0", "1", "--task",
+        args = arguments.build_parser().parse_args(["bench", "--report", "--one-rate", "--seeds", "0", "1", "--task",
                                               *settings.tasks, "--method", "probe", "recast", "--output-dir",
                                               str(tmp_path), *flag])
-        rows = bench.run_bench(cli.bench_settings(args), costs=False, train=False)["rows"]
+        rows = bench.run_bench(arguments.bench_settings(args), costs=False, train=False)["rows"]
         recast = next(row for row in rows if row["method"] == "recast")
         assert recast["lrs"]["trec6"] == (3e-2 if flag else 1e-2)
         assert recast["mean"] == pytest.approx((20.0 + 70.5) / 2 if flag else 90.0)  # sms: the probe's test

@@ -46,7 +46,7 @@ def test_every_documented_command_parses():
 
     import pytest
 
-    from peft_recast.apps.cli import build_parser
+    from peft_recast.apps.arguments import build_parser
 
     commands = _documented_commands()
     assert len(commands) >= 10 and any(name == "README.md" for name, _ in commands)
